@@ -1,0 +1,173 @@
+"""IncreLoraConfig: every knob of the method, with the paper's defaults and a help text."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+# Linear layers adapted by default, per model family (HF `config.model_type`).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+# Task heads trained in full and saved with the adapter, per model family.
+DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
+    "bert": ["classifier", "pooler"],
+    "electra": ["classifier"],
+    "roberta": ["classifier"],
+    "xlm-roberta": ["classifier"],
+    "deberta": ["classifier", "pooler"],
+    "deberta-v2": ["classifier", "pooler"],
+    "distilbert": ["pre_classifier", "classifier"],
+}
+
+RANK_SCALINGS = ("active", "fixed")
+
+
+def _help(text: str, default: Any = None, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class IncreLoraConfig:
+    """Configuration of IncreLoRA (Zhang et al., 2023). Defaults follow the paper's GLUE setup."""
+
+    target_modules: list[str] | str | None = _help(
+        "Linear layers to adapt: a list of name suffixes (matched on '.'-boundaries) or one regex "
+        "matched against the full module name. None picks the default for the model family.")
+    modules_to_save: list[str] | None = _help(
+        "Modules trained in full and saved with the adapter (the task head). None picks the "
+        "default for the model family (e.g. classifier and pooler for BERT).")
+    init_rank: int = _help("Active components every module starts with.", 1)
+    add_rank: int = _help("Components a chosen module gains per growth step (and reserves it holds).", 1)
+    target_avg_rank: float | None = _help(
+        "Rank budget as an average per module: budget = target_avg_rank * number of modules.", 2.0)
+    target_total_rank: int | None = _help(
+        "Rank budget as a total over modules; overrides target_avg_rank when set.", None)
+    top_h: int = _help("Modules that grow at each growth step.", 1)
+    init_warmup: int = _help("Optimizer steps before the first growth step.", 200)
+    interval: int = _help("Optimizer steps between growth steps.", 10)
+    beta1: float = _help("Smoothing of the importance score (EMA of the sensitivity).", 0.85)
+    beta2: float = _help("Smoothing of the uncertainty |S - I|.", 0.85)
+    score_window: int | None = _help(
+        "Steps scored before each growth step. None: smallest W with beta1**W < 0.01 "
+        "(older scores weigh under 1%). Scoring costs one dense gradient per module per step.", None)
+    score_every_step: bool = _help(
+        "Score on every step (the original, expensive behaviour); for reference runs.", False)
+    lora_alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank.", 16.0)
+    rank_scaling: str = _help(
+        "'active': scale by alpha / (active rank), as in the paper; growing a module rescales its "
+        "existing components (1 -> 2 halves them). 'fixed': scale by alpha / init_rank always.",
+        "active")
+    lora_dropout: float = _help("Dropout on the adapter input.", 0.1)
+    advance_learning: bool = _help(
+        "Hold add_rank reserve components per module whose A and B train before activation "
+        "(their e frozen at reserve_e).", True)
+    reserve_e: float = _help("Frozen e of reserve components.", 1e-5)
+    restart_warmup: bool = _help(
+        "Give each group of parameters added at a growth step its own LR warmup then decay.", True)
+    warmup_steps: int = _help("Warmup length of the first and of every restarted group.", 100)
+    orth_reg_weight: float = _help("Weight of the orthogonality regulariser on A and B.", 0.1)
+    init_std: float = _help("Std of the normal init of A and B.", 0.02)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"IncreLoraConfig: {msg}")
+
+        need(isinstance(self.init_rank, int) and self.init_rank >= 1, f"init_rank must be an int >= 1, got {self.init_rank!r}")
+        need(isinstance(self.add_rank, int) and self.add_rank >= 1, f"add_rank must be an int >= 1, got {self.add_rank!r}")
+        need(isinstance(self.top_h, int) and self.top_h >= 1, f"top_h must be an int >= 1, got {self.top_h!r}")
+        need(isinstance(self.init_warmup, int) and self.init_warmup >= 0, f"init_warmup must be an int >= 0, got {self.init_warmup!r}")
+        need(isinstance(self.interval, int) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
+        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            need(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        need(self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        need(self.reserve_e > 0, f"reserve_e must be > 0, got {self.reserve_e!r}")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        need(self.rank_scaling in RANK_SCALINGS, f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
+        need(self.target_total_rank is not None or self.target_avg_rank is not None,
+             "set target_avg_rank or target_total_rank (the rank budget)")
+        if self.target_total_rank is not None:
+            need(isinstance(self.target_total_rank, int) and self.target_total_rank >= 1,
+                 f"target_total_rank must be an int >= 1, got {self.target_total_rank!r}")
+        if self.target_avg_rank is not None:
+            need(self.target_avg_rank > 0, f"target_avg_rank must be > 0, got {self.target_avg_rank!r}")
+        if self.score_window is not None:
+            need(isinstance(self.score_window, int) and self.score_window >= 1, f"score_window must be an int >= 1, got {self.score_window!r}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ConfigError(f"IncreLoraConfig: target_modules is not a valid regex: {exc}") from exc
+        elif self.target_modules is not None:
+            need(isinstance(self.target_modules, (list, tuple)) and len(self.target_modules) > 0
+                 and all(isinstance(t, str) and t for t in self.target_modules),
+                 "target_modules must be a regex string or a non-empty list of module names")
+            self.target_modules = list(self.target_modules)
+        if self.modules_to_save is not None:
+            need(isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(t, str) and t for t in self.modules_to_save),
+                 "modules_to_save must be a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def effective_score_window(self) -> int:
+        """Steps scored before a growth step so that older scores weigh under 1%."""
+        if self.score_window is not None:
+            return self.score_window
+        if self.beta1 == 0.0:
+            return 1
+        return max(1, math.ceil(math.log(0.01) / math.log(self.beta1)))
+
+    def rank_budget(self, num_modules: int) -> int:
+        """Total active rank the run grows to."""
+        if self.target_total_rank is not None:
+            budget = self.target_total_rank
+        else:
+            budget = int(round(self.target_avg_rank * num_modules))
+        floor = self.init_rank * num_modules
+        if budget < floor:
+            raise ConfigError(
+                f"rank budget {budget} is below the starting rank {floor} "
+                f"({num_modules} modules x init_rank {self.init_rank}); raise the budget or lower init_rank")
+        return budget
+
+    def scale_for(self, active_rank: int) -> float:
+        """The factor alpha / r applied to a module's update."""
+        denom = active_rank if self.rank_scaling == "active" else self.init_rank
+        return self.lora_alpha / max(denom, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IncreLoraConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"IncreLoraConfig: unknown fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
