@@ -1,15 +1,21 @@
 """IncreLoRA: incremental parameter allocation for low-rank adaptation (Zhang et al., 2023)."""
-from .adapter_file import Adapter, ModuleFactors, load_adapter, read_adapter, save_adapter
+from .adapter_file import Adapter, ModuleFactors, check_base_model, load_adapter, read_adapter, save_adapter
+from .allocator import GrowthEvent, RankAllocator
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import IncreLoraConfig
 from .errors import (AdapterFormatError, BaseModelMismatchError, CheckpointError, ConfigError,
                      IncreLoraError, TargetModulesError)
 from .fingerprint import model_fingerprint
 from .layer import IncreLoraLinear
 from .model import apply_increlora, increlora_layers, orth_loss, rank_pattern, trainable_parameter_count
+from .peft_interop import export_peft, import_peft
+from .schedule import RestartWarmupScheduler, restart_warmup_factor
 
 __all__ = [
     "Adapter", "AdapterFormatError", "BaseModelMismatchError", "CheckpointError", "ConfigError",
-    "IncreLoraConfig", "IncreLoraError", "IncreLoraLinear", "ModuleFactors", "TargetModulesError",
-    "apply_increlora", "increlora_layers", "load_adapter", "model_fingerprint", "orth_loss",
-    "rank_pattern", "read_adapter", "save_adapter", "trainable_parameter_count",
+    "GrowthEvent", "IncreLoraConfig", "IncreLoraError", "IncreLoraLinear", "ModuleFactors",
+    "RankAllocator", "RestartWarmupScheduler", "TargetModulesError", "apply_increlora",
+    "check_base_model", "export_peft", "import_peft", "increlora_layers", "load_adapter",
+    "load_checkpoint", "model_fingerprint", "orth_loss", "rank_pattern", "read_adapter",
+    "restart_warmup_factor", "save_adapter", "save_checkpoint", "trainable_parameter_count",
 ]

@@ -94,19 +94,18 @@ class IncreLoraLinear(nn.Module):
             return self.add_block(k)
         if k > self.config.add_rank:
             raise ValueError(f"grow: k={k} exceeds the {self.config.add_rank} reserves of this module")
-        if k == self.reserve_A.shape[0]:
-            a, b = self.reserve_A, self.reserve_B
-            new = []
-        else:  # a partial last round: the promoted part becomes fresh tensors
-            a = nn.Parameter(self.reserve_A.detach()[:k].clone())
-            b = nn.Parameter(self.reserve_B.detach()[:, :k].clone())
-            new = [a, b]
+        a, b = self.reserve_A, self.reserve_B
+        if k < a.shape[0]:
+            # A partial last round: shrink the reserve tensors in place so the parameters (and
+            # their optimizer state, which RankAllocator slices to match) stay the same objects.
+            a.data = a.data[:k].clone()
+            b.data = b.data[:, :k].clone()
         e = nn.Parameter(self.reserve_E[:k].clone())
         self.lora_A.append(a)
         self.lora_E.append(e)
         self.lora_B.append(b)
         self._update_scaling()
-        return new + [e] + self.make_reserves()
+        return [e] + self.make_reserves()
 
     def set_structure(self, block_sizes: list[int], reserves: bool) -> None:
         """Rebuild empty blocks of the given sizes (values come from a state dict next)."""

@@ -1,0 +1,208 @@
+"""RankAllocator: scores modules and grows the most important ones until the rank budget is spent.
+
+Call ``step(global_step, optimizer, scheduler)`` once per optimizer step, after backward (and
+gradient clipping) and before ``optimizer.step()``. ``global_step`` is the 0-based index of the
+optimizer step about to be taken. The allocator arms the layers' gradient capture only on the
+steps whose score can still matter: the last ``score_window`` steps before each growth step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .config import IncreLoraConfig
+from .errors import CheckpointError
+from .importance import ImportanceTracker, sensitivity
+from .layer import IncreLoraLinear
+from .model import increlora_layers
+from .schedule import START_KEY
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GrowthEvent:
+    step: int
+    module: str
+    added: int
+    new_rank: int
+    score: float
+
+
+class RankAllocator:
+    def __init__(self, model: nn.Module, config: IncreLoraConfig | None = None, total_steps: int = 0):
+        config = config or getattr(model, "increlora_config", None)
+        if config is None:
+            raise ValueError("RankAllocator: pass the IncreLoraConfig or call apply_increlora(model, config) first")
+        if total_steps < 1:
+            raise ValueError(f"RankAllocator: total_steps must be >= 1, got {total_steps}")
+        self.model = model
+        self.config = config
+        self.total_steps = total_steps
+        self.layers: dict[str, IncreLoraLinear] = dict(increlora_layers(model))
+        if not self.layers:
+            raise ValueError("RankAllocator: the model has no IncreLoRA layers; call apply_increlora first")
+        self.names = list(self.layers)
+        self.budget = config.rank_budget(len(self.names))
+        self.tracker = ImportanceTracker(self.names, config.beta1, config.beta2)
+        self.history: list[GrowthEvent] = []
+        self.scored_steps = 0
+        self._warn_if_budget_unreachable()
+        self._arm(0)
+
+    # -- schedule ----------------------------------------------------------------------------
+    @property
+    def total_rank(self) -> int:
+        return sum(layer.active_rank for layer in self.layers.values())
+
+    @property
+    def finished(self) -> bool:
+        return self.total_rank >= self.budget
+
+    def is_growth_step(self, step: int) -> bool:
+        c = self.config
+        return c.init_warmup <= step < self.total_steps and (step - c.init_warmup) % c.interval == 0
+
+    def next_growth_step(self, step: int) -> int | None:
+        c = self.config
+        if step <= c.init_warmup:
+            nxt = c.init_warmup
+        else:
+            nxt = c.init_warmup + -(-(step - c.init_warmup) // c.interval) * c.interval
+        return nxt if nxt < self.total_steps else None
+
+    def is_scoring_step(self, step: int) -> bool:
+        if self.finished or step >= self.total_steps:
+            return False
+        if self.config.score_every_step:
+            return True
+        nxt = self.next_growth_step(step)
+        return nxt is not None and nxt - step < self.config.effective_score_window
+
+    def _warn_if_budget_unreachable(self) -> None:
+        c = self.config
+        rounds = len(range(c.init_warmup, self.total_steps, c.interval))
+        reachable = self.total_rank + rounds * c.top_h * c.add_rank
+        if reachable < self.budget:
+            logger.warning(
+                "IncreLoRA: %d growth steps x top_h %d x add_rank %d reach total rank %d, below the "
+                "budget %d; lower init_warmup/interval or raise top_h/add_rank",
+                rounds, c.top_h, c.add_rank, reachable, self.budget)
+
+    def _arm(self, step: int) -> None:
+        armed = self.is_scoring_step(step)
+        for layer in self.layers.values():
+            layer.capture_grad = armed
+            layer.grad_acc = None
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, global_step: int, optimizer: Optimizer | None = None, scheduler=None) -> list[GrowthEvent]:
+        """Score (on scoring steps), grow (on growth steps), then arm capture for the next step."""
+        events: list[GrowthEvent] = []
+        if self.is_scoring_step(global_step):
+            for name, layer in self.layers.items():
+                self.tracker.update(name, sensitivity(layer))
+            self.scored_steps += 1
+        if self.is_growth_step(global_step) and not self.finished:
+            events = self._grow(global_step, optimizer, scheduler)
+        self._arm(global_step + 1)
+        return events
+
+    def choose(self) -> list[tuple[str, int]]:
+        """Modules to grow now and by how much: top_h by score, never past the budget."""
+        scores = self.tracker.scores()
+        order = sorted(range(len(self.names)), key=lambda i: (-scores[self.names[i]], i))
+        left = self.budget - self.total_rank
+        chosen = []
+        for i in order[: self.config.top_h]:
+            if left <= 0:
+                break
+            k = min(self.config.add_rank, left)
+            chosen.append((self.names[i], k))
+            left -= k
+        return chosen
+
+    def _grow(self, step: int, optimizer: Optimizer | None, scheduler) -> list[GrowthEvent]:
+        scores = self.tracker.scores()
+        new_params: list[nn.Parameter] = []
+        events = []
+        for name, k in self.choose():
+            layer = self.layers[name]
+            new_params += layer.grow(k)
+            events.append(GrowthEvent(step, name, k, layer.active_rank, scores[name]))
+        if self.finished:
+            for layer in self.layers.values():
+                layer.drop_reserves()
+            new_params = [p for p in new_params if p.requires_grad]
+            logger.info("IncreLoRA: rank budget %d reached at step %d; reserves dropped", self.budget, step)
+        self.history += events
+        if optimizer is not None:
+            fit_optimizer_state(optimizer)
+            if new_params:
+                add_param_group(optimizer, new_params, step if self.config.restart_warmup else 0, scheduler)
+        return events
+
+    # -- views -------------------------------------------------------------------------------
+    def rank_pattern(self) -> dict[str, int]:
+        return {n: layer.active_rank for n, layer in self.layers.items()}
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "total_steps": self.total_steps,
+            "budget": self.budget,
+            "tracker": self.tracker.state_dict(),
+            "history": [asdict(e) for e in self.history],
+            "scored_steps": self.scored_steps,
+            "structure": {n: {"blocks": layer.block_sizes,
+                              "reserves": layer.reserve_A is not None,
+                              "reserves_enabled": layer.reserves_enabled}
+                          for n, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict, next_step: int) -> None:
+        """Restore scores, history and every layer's structure (values come from the model state next)."""
+        if set(state["structure"]) != set(self.names):
+            raise CheckpointError("allocator state is for other modules than this model's IncreLoRA layers")
+        self.total_steps = state["total_steps"]
+        self.budget = state["budget"]
+        self.tracker.load_state_dict(state["tracker"])
+        self.history = [GrowthEvent(**e) for e in state["history"]]
+        self.scored_steps = state["scored_steps"]
+        for name, s in state["structure"].items():
+            layer = self.layers[name]
+            layer.set_structure(s["blocks"], reserves=s["reserves"])
+            if s["reserves"] and not s["reserves_enabled"]:
+                layer.drop_reserves()
+        self._arm(next_step)
+
+
+def add_param_group(optimizer: Optimizer, params: list[nn.Parameter], start: int, scheduler=None) -> dict:
+    """Add params as a new group with the base LR of the first group and its own schedule start."""
+    first = optimizer.param_groups[0]
+    base_lr = first.get("initial_lr", first["lr"])
+    group = {k: v for k, v in first.items() if k not in ("params", "lr", "initial_lr", START_KEY)}
+    group.update(params=params, initial_lr=base_lr, lr=base_lr, **{START_KEY: start})
+    optimizer.add_param_group(group)
+    added = optimizer.param_groups[-1]
+    if scheduler is not None and hasattr(scheduler, "lr_at"):
+        added["lr"] = scheduler.lr_at(added, scheduler.last_epoch)
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs.append(base_lr)
+    return added
+
+
+def fit_optimizer_state(optimizer: Optimizer) -> None:
+    """Slice optimizer state tensors to their parameter's shape after a reserve shrank in place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, t in list(state.items()):
+                if torch.is_tensor(t) and t.dim() == p.dim() and t.shape != p.shape:
+                    state[key] = t[tuple(slice(0, s) for s in p.shape)].clone()

@@ -1,0 +1,185 @@
+"""Conversion between this project's adapter folders and PEFT LoRA / AdaLoRA adapters.
+
+export_peft folds e and the scaling into B (B' = s * B diag(e)) and writes a PEFT LoRA adapter with
+a per-module rank_pattern and alpha_pattern (alpha = rank, so PEFT's scaling is 1).
+import_peft reads a PEFT LoRA or AdaLoRA adapter (safetensors only) into an Adapter, keeping each
+module's rank and scaling; an imported adapter has no base-model fingerprint to check against.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapter_file import (FORMAT_NAME, FORMAT_VERSION, PROBLEM_TYPES, Adapter, ModuleFactors, read_adapter,
+                           write_adapter_folder)
+from .errors import AdapterFormatError
+from .model import name_matches
+
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+HEAD_WEIGHT_SUFFIXES = ("classifier.weight", "out_proj.weight", "score.weight")
+
+
+def export_peft(adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write the adapter as a PEFT LoRA adapter loadable with peft.PeftModel.from_pretrained."""
+    adapter = read_adapter(adapter_path)
+    if not adapter.modules:
+        raise AdapterFormatError(f"{adapter.path}: every module has rank 0; nothing to export")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks = {}
+    for name, f in adapter.modules.items():
+        ranks[name] = f.rank
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = f.A.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (f.B * (f.E * f.scaling)).contiguous()
+    for key, t in adapter.saved.items():
+        tensors[f"{PEFT_PREFIX}{key}"] = t.contiguous()
+    common_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": adapter.base_model,
+        "r": common_r,
+        "lora_alpha": common_r,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != common_r},
+        "alpha_pattern": {n: r for n, r in ranks.items() if r != common_r},
+        "target_modules": sorted(ranks),
+        "modules_to_save": adapter.modules_to_save or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(out_path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _pattern_value(name: str, pattern: dict[str, Any] | None, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module name that ends with it on a '.' boundary."""
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return default
+
+
+def _saved_modules(keys: list[str], modules_to_save: list[str]) -> list[str]:
+    found: list[str] = []
+    for key in keys:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if name_matches(prefix, modules_to_save):
+                if prefix not in found:
+                    found.append(prefix)
+                break
+    return found
+
+
+def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, task: str | None = None,
+                labels: list[str] | None = None, problem_type: str | None = None) -> Adapter:
+    """Read a PEFT LoRA/AdaLoRA adapter folder; write it in this project's format if out_path is given."""
+    path = Path(path)
+    cfg_file, wfile = path / PEFT_CONFIG, path / PEFT_WEIGHTS
+    if not cfg_file.is_file():
+        raise AdapterFormatError(f"{cfg_file}: missing; not a PEFT adapter folder")
+    if not wfile.is_file():
+        pickled = " (adapter_model.bin is a pickle file; re-save it with safe_serialization=True)" \
+            if (path / "adapter_model.bin").exists() else ""
+        raise AdapterFormatError(f"{wfile}: missing{pickled}")
+    try:
+        pcfg = json.loads(cfg_file.read_text())
+        raw = load_file(str(wfile))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{cfg_file}: not valid JSON ({exc})") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{wfile}: unreadable or corrupted ({exc})") from exc
+    ptype = pcfg.get("peft_type")
+    if ptype not in ("LORA", "ADALORA"):
+        raise AdapterFormatError(f"{cfg_file}: peft_type {ptype!r} is not supported (LORA or ADALORA)")
+    for flag, bad in (("use_dora", True), ("fan_in_fan_out", True), ("lora_bias", True)):
+        if pcfg.get(flag) == bad:
+            raise AdapterFormatError(f"{cfg_file}: {flag}={bad} is not supported")
+    if pcfg.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{cfg_file}: bias={pcfg.get('bias')!r} is not supported (only 'none')")
+    tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    lora_names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    if not lora_names:
+        raise AdapterFormatError(f"{wfile}: no LoRA tensors found")
+    alpha = float(pcfg.get("lora_alpha", 8))
+    modules: dict[str, ModuleFactors] = {}
+    rank_pattern, scaling_pattern = {}, {}
+    for name in lora_names:
+        get = lambda suffix: tensors.pop(f"{name}.{suffix}", None)  # noqa: E731
+        if ptype == "LORA":
+            a, b = get("lora_A.weight"), get("lora_B.weight")
+            if a is None or b is None:
+                raise AdapterFormatError(f"{wfile}: {name} lacks lora_A or lora_B (embedding LoRA is not supported)")
+            r = a.shape[0]
+            m_alpha = float(_pattern_value(name, pcfg.get("alpha_pattern"), alpha))
+            scaling = m_alpha / math.sqrt(r) if pcfg.get("use_rslora") else m_alpha / r
+            e = torch.ones(r, dtype=a.dtype)
+        else:
+            a, b, e = get("lora_A"), get("lora_B"), get("lora_E")
+            if a is None or b is None or e is None:
+                raise AdapterFormatError(f"{wfile}: {name} lacks lora_A, lora_B or lora_E")
+            r = a.shape[0]
+            e = e.reshape(-1)
+            # PEFT AdaLoRA: update = (B (A * E)) * alpha / (ranknum + 1e-5), ranknum = stored rank.
+            scaling = alpha / (r + 1e-5)
+            keep = e != 0  # pruned components have e exactly 0
+            a, b, e = a[keep], b[:, keep], e[keep]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(f"{wfile}: {name} has A{tuple(a.shape)} B{tuple(b.shape)}, not a LoRA pair")
+        rank_pattern[name] = int(e.numel())
+        scaling_pattern[name] = float(scaling)
+        if e.numel():
+            modules[name] = ModuleFactors(a.contiguous(), e.contiguous(), b.contiguous(), float(scaling))
+    saved_modules = _saved_modules(sorted(tensors), list(pcfg.get("modules_to_save") or []))
+    saved = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
+    head = next((v for k, v in saved.items() if k.endswith(HEAD_WEIGHT_SUFFIXES)), None)
+    num_labels = len(labels) if labels else (int(head.shape[0]) if head is not None else 1)
+    labels = [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(num_labels)]
+    problem_type = problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+    if problem_type not in PROBLEM_TYPES:
+        raise AdapterFormatError(f"import_peft: problem_type must be one of {PROBLEM_TYPES}")
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "task": task or path.resolve().name,
+        "base_model": pcfg.get("base_model_name_or_path") or "unknown",
+        "base_model_fingerprint": None,
+        "model_type": None,
+        "problem_type": problem_type,
+        "num_labels": num_labels,
+        "labels": labels,
+        "target_modules": sorted(rank_pattern),
+        "modules_to_save": saved_modules,
+        "rank_pattern": rank_pattern,
+        "scaling_pattern": scaling_pattern,
+        "lora_alpha": alpha,
+        "rank_scaling": "per_module",
+        "increlora_config": None,
+        "metadata": {"imported_from": f"peft:{ptype}"},
+    }
+    if out_path is not None:
+        out = {}
+        for name, f in modules.items():
+            out.update({f"lora.{name}.A": f.A, f"lora.{name}.E": f.E, f"lora.{name}.B": f.B})
+        out.update({f"saved.{k}": v for k, v in saved.items()})
+        write_adapter_folder(out_path, config, {k: v.contiguous() for k, v in out.items()})
+        return read_adapter(out_path)
+    return Adapter(path=path, config=config, modules=modules, saved=saved)
