@@ -21,8 +21,10 @@ def synthetic_batches(steps: int, micro: int = 1, batch: int = 8, seq: int = 12,
     return out
 
 
-def build(base_dir, config: IncreLoraConfig, total_steps: int, lr: float = 5e-3, seed: int = 0):
-    model = tiny_classifier(base_dir, 2, seed=seed)
+def build(base_dir, config: IncreLoraConfig, total_steps: int, lr: float = 5e-3, seed: int = 0,
+          dropout: float | None = None):
+    kw = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    model = tiny_classifier(base_dir, 2, seed=seed, **kw)
     torch.manual_seed(seed)
     apply_increlora(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from increlora import (AdapterFormatError, BaseModelMismatchError, IncreLoraConfig, load_adapter, read_adapter,
+                       save_adapter)
+from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME
+from tests.loop import train
+from tests.tiny import tiny_classifier
+
+CFG = IncreLoraConfig(target_avg_rank=2.5, top_h=3, init_warmup=3, interval=2, warmup_steps=2, lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    model, *_ = train(tiny_base, CFG, 16)
+    path = tmp_path_factory.mktemp("adapter") / "sentiment"
+    save_adapter(model, path, task="sentiment", labels=["neg", "pos"], base_model=str(tiny_base), note="x")
+    return model.eval(), path
+
+
+def _ids():
+    return torch.randint(5, 100, (4, 11), generator=torch.Generator().manual_seed(7))
+
+
+def test_round_trip_gives_the_same_logits(trained, tiny_base):
+    model, path = trained
+    fresh = load_adapter(tiny_classifier(tiny_base, 2, seed=99), path).eval()
+    torch.testing.assert_close(fresh(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-6)
+    assert fresh.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_file_holds_active_components_only(trained):
+    model, path = trained
+    adapter = read_adapter(path)
+    ranks = adapter.rank_pattern
+    assert len(set(ranks.values())) > 1  # ranks differ from module to module
+    assert sum(ranks.values()) == round(2.5 * 12)
+    for name, f in adapter.modules.items():
+        layer = model.get_submodule(name)
+        assert f.A.shape == (ranks[name], layer.in_features) and f.B.shape == (layer.out_features, ranks[name])
+    assert not any("reserve" in k for k in load_file(str(path / WEIGHTS_NAME)))
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    assert cfg["task"] == "sentiment" and cfg["labels"] == ["neg", "pos"] and cfg["metadata"] == {"note": "x"}
+    assert cfg["increlora_config"]["target_avg_rank"] == 2.5 and cfg["rank_scaling"] == "active"
+    assert set(cfg["modules_to_save"]) == {"bert.pooler", "classifier"}
+
+
+def test_refuses_another_base_model(trained, other_tiny_base):
+    _, path = trained
+    with pytest.raises(BaseModelMismatchError, match="trained on base model"):
+        load_adapter(tiny_classifier(other_tiny_base, 2), path)
+
+
+def test_refuses_wrong_head_shape(trained, tiny_base):
+    _, path = trained
+    with pytest.raises(AdapterFormatError, match="num_labels=2"):
+        load_adapter(tiny_classifier(tiny_base, 3), path)
+
+
+def _copy(path, tmp_path):
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (dst / name).write_bytes((path / name).read_bytes())
+    return dst
+
+
+def _edit_config(dst, **changes):
+    cfg = json.loads((dst / CONFIG_NAME).read_text())
+    cfg.update(changes)
+    (dst / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def _edit_tensors(dst, fn):
+    tensors = load_file(str(dst / WEIGHTS_NAME))
+    fn(tensors)
+    save_file(tensors, str(dst / WEIGHTS_NAME))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: _edit_config(d, format_version=99), "format version 99"),
+    (lambda d: _edit_config(d, format="something"), "not an IncreLoRA adapter"),
+    (lambda d: (d / CONFIG_NAME).write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / CONFIG_NAME).unlink(), "missing"),
+    (lambda d: (d / WEIGHTS_NAME).unlink(), "missing"),
+    (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:300]), "corrupted"),
+    (lambda d: _edit_tensors(d, lambda t: t.pop(next(k for k in t if k.endswith(".B")))), "missing tensors"),
+    (lambda d: _edit_tensors(d, lambda t: t[next(k for k in t if k.endswith(".A"))].fill_(float("nan"))), "NaN or inf"),
+    (lambda d: _edit_tensors(d, lambda t: t.__setitem__(next(k for k in t if k.endswith(".E")),
+                                                        torch.ones(40))), "expected A"),
+    (lambda d: _edit_tensors(d, lambda t: t[next(k for k in t if k.endswith(".E"))].fill_(float("inf"))), "NaN or inf"),
+    (lambda d: _edit_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("saved.classifier")]), "module_to_save"),
+    (lambda d: _edit_config(d, labels=["a"]), "labels"),
+    (lambda d: _edit_config(d, problem_type="ranking"), "problem_type"),
+])
+def test_refuses_damaged_folders(trained, tmp_path, damage, needle):
+    _, path = trained
+    dst = _copy(path, tmp_path)
+    damage(dst)
+    with pytest.raises(AdapterFormatError, match=needle):
+        read_adapter(dst)
+
+
+def test_refuses_a_factor_shape_that_does_not_fit_the_model(trained, tmp_path, tiny_base):
+    _, path = trained
+    dst = _copy(path, tmp_path)
+    def widen(t):
+        key = next(k for k in t if k.endswith(".A"))
+        t[key] = torch.zeros(t[key].shape[0], 48)
+    _edit_tensors(dst, widen)
+    with pytest.raises(AdapterFormatError, match="factors are for"):
+        load_adapter(tiny_classifier(tiny_base, 2), dst)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(AdapterFormatError, match="not an adapter folder"):
+        read_adapter(tmp_path / "nope")
+
+
+def test_save_needs_an_increlora_model(tiny_base, tmp_path):
+    with pytest.raises(AdapterFormatError, match="apply_increlora"):
+        save_adapter(tiny_classifier(tiny_base), tmp_path / "x", task="t")

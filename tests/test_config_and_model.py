@@ -1,0 +1,106 @@
+import pytest
+import torch
+from torch import nn
+
+from increlora import (ConfigError, IncreLoraConfig, IncreLoraLinear, TargetModulesError, apply_increlora,
+                       orth_loss, rank_pattern, trainable_parameter_count)
+from tests.tiny import tiny_classifier
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"init_rank": 0}, "init_rank"),
+    ({"add_rank": 0}, "add_rank"),
+    ({"top_h": 0}, "top_h"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"lora_dropout": 1.5}, "lora_dropout"),
+    ({"rank_scaling": "sqrt"}, "rank_scaling"),
+    ({"target_avg_rank": None, "target_total_rank": None}, "budget"),
+    ({"target_modules": "query("}, "regex"),
+    ({"target_modules": []}, "target_modules"),
+    ({"interval": 0}, "interval"),
+    ({"lora_alpha": -1}, "lora_alpha"),
+])
+def test_config_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        IncreLoraConfig(**kwargs)
+
+
+def test_config_round_trips_and_documents_every_field():
+    cfg = IncreLoraConfig(target_total_rank=30, rank_scaling="fixed")
+    assert IncreLoraConfig.from_dict(cfg.to_dict()) == cfg
+    assert all(text for text in IncreLoraConfig.field_help().values())
+    with pytest.raises(ConfigError, match="unknown fields"):
+        IncreLoraConfig.from_dict({"rank": 3})
+
+
+def test_score_window_leaves_under_one_percent():
+    cfg = IncreLoraConfig()
+    w = cfg.effective_score_window
+    assert cfg.beta1 ** w < 0.01 <= cfg.beta1 ** (w - 1)
+
+
+def test_budget_below_start_is_an_error():
+    with pytest.raises(ConfigError, match="below the starting rank"):
+        IncreLoraConfig(target_total_rank=5).rank_budget(12)
+
+
+def test_apply_keeps_outputs_and_freezes_backbone(tiny_base):
+    model = tiny_classifier(tiny_base, 3).eval()
+    ids = torch.randint(5, 100, (3, 9))
+    before = model(input_ids=ids).logits
+    apply_increlora(model, IncreLoraConfig())
+    after = model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    ranks = rank_pattern(model)
+    assert len(ranks) == 12 and set(ranks.values()) == {1}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or ".reserve_" in n or n.startswith(("classifier.", "bert.pooler.")) for n in trainable)
+    assert any(n.startswith("bert.pooler.") for n in trainable) and "classifier.weight" in trainable
+    assert not any("base_layer" in n for n in trainable)
+    # saved parameters: per module (in + out + 1) * rank, plus the head
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("classifier.", "bert.pooler.")))
+    per_module = sum(m.in_features + m.out_features + 1 for m in model.modules() if isinstance(m, IncreLoraLinear))
+    assert trainable_parameter_count(model) == head + per_module
+
+
+def test_regex_targets_and_no_match(tiny_base):
+    model = apply_increlora(tiny_classifier(tiny_base), IncreLoraConfig(target_modules=r".*\.(query|value)"))
+    assert len(rank_pattern(model)) == 4
+    with pytest.raises(TargetModulesError, match="no nn.Linear module matches"):
+        apply_increlora(tiny_classifier(tiny_base), IncreLoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TargetModulesError, match="modules_to_save"):
+        apply_increlora(tiny_classifier(tiny_base), IncreLoraConfig(modules_to_save=["score_head"]))
+    with pytest.raises(ConfigError, match="already has IncreLoRA"):
+        apply_increlora(model, IncreLoraConfig())
+
+
+def test_unknown_model_type_needs_explicit_targets():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+    with pytest.raises(ConfigError, match="set IncreLoraConfig.target_modules"):
+        apply_increlora(Plain(), IncreLoraConfig())
+    model = apply_increlora(Plain(), IncreLoraConfig(target_modules=["proj"], modules_to_save=[]))
+    assert isinstance(model.proj, IncreLoraLinear)
+
+
+def _layer_with(a: torch.Tensor, b: torch.Tensor) -> IncreLoraLinear:
+    cfg = IncreLoraConfig(advance_learning=False, lora_dropout=0.0)
+    layer = IncreLoraLinear(nn.Linear(a.shape[1], b.shape[0]), cfg)
+    layer.add_block(a.shape[0])
+    with torch.no_grad():
+        layer.lora_A[0].copy_(a)
+        layer.lora_B[0].copy_(b)
+    return layer
+
+
+def test_orth_loss_on_known_matrices():
+    # Orthonormal rows of A and columns of B: zero penalty.
+    eye = torch.eye(3)
+    model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]))
+    assert orth_loss(model).item() == pytest.approx(0.0, abs=1e-7)
+    # A = [2, 0, 0] (||AA^T - I|| = 3), B = 0 (||B^T B - I|| = 1): 4; mean with the first module: 2.
+    model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]),
+                          _layer_with(torch.tensor([[2.0, 0.0, 0.0]]), torch.zeros(3, 1)))
+    assert orth_loss(model).item() == pytest.approx(2.0, abs=1e-6)

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from increlora import IncreLoraConfig, IncreLoraLinear
+
+
+def make_layer(in_f=6, out_f=5, **cfg):
+    cfg.setdefault("lora_dropout", 0.0)
+    config = IncreLoraConfig(**cfg)
+    torch.manual_seed(0)
+    layer = IncreLoraLinear(nn.Linear(in_f, out_f), config)
+    layer.add_block(config.init_rank)
+    if config.advance_learning:
+        layer.make_reserves()
+    with torch.no_grad():
+        for e in layer.lora_E:
+            e.uniform_(0.5, 1.5)
+    return layer
+
+
+def dense_reference(layer: IncreLoraLinear, x: torch.Tensor, with_reserves: bool) -> torch.Tensor:
+    """y = W0 x + b + s * sum_i e_i b_i a_i^T x, one component at a time."""
+    w = layer.base_layer.weight.detach().clone()
+    comps = [(a, e, b) for A, E, B in zip(layer.lora_A, layer.lora_E, layer.lora_B) for a, e, b in zip(A, E, B.t())]
+    if with_reserves:
+        comps += list(zip(layer.reserve_A, layer.reserve_E, layer.reserve_B.t()))
+    for a, e, b in comps:
+        w = w + layer.scaling * e * torch.outer(b, a)
+    return x @ w.t() + layer.base_layer.bias
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_matches_dense_reference(training):
+    layer = make_layer(add_rank=2)
+    layer.grow(2)
+    layer.train(training)
+    x = torch.randn(3, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense_reference(layer, x, with_reserves=training), rtol=1e-5, atol=1e-6)
+
+
+def test_reserves_train_ahead_and_are_promoted():
+    layer = make_layer(add_rank=2, reserve_e=1e-5)
+    assert not layer.reserve_E.requires_grad and torch.all(layer.reserve_E == 1e-5)
+    layer.train()
+    layer(torch.randn(4, 6)).pow(2).sum().backward()
+    assert layer.reserve_A.grad is not None and layer.reserve_A.grad.abs().sum() > 0
+    reserve_a, reserve_b = layer.reserve_A, layer.reserve_B
+    new = layer.grow(2)
+    assert layer.active_rank == 3
+    assert layer.lora_A[1] is reserve_a and layer.lora_B[1] is reserve_b  # moved, not copied
+    assert layer.lora_E[1].requires_grad and torch.all(layer.lora_E[1] == 1e-5)  # value kept
+    assert layer.reserve_A is not reserve_a and layer.reserve_A.shape == (2, 6)
+    assert set(map(id, new)) == {id(layer.lora_E[1]), id(layer.reserve_A), id(layer.reserve_B)}
+
+
+def test_partial_promotion_shrinks_reserves_in_place():
+    layer = make_layer(add_rank=3)
+    reserve_a = layer.reserve_A
+    expected = reserve_a.detach()[:2].clone()
+    layer.grow(2)
+    assert layer.lora_A[1] is reserve_a and torch.equal(layer.lora_A[1].detach(), expected)
+    assert layer.active_rank == 3
+
+
+def test_growth_without_advance_learning_starts_at_zero():
+    layer = make_layer(advance_learning=False)
+    x = torch.randn(2, 6)
+    before = layer(x)
+    new = layer.grow(1)
+    assert layer.reserve_A is None and len(new) == 3 and torch.all(layer.lora_E[1] == 0)
+    # The old component is rescaled (alpha / r halves), the new one contributes nothing.
+    delta_before = before - layer.base_layer(x)
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), delta_before / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_scaling_does_not_rescale_on_growth():
+    layer = make_layer(advance_learning=False, rank_scaling="fixed", lora_alpha=8.0)
+    x = torch.randn(2, 6)
+    before = layer(x)
+    layer.grow(1)
+    assert layer.scaling == 8.0
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_reserves_dropped_leave_forward_and_training():
+    layer = make_layer()
+    layer.drop_reserves()
+    layer.train()
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x, with_reserves=False))
+    assert not layer.reserve_A.requires_grad

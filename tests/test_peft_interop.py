@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+
+from increlora import AdapterFormatError, IncreLoraConfig, export_peft, import_peft, load_adapter, save_adapter
+from tests.loop import train
+from tests.tiny import tiny_classifier
+
+
+def _ids():
+    return torch.randint(5, 100, (4, 11), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory):
+    cfg = IncreLoraConfig(target_avg_rank=2.5, top_h=3, init_warmup=3, interval=2, warmup_steps=2, lora_dropout=0.0)
+    model, *_ = train(tiny_base, cfg, 14)
+    path = tmp_path_factory.mktemp("a") / "task"
+    save_adapter(model, path, task="task")
+    return model.eval(), path
+
+
+def test_export_loads_in_peft_with_the_same_logits(adapter, tiny_base, tmp_path):
+    model, path = adapter
+    export_peft(path, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["rank_pattern"]
+    peft_model = PeftModel.from_pretrained(tiny_classifier(tiny_base, 2, seed=5), tmp_path / "peft").eval()
+    torch.testing.assert_close(peft_model(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+    # and back: the same ranks and the same logits
+    back = import_peft(tmp_path / "peft", tmp_path / "back", task="task")
+    assert back.rank_pattern == {n: r for n, r in json.loads((path / "adapter_config.json").read_text())["rank_pattern"].items()}
+    reloaded = load_adapter(tiny_classifier(tiny_base, 2, seed=6), tmp_path / "back").eval()
+    torch.testing.assert_close(reloaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+
+
+def _peft_reference(tiny_base, folder, num_labels):
+    return PeftModel.from_pretrained(tiny_classifier(tiny_base, num_labels, seed=8), folder).eval()
+
+
+def test_import_lora_with_patterns_and_rslora(tiny_base, tmp_path):
+    model = tiny_classifier(tiny_base, 3)
+    cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value", "dense"], modules_to_save=["classifier"],
+                     rank_pattern={"bert.encoder.layer.0.attention.self.query": 4}, use_rslora=True,
+                     alpha_pattern={"value": 3}, init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(tmp_path / "p")
+    imported = import_peft(tmp_path / "p", tmp_path / "ours", task="three")
+    assert imported.num_labels == 3 and imported.rank_pattern["bert.encoder.layer.0.attention.self.query"] == 4
+    ours = load_adapter(tiny_classifier(tiny_base, 3, seed=1), tmp_path / "ours").eval()
+    ref = _peft_reference(tiny_base, tmp_path / "p", 3)
+    torch.testing.assert_close(ours(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+
+
+def test_import_adalora_keeps_pruned_ranks(tiny_base, tmp_path):
+    model = tiny_classifier(tiny_base, 3, hidden_dropout_prob=0.0)
+    cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=20, tinit=2, tfinal=2, deltaT=1,
+                        target_modules=["query", "value"], modules_to_save=["classifier"])
+    peft_model = get_peft_model(model, cfg).train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = _ids(), torch.tensor([0, 1, 2, 0])
+    for step in range(20):
+        peft_model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    peft_model.save_pretrained(tmp_path / "ada")
+    imported = import_peft(tmp_path / "ada", tmp_path / "ours")
+    assert sum(imported.rank_pattern.values()) < 4 * 4  # pruned components are dropped
+    ours = load_adapter(tiny_classifier(tiny_base, 3, seed=1), tmp_path / "ours").eval()
+    ref = _peft_reference(tiny_base, tmp_path / "ada", 3)
+    torch.testing.assert_close(ours(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+
+
+def test_import_refuses_unsupported_adapters(tiny_base, tmp_path):
+    with pytest.raises(AdapterFormatError, match="missing"):
+        import_peft(tmp_path)
+    get_peft_model(tiny_classifier(tiny_base), LoraConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    with pytest.raises(AdapterFormatError, match="use_dora"):
+        import_peft(tmp_path / "dora")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "bin" / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(AdapterFormatError, match="pickle"):
+        import_peft(tmp_path / "bin")
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (tmp_path / "ia3" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterFormatError):
+        import_peft(tmp_path / "ia3")
