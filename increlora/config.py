@@ -32,6 +32,10 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
     "deberta": ["classifier", "pooler"],
     "deberta-v2": ["classifier", "pooler"],
     "distilbert": ["pre_classifier", "classifier"],
+    "llama": ["score"],
+    "mistral": ["score"],
+    "qwen2": ["score"],
+    "opt": ["score"],
 }
 
 RANK_SCALINGS = ("active", "fixed")

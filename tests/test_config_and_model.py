@@ -104,3 +104,26 @@ def test_orth_loss_on_known_matrices():
     model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]),
                           _layer_with(torch.tensor([[2.0, 0.0, 0.0]]), torch.zeros(3, 1)))
     assert orth_loss(model).item() == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family, per_layer, saved", [
+    ("roberta", 6, {"classifier"}),
+    ("deberta-v2", 6, {"classifier", "pooler"}),
+    ("distilbert", 6, {"pre_classifier", "classifier"}),
+    ("llama", 7, {"score"}),
+    ("electra", 6, {"classifier"}),
+])
+def test_default_targets_per_model_family(family, per_layer, saved):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=64, num_labels=2,
+                 max_position_embeddings=64)
+    if family == "distilbert":
+        small = dict(dim=32, n_heads=4, hidden_dim=64, n_layers=2, vocab_size=64, num_labels=2)
+    elif family == "llama":
+        small.update(num_hidden_layers=2, num_key_value_heads=4, pad_token_id=0)
+    else:
+        small.update(num_hidden_layers=2)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **small))
+    apply_increlora(model, IncreLoraConfig())
+    assert len(rank_pattern(model)) == 2 * per_layer
+    assert {name.rsplit(".", 1)[-1] for name in model.increlora_modules_to_save} == saved
