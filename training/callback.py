@@ -1,0 +1,145 @@
+"""IncreLoraCallback: IncreLoRA inside a stock Hugging Face ``Trainer``.
+
+Add it to a Trainer whose model went through ``apply_increlora``; nothing else is called by hand:
+
+- on_train_begin: creates the RankAllocator for ``state.max_steps`` and hooks the orthogonality
+  regulariser into the model's forward (training mode only, so evaluation losses stay pure).
+- on_pre_optimizer_step (after backward and gradient clipping, before ``optimizer.step()``):
+  ``RankAllocator.step`` scores and grows; grown parameters join the Trainer's own optimizer as new
+  param groups, and a stock ``LambdaLR`` gets a restart-warmup factor for each of them.
+- on_save: writes the allocator state and the optimizer's groups by parameter name into the
+  checkpoint folder, which ``IncreLoraTrainer`` reads back to resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+from transformers import TrainerCallback
+
+from increlora import IncreLoraConfig, RestartWarmupScheduler, orth_loss
+from increlora.allocator import RankAllocator
+from increlora.errors import CheckpointError, ConfigError
+from increlora.schedule import START_KEY, restart_warmup_factor
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "increlora_state.json"
+
+
+class RestartWarmupLambda:
+    """LambdaLR factor of a group added at `start`; a callable object so LambdaLR can save it."""
+
+    def __init__(self, start: int, warmup_steps: int, total_steps: int):
+        self.start, self.warmup_steps, self.total_steps = start, warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        return restart_warmup_factor(step, self.start, self.warmup_steps, self.total_steps)
+
+
+class IncreLoraCallback(TrainerCallback):
+    def __init__(self, config: IncreLoraConfig | None = None):
+        self.config = config
+        self.allocator: RankAllocator | None = None
+        self._hook = None
+
+    # -- training ----------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        config = self.config or getattr(model, "increlora_config", None)
+        if config is None:
+            raise ConfigError("IncreLoraCallback: the model has no IncreLoRA layers; call apply_increlora first")
+        self.config = config
+        if self.allocator is None:
+            self.allocator = RankAllocator(model, config, state.max_steps)
+        elif self.allocator.total_steps != state.max_steps:
+            raise CheckpointError(
+                f"the checkpoint was for a run of {self.allocator.total_steps} steps, this run has "
+                f"{state.max_steps}; resume with the same steps/epochs, batch size and data")
+        if self._hook is None and config.orth_reg_weight > 0:
+            self._hook = model.register_forward_hook(self._add_orth_loss)
+        self._schedule_new_groups(optimizer, lr_scheduler)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        events = self.allocator.step(state.global_step, optimizer, lr_scheduler)
+        self._schedule_new_groups(optimizer, lr_scheduler)
+        for e in events:
+            logger.info("step %d: %s grows to rank %d (score %.3g)", e.step, e.module, e.new_rank, e.score)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_state(folder, model, optimizer, self.allocator, state.global_step)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _add_orth_loss(self, module: nn.Module, inputs, output):
+        loss = getattr(output, "loss", None)
+        if module.training and loss is not None:
+            output.loss = loss + self.config.orth_reg_weight * orth_loss(module)
+        return output
+
+    def _schedule_new_groups(self, optimizer, scheduler) -> None:
+        """Give groups a stock LambdaLR does not know yet their own warmup (RestartWarmupScheduler needs none)."""
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if optimizer is None or isinstance(scheduler, RestartWarmupScheduler) or lambdas is None:
+            return
+        for group in optimizer.param_groups[len(lambdas):]:
+            if self.config.restart_warmup:
+                fn = RestartWarmupLambda(group.get(START_KEY, 0), self.config.warmup_steps, self.allocator.total_steps)
+            else:
+                fn = lambdas[0]
+            lambdas.append(fn)
+            scheduler.base_lrs.append(group["initial_lr"])
+            group["lr"] = group["initial_lr"] * fn(scheduler.last_epoch)
+
+
+# -- the state next to a Hugging Face checkpoint ---------------------------------------------
+def write_state(folder: str | os.PathLike, model: nn.Module, optimizer, allocator: RankAllocator, step: int) -> Path:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{"names": [names[id(p)] for p in g["params"]], START_KEY: g.get(START_KEY, 0),
+               "weight_decay": g.get("weight_decay", 0.0)} for g in optimizer.param_groups]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / STATE_NAME
+    path.write_text(json.dumps({"step": step, "allocator": allocator.state_dict(), "optimizer_groups": groups}))
+    return path
+
+
+def read_state(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / STATE_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing; this checkpoint was not written with IncreLoraCallback") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+
+
+def restore_structure(model: nn.Module, config: IncreLoraConfig, folder: str | os.PathLike) -> tuple[RankAllocator, list[dict]]:
+    """Grow the model's layers to the checkpoint's structure (values are loaded after) and rebuild the allocator."""
+    state = read_state(folder)
+    allocator = RankAllocator(model, config, state["allocator"]["total_steps"])
+    allocator.load_state_dict(state["allocator"], next_step=state["step"])
+    return allocator, state["optimizer_groups"]
+
+
+def arrange_param_groups(optimizer, model: nn.Module, layout: list[dict]) -> None:
+    """Regroup a freshly created optimizer's parameters as in the checkpoint, so its state loads by index."""
+    params = dict(model.named_parameters())
+    wanted = [n for g in layout for n in g["names"]]
+    have = {n for n, p in params.items() if p.requires_grad}
+    if set(wanted) != have:
+        diff = sorted(set(wanted) ^ have)[:5]
+        raise CheckpointError(f"the checkpoint's optimizer groups do not match the model's trainable parameters (e.g. {diff})")
+    template = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr", START_KEY)}
+    optimizer.param_groups = []
+    for g in layout:
+        optimizer.add_param_group({**template, "weight_decay": g["weight_decay"], START_KEY: g[START_KEY],
+                                   "params": [params[n] for n in g["names"]]})

@@ -1,0 +1,67 @@
+"""IncreLoraTrainer: a thin ``Trainer`` subclass that adds what a callback alone cannot do.
+
+- It adds an IncreLoraCallback itself (growth, param groups, regulariser).
+- Its scheduler is RestartWarmupScheduler (warmup ``config.warmup_steps``, then linear decay, per group).
+- Each micro-batch's loss is the model's mean loss; the Trainer divides it by the accumulation steps.
+  (transformers 5.x skips that division when it passes ``num_items_in_batch`` to a model that
+  accepts ``**kwargs``, which sequence classifiers then ignore.)
+- Resume: before the Trainer loads a checkpoint's weights and optimizer, the layers are grown to the
+  checkpoint's ranks and the optimizer is regrouped as it was, so both load as saved.
+"""
+from __future__ import annotations
+
+import logging
+
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from increlora import IncreLoraConfig, RestartWarmupScheduler
+from increlora.errors import CheckpointError, ConfigError
+
+from .callback import IncreLoraCallback, arrange_param_groups, restore_structure
+
+logger = logging.getLogger(__name__)
+
+
+class IncreLoraTrainer(Trainer):
+    def __init__(self, *args, increlora_config: IncreLoraConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = increlora_config or getattr(self.model, "increlora_config", None)
+        if config is None:
+            raise ConfigError("IncreLoraTrainer: call apply_increlora(model, config) before building the trainer")
+        self.increlora_config = config
+        self.increlora = IncreLoraCallback(config)
+        self.add_callback(self.increlora)
+        self.loss_is_scaled_for_ga = False
+        self._group_layout: list[dict] | None = None
+
+    @property
+    def allocator(self):
+        return self.increlora.allocator
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise CheckpointError(f"no checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.increlora.allocator, self._group_layout = restore_structure(
+                self.model, self.increlora_config, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self._group_layout is not None:
+            arrange_param_groups(optimizer, self.model if model is None else model, self._group_layout)
+            self._group_layout = None
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = RestartWarmupScheduler(
+                optimizer or self.optimizer, self.increlora_config.warmup_steps, num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
