@@ -2,7 +2,7 @@
 
 It hashes every backbone parameter's name, shape and a strided sample of its values rounded to
 bfloat16, so it is the same for a model loaded in float32 or bfloat16 and on any device, and
-differs between checkpoints. Adapter weights and the modules trained with the adapter (the task
+differs between checkpoints. A float16 copy rounds differently: fingerprint before casting to it. Adapter weights and the modules trained with the adapter (the task
 head) are left out, so a freshly initialised head does not change it.
 """
 from __future__ import annotations

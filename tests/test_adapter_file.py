@@ -123,3 +123,13 @@ def test_not_a_folder(tmp_path):
 def test_save_needs_an_increlora_model(tiny_base, tmp_path):
     with pytest.raises(AdapterFormatError, match="apply_increlora"):
         save_adapter(tiny_classifier(tiny_base), tmp_path / "x", task="t")
+
+
+def test_load_model_builds_the_head_from_the_adapter(trained, tiny_base):
+    from increlora import load_model
+    model, path = trained
+    loaded = load_model(path)  # base model path read from the adapter
+    assert not loaded.training and loaded.config.num_labels == 2
+    torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-6)
+    half = load_model(path, str(tiny_base), dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
