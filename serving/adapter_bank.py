@@ -1,0 +1,331 @@
+"""AdapterBank: many task adapters served on one frozen base model, any mix of tasks in one batch.
+
+    bank = AdapterBank.load("adapters/")                 # every adapter folder in it
+    bank.predict(["great film", ("a sentence", "its paraphrase")], tasks=["sst2", "mrpc"])
+    bank.add("adapters/new_task"); bank.remove("sst2"); bank.tasks
+
+The base model is loaded once. Each adapted nn.Linear is replaced by a MultiLoraLinear and each
+saved module (classifier, pooler, ...) by a MultiHead; both read the running batch's BatchContext.
+Tasks live in an immutable TaskRegistry that add/remove replace under a lock; a batch reads it once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from increlora.adapter_file import CONFIG_NAME, check_base_model
+from increlora.errors import IncreLoraError
+from increlora.fingerprint import model_fingerprint
+
+from .base_layout import BaseLayout
+from .batch_context import BatchContext, using_batch
+from .batch_inputs import ModelInput, check_inputs, tokenize
+from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError
+from .multi_head import MultiHead
+from .multi_lora_linear import MultiLoraLinear
+from .predictions import Prediction, answer
+from .registry import TaskRegistry
+from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+def adapter_folders(adapters: PathLike | Iterable[PathLike]) -> list[Path]:
+    """One adapter folder, a folder of adapter folders (sorted, hidden ones skipped), or a list of folders."""
+    if isinstance(adapters, (str, os.PathLike)):
+        root = Path(adapters)
+        if (root / CONFIG_NAME).is_file():
+            return [root]
+        if not root.is_dir():
+            raise BankLoadError(f"{root}: no such adapter folder")
+        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        skipped = [p.name for p in found if not (p / CONFIG_NAME).is_file()]
+        if skipped:
+            logger.info("%s: skipping folders without %s: %s", root, CONFIG_NAME, skipped[:10])
+        return [p for p in found if (p / CONFIG_NAME).is_file()]
+    return [Path(p) for p in adapters]
+
+
+def declared_base_model(folder: Path) -> str | None:
+    """The base model an adapter folder says it was trained on (this project's or PEFT's config)."""
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    return config.get("base_model") or config.get("base_model_name_or_path")
+
+
+def resolve_base_model(name: str | None) -> str:
+    """A path or hub id for from_pretrained; 'default' and None mean the embedded MiniLM."""
+    try:
+        from increlora.assets import resolve_model
+    except ImportError:
+        if name in (None, "default"):
+            raise BankLoadError("no base model given and increlora.assets is unavailable; pass base_model=") from None
+        return str(name)
+    return resolve_model(name)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise BankLoadError(f"dtype {dtype!r} is not a torch floating-point type (float32, bfloat16, float16)")
+    return value
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class AdapterBank:
+    """Task adapters on one frozen base model; thread-safe predict, add and remove."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, base_model: str = "unknown",
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 max_batch_size: int = 64, missing_keys: Sequence[str] = (),
+                 fingerprint_sets: Iterable[Sequence[str]] = ()) -> None:
+        """model: a *ForSequenceClassification model as from_pretrained gives it (its head is ignored).
+
+        missing_keys: parameters from_pretrained initialised at random (adapters must save them).
+        fingerprint_sets: modules_to_save lists whose base fingerprint to take before casting dtype.
+        """
+        self._lock = threading.RLock()  # serialises writers; readers only read self._registry
+        self._tokenizer_lock = threading.Lock()
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.max_batch_size = int(max_batch_size)
+        self._layout = BaseLayout.of(model, missing_keys)
+        self._fingerprints: dict[frozenset[str], str] = {}
+        for names in [(), *fingerprint_sets]:  # on the weights as loaded, before any cast
+            self._fingerprint(names, model)
+        self.device = _device(device)
+        dtype = _dtype(dtype)
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.dtype = next(model.parameters()).dtype
+        self.max_length = self._max_length()
+        self._registry = TaskRegistry()
+        self._lora_modules: set[str] = set()
+        self._head_modules: set[str] = set()
+        self.load_errors: dict[str, IncreLoraError] = {}
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
+             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+             max_batch_size: int = 64) -> "AdapterBank":
+        """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
+
+        base_model: a path or hub id; by default the one most of the adapters were trained on.
+        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
+        """
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folders = adapter_folders(adapters)
+        errors: dict[str, IncreLoraError] = {}
+        declared, saved_sets = [], []
+        for folder in folders:
+            try:
+                declared.append(declared_base_model(folder))
+                saved_sets.append(json.loads((folder / CONFIG_NAME).read_text()).get("modules_to_save") or [])
+            except (OSError, ValueError, AttributeError) as exc:
+                errors[str(folder)] = AdapterShapeError(f"{folder / CONFIG_NAME}: unreadable ({exc})")
+        if base_model is None:
+            named = Counter(d for d in declared if d and d != "unknown")
+            if not named:
+                raise BankLoadError(f"the adapters in {adapters} name no base model; pass base_model=")
+            base_model = named.most_common(1)[0][0]
+            if len(named) > 1:
+                logger.warning("adapters name several base models %s; using %r", dict(named), base_model)
+        path = resolve_base_model(base_model)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise BankLoadError(f"cannot load base model {base_model!r} ({exc}); pass base_model= a local "
+                                f"folder or hub id") from exc
+        bank = cls(model, tokenizer, base_model=base_model, device=device, dtype=dtype,
+                   max_batch_size=max_batch_size, missing_keys=info.get("missing_keys", ()),
+                   fingerprint_sets=saved_sets)
+        bank.load_errors.update(errors)
+        for folder, exc in errors.items():
+            logger.error("adapter %s not loaded: %s", folder, exc)
+        bank._add_many([f for f in folders if str(f) not in errors])
+        logger.info("adapter bank on %s (%s, %s): %d tasks loaded, %d failed", base_model, bank.device,
+                    bank.dtype, len(bank.tasks), len(bank.load_errors))
+        return bank
+
+    def add(self, path: PathLike) -> str:
+        """Load one adapter folder; returns its task name. Raises on a bad or duplicate adapter."""
+        task = self._prepare(Path(path))
+        self._commit([task])
+        logger.info("added task %r from %s (total rank %d)", task.name, path, task.total_rank)
+        return task.name
+
+    def remove(self, task: str) -> None:
+        """Unload a task; batches already running with it finish. UnknownTaskError (a KeyError) if absent."""
+        with self._lock:
+            self._registry = self._registry.without(task)
+        logger.info("removed task %r", task)
+
+    def _add_many(self, folders: list[Path]) -> None:
+        ready: list[TaskAdapter] = []
+        names: dict[str, Path] = {}
+        for folder in folders:
+            try:
+                task = self._prepare(folder)
+                if task.name in names:
+                    raise DuplicateTaskError(f"{folder}: task {task.name!r} is already loaded from {names[task.name]}")
+                self._check_overlaps(task, extra=ready)
+            except IncreLoraError as exc:
+                self.load_errors[str(folder)] = exc
+                logger.error("adapter %s not loaded: %s", folder, exc)
+                continue
+            names[task.name] = folder
+            ready.append(task)
+        self._commit(ready)
+
+    def _prepare(self, folder: Path) -> TaskAdapter:
+        adapter = read_any_adapter(folder)
+        if adapter.task in self._registry:
+            self._registry.with_tasks([_Named(adapter.task, folder)])  # raises DuplicateTaskError
+        if adapter.fingerprint:
+            check_base_model(adapter, self.model, self._fingerprint(adapter.modules_to_save))
+        else:
+            logger.warning("%s has no base model fingerprint; cannot check it was trained on %s",
+                           folder, self.base_model)
+        return build_task_adapter(adapter, self._layout, self._unwrapped, self.device, self.dtype)
+
+    def _commit(self, tasks: list[TaskAdapter]) -> None:
+        with self._lock:
+            registry = self._registry.with_tasks(tasks)  # checks duplicates against the current tasks
+            for task in tasks:
+                self._check_overlaps(task)
+            for task in tasks:
+                self._wrap(task)
+            self._registry = registry
+
+    def _check_overlaps(self, task: TaskAdapter, extra: Iterable[TaskAdapter] = ()) -> None:
+        """A module cannot be adapted by one task and inside a saved module of another (or vice versa)."""
+        heads = set(self._head_modules).union(*(t.heads for t in extra))
+        loras = set(self._lora_modules).union(*(t.lora for t in extra))
+        clash = [m for m in task.lora if _inside(m, heads)]
+        clash += [h for h in task.heads if any(_inside(m, [h]) for m in loras)]
+        clash += [h for h in task.heads if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
+        if clash:
+            raise AdapterShapeError(f"{task.path}: modules {clash[:4]} overlap the adapted or saved modules of "
+                                    f"loaded tasks; this bank cannot serve both")
+
+    def _wrap(self, task: TaskAdapter) -> None:
+        for name in task.lora:
+            if name not in self._lora_modules:
+                _set_submodule(self.model, name, MultiLoraLinear(self.model.get_submodule(name), name))
+                self._lora_modules.add(name)
+        for name in task.heads:
+            if name not in self._head_modules:
+                _set_submodule(self.model, name, MultiHead(self.model.get_submodule(name), name))
+                self._head_modules.add(name)
+
+    def _unwrapped(self, name: str) -> nn.Module:
+        module = self.model.get_submodule(name)
+        return module.base_layer if isinstance(module, (MultiHead, MultiLoraLinear)) else module
+
+    def _fingerprint(self, modules_to_save: Sequence[str], model: nn.Module | None = None) -> str:
+        key = frozenset(modules_to_save)
+        if key not in self._fingerprints:
+            with self._lock:
+                if model is None and self.dtype == torch.float16:  # fp16 rounding differs from bf16
+                    logger.warning("fingerprint for modules_to_save %s taken on float16 weights; it may not "
+                                   "match adapters of float32 training", sorted(key))
+                self._fingerprints[key] = model_fingerprint(model if model is not None else self.model, sorted(key))
+        return self._fingerprints[key]
+
+    def _max_length(self) -> int:
+        config = getattr(self.model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None) or 512
+        if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+            positions -= 2  # their position ids start after the padding index
+        tok_max = getattr(self.tokenizer, "model_max_length", None) or positions
+        return int(min(positions, tok_max))
+
+    # --- tasks -------------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._registry.names)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._registry
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def task_info(self, task: str) -> dict[str, Any]:
+        """name, labels, problem_type, num_labels, total_rank, parameter_count, base_model, path, memory_bytes."""
+        return self._registry.get(task).info()
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_model": self.base_model, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "max_length": self.max_length, "tasks": [t.info() for t in self._registry.values()],
+                "load_errors": {path: str(exc) for path, exc in self.load_errors.items()}}
+
+    # --- prediction --------------------------------------------------------------------------------
+
+    def predict(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[Prediction]:
+        """One answer per input, in input order (see serving.predictions for the answer dicts)."""
+        items, names = check_inputs(inputs, tasks)
+        snapshot = self._registry
+        adapters = [snapshot.get(n) for n in names]
+        return [answer(a, row) for a, row in zip(adapters, self._logits(items, adapters))]
+
+    def logits(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[torch.Tensor]:
+        """Each input's logits [num_labels of its task] in float32 on the CPU, in input order."""
+        items, names = check_inputs(inputs, tasks)
+        snapshot = self._registry
+        return self._logits(items, [snapshot.get(n) for n in names])
+
+    def _logits(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[torch.Tensor]:
+        order = sorted(range(len(items)), key=lambda i: adapters[i].name)  # rows of a task together
+        rows: list[torch.Tensor | None] = [None] * len(items)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            logits = self._forward([items[i] for i in chunk], [adapters[i] for i in chunk])
+            for i, row in zip(chunk, logits):
+                rows[i] = row[:adapters[i].num_labels]
+        return rows  # type: ignore[return-value]
+
+    def _forward(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> torch.Tensor:
+        """One model call on rows already sorted by task; [rows, widest head] float32 on the CPU."""
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
+            batch = tokenize(self.tokenizer, items, self.max_length)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.inference_mode(), using_batch(BatchContext(adapters)):
+            logits = self.model(**batch).logits
+        return logits.float().cpu()
+
+
+class _Named:
+    """Stands in for a TaskAdapter in a duplicate check before the adapter is built."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name, self.path = name, path

@@ -1,0 +1,28 @@
+"""What an adapter is checked against: the base model's linear layers, parameters and task head,
+recorded once before any module is wrapped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
+    modules: frozenset[str]
+    fresh: frozenset[str]  # parameters not in the pretrained checkpoint (the task head): an adapter must bring them
+
+    @classmethod
+    def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> "BaseLayout":
+        """missing_keys: what from_pretrained initialised at random; parameters outside the backbone are added."""
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        backbone = getattr(model, prefix, None) if prefix else None
+        shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        fresh = set(missing_keys) & set(shapes)
+        if backbone is not None and backbone is not model:
+            fresh |= {n for n in shapes if not n.startswith(prefix + ".")
+                      and n in dict(model.named_parameters())}
+        linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh))

@@ -1,0 +1,63 @@
+"""Checking predict()'s inputs and tokenizing a batch of mixed single texts and text pairs."""
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import torch
+
+from .errors import InputError
+
+ModelInput = Union[str, tuple[str, str]]
+
+
+def check_inputs(inputs: Any, tasks: Any) -> tuple[list[ModelInput], list[str]]:
+    """Inputs as a list of str / (str, str); tasks one name for all, or one per input."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (bytes, bytearray)) or len(inputs) == 0:
+        raise InputError("predict: give a non-empty list of texts or (text, text_pair) pairs")
+    items: list[ModelInput] = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, str):
+            items.append(x)
+        elif isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(s, str) for s in x):
+            items.append((x[0], x[1]))
+        else:
+            raise InputError(f"predict: input {i} is {type(x).__name__} {str(x)[:50]!r}; "
+                             "each input must be a text or a (text, text_pair) pair of texts")
+    if isinstance(tasks, str):
+        names = [tasks] * len(items)
+    else:
+        names = list(tasks) if isinstance(tasks, Sequence) else []
+        if len(names) != len(items):
+            raise InputError(f"predict: {len(items)} inputs but {len(names) if names else 'no list of'} tasks; "
+                             "give one task name for all inputs or one per input")
+        bad = [t for t in names if not isinstance(t, str)]
+        if bad:
+            raise InputError(f"predict: task names must be strings, got {bad[0]!r}")
+    return items, names
+
+
+def tokenize(tokenizer: Any, inputs: Sequence[ModelInput], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize singles and pairs (truncated to max_length), then right-pad all rows together."""
+    singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+    pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+    rows: list[dict[str, list[int]] | None] = [None] * len(inputs)
+    for idx, args in ((singles, ([inputs[i] for i in singles],)),
+                      (pairs, ([inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs]))):
+        if not idx:
+            continue
+        enc = tokenizer(*args, truncation=True, max_length=max_length)
+        for j, i in enumerate(idx):
+            rows[i] = {k: v[j] for k, v in enc.items()}
+    keys = [k for k in rows[0] if k in ("input_ids", "attention_mask", "token_type_ids")]
+    width = max(len(r["input_ids"]) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = {}
+    for k in keys:
+        fill = pad_id if k == "input_ids" else 0
+        batch[k] = torch.tensor([r[k] + [fill] * (width - len(r[k])) for r in rows], dtype=torch.long)
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                                for r in rows], dtype=torch.long)
+    return batch

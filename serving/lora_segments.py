@@ -1,0 +1,40 @@
+"""The batched multi-adapter matmul: every task's low-rank update added to its own rows of a batch.
+
+Rows of `x` are sorted by task, so each adapter owns one contiguous segment [start, end). Adapter i
+has factors A_i [r_i, in] and B_i [out, r_i] with its E and scaling already folded into B_i, so its
+update of a row is B_i (A_i x). Each segment costs 2 * rows * r_i * (in + out) FLOPs: the true rank,
+no padding to the largest rank of the bank, and an adapter of rank 0 is simply not passed in.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Segments = Sequence[tuple[int, int]]
+
+
+def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Tensor],
+                  B_list: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Add B_i A_i x to out's rows of segment i, in place; returns out.
+
+    x [rows, in], out [rows, out_features], segments[i] = (start, end) rows of adapter i.
+    """
+    for (start, end), a, b in zip(segments, A_list, B_list):
+        if end > start:
+            h = x[start:end] @ a.t()  # [rows_i, r_i]
+            out[start:end].addmm_(h, b.t())
+    return out
+
+
+def lora_segments_reference(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Tensor],
+                            B_list: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The slow, obviously correct twin: one adapter at a time through its dense update, in float32.
+
+    Returns a new tensor (out + updates) and leaves out untouched. For tests only.
+    """
+    result = out.float().clone()
+    for (start, end), a, b in zip(segments, A_list, B_list):
+        delta_w = b.float() @ a.float()  # [out, in]
+        result[start:end] += x[start:end].float() @ delta_w.t()
+    return result
