@@ -66,7 +66,7 @@ class IncreLoraCallback(TrainerCallback):
         events = self.allocator.step(state.global_step, optimizer, lr_scheduler)
         self._schedule_new_groups(optimizer, lr_scheduler)
         for e in events:
-            logger.info("step %d: %s grows to rank %d (score %.3g)", e.step, e.module, e.new_rank, e.score)
+            logger.debug("step %d: %s grows to rank %d (score %.3g)", e.step, e.module, e.new_rank, e.score)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:

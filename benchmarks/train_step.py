@@ -1,0 +1,185 @@
+"""Training step time: IncreLoRA vs plain LoRA (PEFT, same final ranks) vs a dense-dW reference.
+
+One run on a MiniLM-L6-shaped BERT (random weights): the three variants take their steps in turn
+(step i of each, then step i+1), on the same batches, so the machine's drift hits them alike. The
+IncreLoRA run includes growth and scoring steps; the timed step is forward, backward, clipping,
+allocator, optimizer and scheduler.
+
+    python benchmarks/train_step.py                     # 60 steps, batch 32 x seq 128
+    python benchmarks/train_step.py --steps 20 --batch 8 --seq 64
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from increlora import IncreLoraConfig, RestartWarmupScheduler, apply_increlora, orth_loss, rank_pattern
+from increlora.allocator import RankAllocator
+from increlora.model import _set_submodule
+
+
+class DenseDeltaLinear(nn.Module):
+    """Reference: W0 x + dW dropout(x) with dW = s * B diag(e) A built densely every step."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(rank, base.in_features) * 0.02)
+        self.E = nn.Parameter(torch.zeros(rank))
+        self.B = nn.Parameter(torch.randn(base.out_features, rank) * 0.02)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.delta: torch.Tensor | None = None
+
+    def forward(self, x):
+        self.delta = (self.B * (self.E * self.scaling)) @ self.A  # [out, in]
+        if self.delta.requires_grad:
+            self.delta.retain_grad()  # the original scores |dW * dL/d(dW)| from this gradient
+        return self.base(x) + F.linear(self.dropout(x), self.delta)
+
+    def sensitivity(self) -> float:
+        return (self.delta * self.delta.grad).abs().sum().item()
+
+
+def backbone(seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+def trainable(model) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Variant:
+    """A model with its optimizer, scheduler and per-step extra work; `step` is what gets timed."""
+
+    def __init__(self, name, model, steps, lr=5e-4, after_backward=None):
+        self.name, self.model, self.after_backward = name, model, after_backward
+        self.optimizer = torch.optim.AdamW(trainable(model), lr=lr)
+        self.scheduler = RestartWarmupScheduler(self.optimizer, 10, steps)
+        self.times: list[float] = []
+
+    def step(self, i: int, ids, labels, orth_weight: float = 0.0) -> None:
+        t0 = time.perf_counter()
+        loss = self.model(input_ids=ids, labels=labels).loss
+        if orth_weight:
+            loss = loss + orth_weight * orth_loss(self.model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable(self.model), 1.0)
+        if self.after_backward is not None:
+            self.after_backward(i, self)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+
+
+def build_increlora(args) -> tuple[Variant, RankAllocator]:
+    config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, warmup_steps=10)
+    model = apply_increlora(backbone(0), config)
+    allocator = RankAllocator(model, config, args.steps)
+    variant = Variant("IncreLoRA", model, args.steps,
+                      after_backward=lambda i, v: allocator.step(i, v.optimizer, v.scheduler))
+    return variant, allocator
+
+
+def build_lora(ranks: dict[str, int]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    cfg = LoraConfig(r=common, lora_alpha=16, lora_dropout=0.1, target_modules=sorted(ranks),
+                     rank_pattern={n: r for n, r in ranks.items() if r != common},
+                     modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS")
+    return get_peft_model(backbone(0), cfg)
+
+
+def build_dense(ranks: dict[str, int]) -> tuple[nn.Module, dict[str, DenseDeltaLinear]]:
+    model = backbone(0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name, r in ranks.items():
+        layers[name] = DenseDeltaLinear(model.get_submodule(name), r, 16.0, 0.1)
+        _set_submodule(model, name, layers[name])
+    for head in ("classifier", "bert.pooler"):
+        for p in model.get_submodule(head).parameters():
+            p.requires_grad_(True)
+    return model, layers
+
+
+def summarize(variants: list[Variant], scoring: list[bool], skip: int) -> str:
+    lora = next(v for v in variants if v.name == "LoRA (PEFT)")
+    base = statistics.mean(lora.times[skip:])
+    rows = ["| variant | mean step (ms) | median (ms) | scoring steps (ms) | other steps (ms) | vs LoRA |",
+            "|---|---|---|---|---|---|"]
+    for v in variants:
+        t = v.times[skip:]
+        sc = [x for x, s in zip(v.times, scoring) if s][skip:] or [float("nan")]
+        ot = [x for x, s in zip(v.times, scoring) if not s] or [float("nan")]
+        rows.append(f"| {v.name} | {1e3 * statistics.mean(t):.0f} | {1e3 * statistics.median(t):.0f} | "
+                    f"{1e3 * statistics.mean(sc):.0f} | {1e3 * statistics.mean(ot):.0f} | "
+                    f"{statistics.mean(t) / base:.2f}x |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--init-warmup", type=int, default=10)
+    ap.add_argument("--interval", type=int, default=10)
+    ap.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    args = ap.parse_args()
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(1000, 30000, (args.batch, args.seq), generator=g),
+                torch.randint(0, 2, (args.batch,), generator=g)) for _ in range(args.steps)]
+
+    inc, allocator = build_increlora(args)
+    # LoRA and the dense reference get IncreLoRA's final total rank (init_rank everywhere plus add_rank
+    # per growth step), known before the run; where the extra ranks land hardly changes the step time.
+    scoring = [allocator.is_scoring_step(i) for i in range(args.steps)]
+    growth = [allocator.is_growth_step(i) for i in range(args.steps)]
+    ranks = rank_pattern(inc.model)
+    names = list(ranks)
+    for k in range(sum(growth)):
+        ranks[names[(7 * k) % len(names)]] += 1  # spread like a typical run; the timing depends on the sum
+
+    lora = Variant("LoRA (PEFT)", build_lora(ranks), args.steps)
+    dense_model, dense_layers = build_dense(ranks)
+
+    def dense_score(i: int, v: Variant) -> None:
+        if scoring[i]:
+            for layer in dense_layers.values():
+                layer.sensitivity()
+
+    dense = Variant("dense dW (reference)", dense_model, args.steps, after_backward=dense_score)
+    variants = [lora, inc, dense]
+    for v in variants:
+        v.model.train()
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; batch {args.batch} x seq {args.seq}, "
+          f"{args.steps} steps; growth steps {sum(growth)}, scoring steps {sum(scoring)} "
+          f"({100 * sum(scoring) / args.steps:.0f}% of steps, score window "
+          f"{inc.model.increlora_config.effective_score_window})", flush=True)
+    for i, (ids, labels) in enumerate(batches):
+        for v in variants:
+            v.step(i, ids, labels, orth_weight=0.1 if v is inc else 0.0)
+        if (i + 1) % 10 == 0:
+            print(f"step {i + 1}: " + ", ".join(f"{v.name} {1e3 * v.times[-1]:.0f} ms" for v in variants), flush=True)
+    print(f"\nIncreLoRA total rank {allocator.total_rank} (budget {allocator.budget}); "
+          f"LoRA/dense total rank {sum(ranks.values())}\n")
+    print(summarize(variants, scoring, args.skip))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The three methods behind one interface: IncreLoRA, and LoRA / AdaLoRA through PEFT as baselines.
+
+All three adapt the same linear modules (the IncreLoRA target list of the model family), train the
+same head in full, use the same alpha, dropout and warmup, and spend the same rank budget:
+LoRA gets r = target average rank everywhere; AdaLoRA prunes from init_r = avg + 1 down to
+target_r = avg, fixing its ranks at the step where IncreLoRA's growth ends.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from increlora import IncreLoraConfig, apply_increlora, import_peft, save_adapter, trainable_parameter_count
+from increlora.errors import ConfigError
+from increlora.model import find_saved_modules, find_target_modules, resolve_modules_to_save, resolve_target_modules
+
+from .trainer import IncreLoraTrainer
+
+METHODS = ("increlora", "lora", "adalora")
+
+
+@dataclass
+class Prepared:
+    """A model ready for its trainer, and what the pipeline needs to know about it."""
+
+    method: str
+    model: nn.Module
+    trainer_cls: type = Trainer
+    callbacks: list = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+
+
+class AdaLoraAllocation(TrainerCallback):
+    """PEFT's AdaLoRA budget step, after optimizer.step() and before zero_grad(), as PEFT asks."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def growth_end(config: IncreLoraConfig, num_modules: int) -> int:
+    """The step at which IncreLoRA's growth spends the budget (init_warmup + rounds x interval)."""
+    start = config.init_rank * num_modules
+    rounds = math.ceil((config.rank_budget(num_modules) - start) / (config.top_h * config.add_rank))
+    return config.init_warmup + max(rounds - 1, 0) * config.interval
+
+
+def targets_of(model: nn.Module, config: IncreLoraConfig) -> tuple[list[str], list[str]]:
+    """Full names of the adapted modules and of the modules trained in full (raises TargetModulesError)."""
+    saved = find_saved_modules(model, resolve_modules_to_save(model, config))
+    return find_target_modules(model, resolve_target_modules(model, config), exclude=saved), saved
+
+
+def prepare(method: str, model: nn.Module, config: IncreLoraConfig, total_steps: int) -> Prepared:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    targets, saved = targets_of(model, config)
+    if method == "increlora":
+        return Prepared(method, apply_increlora(model, config), IncreLoraTrainer, [], targets)
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    avg = config.rank_budget(len(targets)) / len(targets)
+    common = dict(target_modules=targets, modules_to_save=resolve_modules_to_save(model, config),
+                  lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, init_lora_weights=True)
+    if method == "lora":
+        peft_config = LoraConfig(r=max(1, round(avg)), **common)
+        return Prepared(method, get_peft_model(model, peft_config), Trainer, [], targets)
+    target_r = max(1, round(avg))
+    tinit = min(config.init_warmup, total_steps // 3)
+    tfinal = min(max(1, total_steps - growth_end(config, len(targets))), total_steps - tinit - 1)
+    peft_config = AdaLoraConfig(target_r=target_r, init_r=target_r + 1, tinit=tinit, tfinal=tfinal,
+                                deltaT=config.interval, beta1=config.beta1, beta2=config.beta2,
+                                orth_reg_weight=config.orth_reg_weight, total_step=total_steps, **common)
+    return Prepared(method, get_peft_model(model, peft_config), Trainer, [AdaLoraAllocation()], targets)
+
+
+def trainable_count(prepared: Prepared) -> int:
+    """Parameters the final adapter holds: adapter factors at their final ranks and the head."""
+    if prepared.method == "increlora":
+        return trainable_parameter_count(prepared.model)
+    count = 0
+    ranks = final_ranks(prepared)
+    for name, module in prepared.model.base_model.model.named_modules():
+        if name in ranks:
+            base = module.get_base_layer()
+            per_rank = base.in_features + base.out_features + (prepared.method == "adalora")
+            count += ranks[name] * per_rank
+    heads = [p for n, p in prepared.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    return count + sum(p.numel() for p in heads)
+
+
+def final_ranks(prepared: Prepared) -> dict[str, int]:
+    if prepared.method == "increlora":
+        from increlora import rank_pattern
+
+        return rank_pattern(prepared.model)
+    peft_config = prepared.model.peft_config["default"]
+    pattern = getattr(peft_config, "rank_pattern", None) or {}
+    if prepared.method == "adalora" and pattern:
+        # PEFT keys the AdaLoRA pattern by parameter name ("...query.lora_E"), values are masks.
+        out = {}
+        for key, mask in pattern.items():
+            name = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            out[name] = int(sum(bool(x) for x in mask))
+        return {t: out.get(t, 0) for t in prepared.targets}
+    r = peft_config.r if prepared.method == "lora" else peft_config.init_r
+    return {t: r for t in prepared.targets}
+
+
+def save(prepared: Prepared, folder: Path, *, task: str, base_model: str, labels: list[str], problem_type: str,
+         metadata: dict) -> Path:
+    """Write the adapter in this project's format (and, for the baselines, PEFT's own under peft/)."""
+    if prepared.method == "increlora":
+        return save_adapter(prepared.model, folder, task=task, base_model=base_model, labels=labels,
+                            problem_type=problem_type, **metadata)
+    peft_dir = folder / "peft"
+    prepared.model.peft_config["default"].base_model_name_or_path = base_model
+    prepared.model.save_pretrained(str(peft_dir), safe_serialization=True)
+    tmp = folder / ".imported"
+    import_peft(peft_dir, tmp, task=task, labels=labels, problem_type=problem_type)
+    for f in tmp.iterdir():
+        shutil.move(str(f), folder / f.name)
+    tmp.rmdir()
+    return folder

@@ -1,0 +1,218 @@
+"""Train one task end to end: data, backbone, method, Trainer, evaluation, and the output folder.
+
+    <output>/adapter_config.json, adapter_model.safetensors   the adapter (this project's format)
+    <output>/metrics.json        validation and test metrics, parameters, final rank, times
+    <output>/rank_pattern.json   final rank per module
+    <output>/ranks_heatmap.png   final ranks, layers x module types
+    <output>/rank_growth.png     total and per-module rank over the steps (IncreLoRA)
+    <output>/train_log.json      the Trainer's log history
+    <output>/peft/               the PEFT adapter (LoRA / AdaLoRA baselines)
+    <output>/checkpoints/        while training only: the checkpoint to resume from
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                          TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+from increlora import IncreLoraConfig
+from increlora.assets import resolve_model
+from increlora.errors import CheckpointError, ConfigError
+
+from . import methods
+from .data import DataError, TaskData, to_torch_dataset
+from .interrupt import StopOnInterrupt
+from .metrics import compute_metrics
+from .outputs import write_outputs
+from .tasks import load_task
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
+# Options that must not change between a run and its resumption.
+SAME_ON_RESUME = ("method", "model", "seed", "max_length", "batch_size", "grad_accum", "epochs", "steps",
+                  "learning_rate", "weight_decay", "increlora")
+
+
+@dataclass
+class TrainOptions:
+    model: str | None = None
+    method: str = "increlora"
+    seed: int = 42
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    epochs: float = 3.0
+    steps: int | None = None
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_steps: int | None = None
+    save_steps: int = 200
+    logging_steps: int = 50
+    precision: str = "fp32"
+    progress: bool = True
+    glue_dir: str | None = None
+    cache_dir: str | None = None
+    local: dict = field(default_factory=dict)
+    increlora: IncreLoraConfig = field(default_factory=IncreLoraConfig)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    output: Path
+    finished: bool
+    step: int
+    metrics: dict | None = None
+
+
+def recorded_model_name(model: str | None) -> str:
+    """What the adapter records as its base model: something resolve_model maps back to it."""
+    if model is None or model == "default":
+        return "default"
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def is_finished(output: Path) -> bool:
+    return (output / "metrics.json").is_file() and not (output / CHECKPOINTS).exists()
+
+
+def check_output(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a used folder unless resuming (a checkpoint is there) or overwriting."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not output.is_dir():
+        raise ConfigError(f"output {output} exists and is not a folder")
+    if resume and (output / CHECKPOINTS).is_dir():
+        return
+    if resume and is_finished(output):
+        return
+    if overwrite:
+        return
+    hint = " (no checkpoint there to resume)" if resume else "; pass --overwrite to replace it or --resume to continue"
+    raise ConfigError(f"output folder {output} already exists and is not empty{hint}")
+
+
+def total_steps(opts: TrainOptions, num_train: int) -> int:
+    """Optimizer steps of the run, as the Trainer counts them (steps, or epochs x steps per epoch)."""
+    if opts.steps:
+        return opts.steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = max(1, math.ceil(math.ceil(num_train / (opts.batch_size * world)) / opts.grad_accum))
+    return max(1, math.ceil(opts.epochs * per_epoch))
+
+
+def load_backbone(opts: TrainOptions, data: TaskData):
+    d = data.definition
+    path = resolve_model(opts.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(opts.seed)  # the head's initialisation
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=d.num_labels, id2label=d.id2label or None, label2id=d.label2id or None,
+            problem_type=d.problem_type)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"could not load model {opts.model or 'default'!r} from {path}: {first}") from exc
+    return tokenizer, model
+
+
+def training_arguments(opts: TrainOptions, output: Path, steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINTS), max_steps=steps, per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.eval_batch_size, gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.learning_rate, weight_decay=opts.weight_decay, max_grad_norm=opts.max_grad_norm,
+        lr_scheduler_type="linear", warmup_steps=opts.increlora.warmup_steps,
+        eval_strategy="steps" if opts.eval_steps else "no", eval_steps=opts.eval_steps,
+        save_strategy="steps", save_steps=opts.save_steps, save_total_limit=1,
+        logging_strategy="steps", logging_steps=opts.logging_steps,
+        seed=opts.seed, data_seed=opts.seed, bf16=opts.precision == "bf16", fp16=opts.precision == "fp16",
+        report_to="none", push_to_hub=False, disable_tqdm=not opts.progress, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available())
+
+
+def _check_resume_options(run_file: Path, opts: TrainOptions) -> None:
+    saved = json.loads(run_file.read_text())
+    now = _jsonable(opts)
+    changed = [k for k in SAME_ON_RESUME if saved.get(k) != now.get(k)]
+    if changed:
+        raise CheckpointError(f"--resume with other options than the interrupted run: {', '.join(changed)} "
+                              f"differ (see {run_file})")
+
+
+def _jsonable(opts: TrainOptions) -> dict:
+    return json.loads(json.dumps(asdict(opts), default=str))
+
+
+def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resume: bool = False,
+               overwrite: bool = False, callbacks: list | None = None) -> TaskResult:
+    """Train `task` into `output`; returns unfinished (with the step) when interrupted by Ctrl-C."""
+    output = Path(output)
+    check_output(output, resume, overwrite)
+    if resume and is_finished(output):
+        logger.info("%s: already trained in %s; skipping", task, output)
+        return TaskResult(task, output, True, -1, json.loads((output / "metrics.json").read_text()))
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(output / CHECKPOINTS))
+        if checkpoint is None:
+            raise CheckpointError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
+        _check_resume_options(output / CHECKPOINTS / RUN_FILE, opts)
+    elif output.exists() and overwrite:
+        shutil.rmtree(output)
+
+    data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
+    d = data.definition
+    tokenizer, model = load_backbone(opts, data)
+    datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
+    steps = total_steps(opts, len(datasets["train"]))
+    prepared = methods.prepare(opts.method, model, opts.increlora, steps)
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / CHECKPOINTS).mkdir(exist_ok=True)
+    (output / CHECKPOINTS / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
+    stop = StopOnInterrupt()
+    trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
+    trainer = prepared.trainer_cls(
+        model=prepared.model, args=training_arguments(opts, output, steps), train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"], data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
+        callbacks=[*(callbacks or []), *prepared.callbacks, stop], **trainer_kwargs)
+
+    started = time.perf_counter()
+    with stop:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+    if trainer.state.global_step < steps:
+        return TaskResult(task, output, False, trainer.state.global_step)
+
+    started = time.perf_counter()
+    splits = {"validation": datasets["validation"], **{s: datasets[s] for s in d.test_splits if s in datasets}}
+    results = {name: compute_metrics(d, trainer.predict(ds).predictions, ds.labels) for name, ds in splits.items()}
+    eval_seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return TaskResult(task, output, True, steps, None)
+    methods.save(prepared, output, task=d.name, base_model=recorded_model_name(opts.model),
+                 labels=list(d.label_names) or ["score"], problem_type=d.problem_type,
+                 metadata={"method": opts.method, "seed": opts.seed, "max_length": opts.max_length})
+    metrics = write_outputs(
+        output, prepared, trainer, results, task=d.name, main_metric=d.main_metric,
+        base_model=recorded_model_name(opts.model), options=_jsonable(opts),
+        times={"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)},
+        resumed_from_step=int(Path(checkpoint).name.split("-")[-1]) if checkpoint else None)
+    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    return TaskResult(task, output, True, steps, metrics)
