@@ -207,8 +207,7 @@ class AdapterBank:
 
     def _prepare(self, folder: Path) -> TaskAdapter:
         adapter = read_any_adapter(folder)
-        if adapter.task in self._registry:
-            self._registry.with_tasks([_Named(adapter.task, folder)])  # raises DuplicateTaskError
+        self._registry.check_absent(adapter.task, folder)  # fail early; checked again when committing
         if adapter.fingerprint:
             check_base_model(adapter, self.model, self._fingerprint(adapter.modules_to_save))
         else:
@@ -323,9 +322,3 @@ class AdapterBank:
             logits = self.model(**batch).logits
         return logits.float().cpu()
 
-
-class _Named:
-    """Stands in for a TaskAdapter in a duplicate check before the adapter is built."""
-
-    def __init__(self, name: str, path: Path) -> None:
-        self.name, self.path = name, path

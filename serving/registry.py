@@ -40,13 +40,14 @@ class TaskRegistry:
     def values(self) -> Iterable[TaskAdapter]:
         return self._tasks.values()
 
+    def check_absent(self, name: str, path: object) -> None:
+        """DuplicateTaskError when a task of this name is loaded already."""
+        _check_absent(self._tasks, name, path)
+
     def with_tasks(self, added: Iterable[TaskAdapter]) -> "TaskRegistry":
         tasks = dict(self._tasks)
         for task in added:
-            if task.name in tasks:
-                raise DuplicateTaskError(
-                    f"{task.path}: task {task.name!r} is already loaded (from {tasks[task.name].path}); "
-                    f"remove it first with bank.remove({task.name!r})")
+            _check_absent(tasks, task.name, task.path)
             tasks[task.name] = task
         return TaskRegistry(tasks)
 
@@ -54,3 +55,9 @@ class TaskRegistry:
         if name not in self._tasks:
             raise UnknownTaskError(name, list(self._tasks))
         return TaskRegistry({k: v for k, v in self._tasks.items() if k != name})
+
+
+def _check_absent(tasks: Mapping[str, TaskAdapter], name: str, path: object) -> None:
+    if name in tasks:
+        raise DuplicateTaskError(f"{path}: task {name!r} is already loaded (from {tasks[name].path}); "
+                                 f"remove it first with bank.remove({name!r})")

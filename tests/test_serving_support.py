@@ -54,20 +54,15 @@ def adapter_set(base: Path, folder: Path) -> Path:
     return folder
 
 
-def reference_logits(base: Path, adapter_dir: Path, tokenizer, text) -> torch.Tensor:
-    """The slow twin: the adapter alone, loaded with increlora.load_adapter into a fresh base model."""
-    from increlora import read_adapter
-    adapter = read_adapter(adapter_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=adapter.num_labels)
-    model = load_adapter(model, adapter).eval()
-    enc = tokenizer(*([text] if isinstance(text, str) else list(text)), return_tensors="pt", truncation=True,
-                    max_length=64)
-    with torch.no_grad():
-        return model(**enc).logits[0]
+def encode(tokenizer, x) -> dict:
+    """One input as a batch of one. (A single call drops an empty text_pair; a batched call keeps it.)"""
+    args = ([x],) if isinstance(x, str) else ([x[0]], [x[1]])
+    return tokenizer(*args, return_tensors="pt")
 
 
 @functools.lru_cache(maxsize=None)
 def reference_model(base: Path, adapter_dir: Path):
+    """The slow twin: the adapter alone, loaded with increlora.load_adapter into a fresh base model."""
     from increlora import read_adapter
     adapter = read_adapter(adapter_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=adapter.num_labels)

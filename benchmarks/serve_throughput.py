@@ -1,0 +1,300 @@
+"""Mixed-task serving throughput: one batch whose rows belong to K different task adapters.
+
+MiniLM-L6-shaped BERT (the real all-MiniLM-L6-v2 weights when increlora.assets can fetch them,
+random weights otherwise), batch 32 x seq 128, all six module types adapted with heterogeneous
+per-module ranks (1..32, mean about 8), classifier and pooler saved per task. The bank holds K
+adapters and each row's task is drawn uniformly from them, so for K >= 32 almost every row of a
+batch of 32 is a different task. Compared in one run, on the same token ids:
+
+    B0    the base model alone (no adapters): the floor
+    B1    PEFT mixed-batch inference, forward(..., adapter_names=...) with the same adapters as LoRA
+    B2    one forward per task (the bank, each task's rows as their own batch)
+    B3    padded gather: every adapter padded to the largest rank, per-row gathered factors, einsum
+    ours  AdapterBank: rows sorted by task, segmented matmuls at each task's true per-module rank
+
+Also: the FLOP floor ((base + true LoRA FLOPs) / base FLOPs), memory per adapter, and the time to
+load N adapters (small ranks, MiniLM shape) from disk.
+
+    flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
+    python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from increlora import IncreLoraConfig, apply_increlora, export_peft, increlora_layers, save_adapter
+from serving import AdapterBank, MultiLoraLinear
+from serving.batch_context import BatchContext, current_batch, using_batch
+
+logger = logging.getLogger("serve_throughput")
+
+
+# --- setup -----------------------------------------------------------------------------------------
+
+def base_model_dir(work: Path, random_weights: bool) -> tuple[Path, str]:
+    if not random_weights:
+        try:
+            from increlora.assets import resolve_model
+            return Path(resolve_model("default")), "all-MiniLM-L6-v2 (real weights)"
+        except Exception as exc:  # noqa: BLE001 - any failure means: use random weights
+            logger.warning("real MiniLM unavailable (%s); using random weights", exc)
+    folder = work / "random_minilm"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        from transformers import BertModel, BertTokenizerFast
+        BertModel(cfg).save_pretrained(folder)
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(cfg.vocab_size - 5)]
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder, "MiniLM-L6 shape (random weights)"
+
+
+def sample_rank(rng: random.Random, max_rank: int, mean: float) -> int:
+    return min(max_rank, 1 + int(rng.expovariate(1.0 / (mean - 0.5))))
+
+
+def write_adapters(base_dir: Path, folder: Path, n: int, max_rank: int, mean_rank: float, seed: int) -> list[Path]:
+    """n adapter folders with random per-module ranks, factors and heads (reused when present)."""
+    paths = [folder / f"task{i:04d}" for i in range(n)]
+    todo = [p for p in paths if not (p / "adapter_model.safetensors").exists()]
+    if not todo:
+        return paths
+    model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2)
+    apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0, advance_learning=False))
+    layers = [layer for _, layer in increlora_layers(model)]
+    for path in todo:
+        i = int(path.name[4:])
+        rng = random.Random(seed * 100_000 + i)
+        torch.manual_seed(seed * 100_000 + i)
+        for layer in layers:
+            layer.set_structure([sample_rank(rng, max_rank, mean_rank)], reserves=False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    p.normal_(0.0, 0.05)
+                elif "lora_E" in name:
+                    p.normal_(0.0, 1.0)
+                elif name.startswith(("classifier", "bert.pooler")):
+                    p.normal_(0.0, 0.05)
+        save_adapter(model.eval(), path, task=path.name, base_model=str(base_dir))
+    return paths
+
+
+def token_batch(tokenizer, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, tokenizer.vocab_size, (batch, seq), generator=g)
+    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+# --- the compared methods ----------------------------------------------------------------------------
+
+def run_ours(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
+    """Sort rows by task, one forward with the batch context, rows back in input order."""
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)
+    idx = torch.tensor(order)
+    sorted_enc = {k: v.index_select(0, idx) for k, v in enc.items()}
+    snapshot = bank._registry
+    ctx = BatchContext([snapshot.get(tasks[i]) for i in order])
+    with using_batch(ctx):
+        logits = bank.model(**sorted_enc).logits
+    return logits[torch.argsort(idx)]
+
+
+def run_per_task(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
+    out = None
+    for task in sorted(set(tasks)):
+        rows = torch.tensor([i for i, t in enumerate(tasks) if t == task])
+        with using_batch(BatchContext([bank._registry.get(task)] * len(rows))):
+            logits = bank.model(**{k: v.index_select(0, rows) for k, v in enc.items()}).logits
+        if out is None:
+            out = logits.new_zeros(len(tasks), logits.shape[1])
+        out[rows] = logits
+    return out
+
+
+class PaddedGatherLinear(nn.Module):
+    """B3: every task's factors padded to the largest rank; per row, gathered factors and einsums."""
+
+    row_tasks: torch.Tensor | None = None  # [batch] task index of each row, set per batch
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer, self.A, self.B = base, A, B  # A [tasks, R, in], B [tasks, out, R]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = PaddedGatherLinear.row_tasks
+        h = torch.einsum("bti,bri->btr", x, self.A[idx])
+        return self.base_layer(x) + torch.einsum("btr,bor->bto", h, self.B[idx])
+
+
+def padded_model(bank: AdapterBank, task_names: list[str]) -> tuple[nn.Module, int]:
+    """A copy of the bank's model with padded-gather layers; returns it and bytes of padded factors."""
+    model = copy.deepcopy(bank.model)
+    tasks = [bank._registry.get(t) for t in task_names]
+    nbytes = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MultiLoraLinear):
+            continue
+        R = max(t.lora[name][0].shape[0] for t in tasks if name in t.lora)
+        A = torch.zeros(len(tasks), R, module.in_features)
+        B = torch.zeros(len(tasks), module.out_features, R)
+        for i, t in enumerate(tasks):
+            if name in t.lora:
+                a, b = t.lora[name]
+                A[i, :a.shape[0]], B[i, :, :a.shape[0]] = a, b
+        nbytes += A.nbytes + B.nbytes
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, PaddedGatherLinear(module.base_layer, A, B))
+    return model, nbytes // len(tasks)
+
+
+def run_padded(model: nn.Module, bank: AdapterBank, enc: dict, tasks: list[str], index: dict[str, int]) -> torch.Tensor:
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)  # heads still use the batch context
+    idx = torch.tensor(order)
+    PaddedGatherLinear.row_tasks = torch.tensor([index[tasks[i]] for i in order])
+    with using_batch(BatchContext([bank._registry.get(tasks[i]) for i in order])):
+        logits = model(**{k: v.index_select(0, idx) for k, v in enc.items()}).logits
+    return logits[torch.argsort(idx)]
+
+
+def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path):
+    from peft import PeftModel
+    peft_dirs = []
+    for path in adapter_dirs:
+        out = work / "peft" / path.name
+        if not (out / "adapter_model.safetensors").exists():
+            export_peft(path, out)
+            # PEFT mixes batches only through Linear modules_to_save: save the pooler's dense layer
+            cfg = json.loads((out / "adapter_config.json").read_text())
+            cfg["modules_to_save"] = [m + ".dense" if m.endswith("pooler") else m for m in cfg["modules_to_save"]]
+            (out / "adapter_config.json").write_text(json.dumps(cfg))
+        peft_dirs.append(out)
+    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2)
+    model = PeftModel.from_pretrained(base, str(peft_dirs[0]), adapter_name=peft_dirs[0].name)
+    for path in peft_dirs[1:]:
+        model.load_adapter(str(path), adapter_name=path.name)
+    model.eval()
+    lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if peft_dirs[0].name in n)
+    return model, lora
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+def timed(fn, reps: int) -> float:
+    """Median wall time in ms of reps calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tuple[float, float]:
+    """Base FLOPs (encoder linears + attention) and true LoRA FLOPs of this batch."""
+    cfg = base.config
+    linear = sum(2 * m.in_features * m.out_features for n, m in base.named_modules()
+                 if isinstance(m, nn.Linear) and ".encoder." in n)
+    attention = 4 * seq * cfg.hidden_size * cfg.num_hidden_layers  # QK^T and AV per token
+    lora = sum(2 * a.shape[0] * (a.shape[1] + b.shape[0])
+               for t in tasks for a, b in bank._registry.get(t).lora.values())
+    return len(tasks) * seq * (linear + attention), float(seq * lora)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="tasks in the bank")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (median)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--max-rank", type=int, default=32)
+    p.add_argument("--mean-rank", type=float, default=8.0)
+    p.add_argument("--load-n", type=int, default=1000, help="adapters for the load-time measurement (0: skip)")
+    p.add_argument("--skip-peft", action="store_true", help="leave out B1 (PEFT); its loading is slow")
+    p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
+    p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_grad_enabled(False)
+    work = args.work or Path(tempfile.gettempdir()) / "increlora_serve_bench"
+    work.mkdir(parents=True, exist_ok=True)
+    base_dir, base_name = base_model_dir(work, args.random_weights)
+    kmax = max(args.k)
+    print(f"# serve_throughput: {base_name}; batch {args.batch} x seq {args.seq}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    paths = write_adapters(base_dir, work / f"adapters_r{args.max_rank}_m{args.mean_rank}", kmax,
+                           args.max_rank, args.mean_rank, seed=1)
+    bank = AdapterBank.load(paths, base_model=str(base_dir), device="cpu")
+    names = [p.name for p in paths]
+    ranks = [a.shape[0] for t in names for a, _ in bank._registry.get(t).lora.values()]
+    print(f"adapters: {kmax}, per-module ranks {min(ranks)}..{max(ranks)}, mean {statistics.mean(ranks):.2f}")
+    base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    enc = token_batch(tokenizer, args.batch, args.seq, seed=0)
+    padded, padded_bytes = padded_model(bank, names)
+    index = {t: i for i, t in enumerate(names)}
+    peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work)
+
+    rows = []
+    for k in args.k:
+        rng = random.Random(k)
+        tasks = [names[rng.randrange(k)] for _ in range(args.batch)]
+        ours = run_ours(bank, enc, tasks)
+        ref = run_per_task(bank, enc, tasks)
+        assert torch.allclose(ours, ref, atol=1e-4), "ours and one-forward-per-task disagree"
+        t = {"B0": timed(lambda: base(**enc), args.reps),
+             "B1": timed(lambda: peft(**enc, adapter_names=tasks), args.reps) if peft is not None else float("nan"),
+             "B2": timed(lambda: run_per_task(bank, enc, tasks), args.reps),
+             "B3": timed(lambda: run_padded(padded, bank, enc, tasks, index), args.reps),
+             "ours": timed(lambda: run_ours(bank, enc, tasks), args.reps)}
+        fb, fl = flops(base, bank, tasks, args.seq)
+        rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
+
+    print()
+    print("| K in bank | tasks in batch | B0 base ms | B1 PEFT ms | B2 per-task ms | B3 padded ms | ours ms "
+          "| ours/B0 | FLOP floor | B1/ours | B2/ours | B3/ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, distinct, t, floor in rows:
+        o = t["ours"]
+        print(f"| {k} | {distinct} | {t['B0']:.0f} | {t['B1']:.0f} | {t['B2']:.0f} | {t['B3']:.0f} | {o:.0f} "
+              f"| {o / t['B0']:.3f} | {floor:.3f} | {t['B1'] / o:.2f} | {t['B2'] / o:.2f} | {t['B3'] / o:.2f} |")
+
+    infos = [bank.task_info(t) for t in names]
+    served = statistics.mean(i["memory_bytes"] for i in infos)
+    true_params = statistics.mean(i["parameter_count"] for i in infos)
+    lora_true = statistics.mean(sum(a.numel() + b.numel() for a, b in bank._registry.get(t).lora.values()) for t in names)
+    print()
+    print(f"memory per adapter (fp32): ours {served / 1e6:.3f} MB served = {served / 4:,.0f} values; adapter file "
+          f"parameters {true_params:,.0f} (incl. E, which ours folds into B); LoRA part {lora_true * 4 / 1e6:.3f} MB; "
+          f"B3 padded LoRA {padded_bytes / 1e6:.3f} MB"
+          + (f"; B1 PEFT LoRA+heads {peft_bytes / 1e6:.3f} MB" if peft is not None else ""))
+
+    if args.load_n:
+        load_paths = write_adapters(base_dir, work / "load_small", args.load_n, max_rank=4, mean_rank=2.0, seed=2)
+        start = time.perf_counter()
+        loaded = AdapterBank.load(load_paths, base_model=str(base_dir), device="cpu")
+        seconds = time.perf_counter() - start
+        assert len(loaded.tasks) == args.load_n, loaded.load_errors
+        print(f"load {args.load_n} adapters (MiniLM shape, ranks 1..4, classifier + pooler saved) from disk, "
+              f"base model included: {seconds:.2f} s ({seconds / args.load_n * 1000:.1f} ms per adapter)")
+
+
+if __name__ == "__main__":
+    main()
