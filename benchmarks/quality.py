@@ -23,7 +23,7 @@ def run_args(args, task: str, method: str, seed: int, out: Path) -> list[str]:
     return ["--task", task, "--method", method, "--seed", str(seed), "--output", str(out), "--overwrite",
             "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--no-progress",
-            "--save-steps", str(args.steps), "--logging-steps", str(args.steps),
+            "--save-steps", str(args.steps + 1), "--logging-steps", str(args.steps), "--eval-batch-size", "128",
             "--target-avg-rank", "2", "--init-warmup", str(args.init_warmup), "--interval", str(args.interval),
             "--top-h", str(args.top_h), "--warmup-steps", str(args.warmup_steps)]
 
@@ -56,14 +56,14 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--init-warmup", type=int, default=24)
-    ap.add_argument("--interval", type=int, default=4)
+    ap.add_argument("--init-warmup", type=int, default=16)
+    ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--top-h", type=int, default=2)
-    ap.add_argument("--warmup-steps", type=int, default=12)
+    ap.add_argument("--warmup-steps", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path("/tmp/increlora_quality"), help="run folders")
     args = ap.parse_args()
 
