@@ -194,15 +194,18 @@ def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path):
 
 # --- measuring ---------------------------------------------------------------------------------------
 
-def timed(fn, reps: int) -> float:
-    """Median wall time in ms of reps calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def timed(fns: dict, reps: int) -> dict[str, float]:
+    """Median wall time in ms per method; the methods take turns (one call each per round), after a
+    warm-up call each, so drift of a shared machine hits them alike."""
+    for fn in fns.values():
         fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tuple[float, float]:
@@ -259,11 +262,17 @@ def main() -> None:
         ours = run_ours(bank, enc, tasks)
         ref = run_per_task(bank, enc, tasks)
         assert torch.allclose(ours, ref, atol=1e-4), "ours and one-forward-per-task disagree"
-        t = {"B0": timed(lambda: base(**enc), args.reps),
-             "B1": timed(lambda: peft(**enc, adapter_names=tasks), args.reps) if peft is not None else float("nan"),
-             "B2": timed(lambda: run_per_task(bank, enc, tasks), args.reps),
-             "B3": timed(lambda: run_padded(padded, bank, enc, tasks, index), args.reps),
-             "ours": timed(lambda: run_ours(bank, enc, tasks), args.reps)}
+        assert torch.allclose(run_padded(padded, bank, enc, tasks, index), ours, atol=1e-3), "B3 disagrees"
+        if peft is not None:
+            assert torch.allclose(peft(**enc, adapter_names=tasks).logits, ours, atol=1e-3), "PEFT disagrees"
+        fns = {"B0": lambda: base(**enc),
+               "B1": lambda: peft(**enc, adapter_names=tasks),
+               "B2": lambda: run_per_task(bank, enc, tasks),
+               "B3": lambda: run_padded(padded, bank, enc, tasks, index),
+               "ours": lambda: run_ours(bank, enc, tasks)}
+        if peft is None:
+            del fns["B1"]
+        t = {"B1": float("nan"), **timed(fns, args.reps)}
         fb, fl = flops(base, bank, tasks, args.seq)
         rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from increlora.adapter_file import CONFIG_NAME, check_base_model
-from increlora.errors import IncreLoraError
+from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
 
 from .base_layout import BaseLayout
@@ -97,6 +97,16 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def check_overlaps(task: TaskAdapter, heads: set[str], loras: set[str]) -> None:
+    """A module cannot be adapted by one task and inside a saved module of another (or vice versa)."""
+    clash = [m for m in task.lora if _inside(m, heads)]
+    clash += [h for h in task.heads if any(_inside(m, [h]) for m in loras)]
+    clash += [h for h in task.heads if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
+    if clash:
+        raise AdapterShapeError(f"{task.path}: modules {clash[:4]} overlap the adapted or saved modules of "
+                                f"loaded tasks; one bank cannot serve both")
+
+
 class AdapterBank:
     """Task adapters on one frozen base model; thread-safe predict, add and remove."""
 
@@ -116,7 +126,7 @@ class AdapterBank:
         self.max_batch_size = int(max_batch_size)
         self._layout = BaseLayout.of(model, missing_keys)
         self._fingerprints: dict[frozenset[str], str] = {}
-        for names in [(), *fingerprint_sets]:  # on the weights as loaded, before any cast
+        for names in fingerprint_sets:  # on the weights as loaded, before any cast
             self._fingerprint(names, model)
         self.device = _device(device)
         dtype = _dtype(dtype)
@@ -149,7 +159,7 @@ class AdapterBank:
                 declared.append(declared_base_model(folder))
                 saved_sets.append(json.loads((folder / CONFIG_NAME).read_text()).get("modules_to_save") or [])
             except (OSError, ValueError, AttributeError) as exc:
-                errors[str(folder)] = AdapterShapeError(f"{folder / CONFIG_NAME}: unreadable ({exc})")
+                errors[str(folder)] = AdapterFormatError(f"{folder / CONFIG_NAME}: unreadable ({exc})")
         if base_model is None:
             named = Counter(d for d in declared if d and d != "unknown")
             if not named:
@@ -191,18 +201,21 @@ class AdapterBank:
     def _add_many(self, folders: list[Path]) -> None:
         ready: list[TaskAdapter] = []
         names: dict[str, Path] = {}
+        heads, loras = set(self._head_modules), set(self._lora_modules)  # including the ready tasks'
         for folder in folders:
             try:
                 task = self._prepare(folder)
                 if task.name in names:
                     raise DuplicateTaskError(f"{folder}: task {task.name!r} is already loaded from {names[task.name]}")
-                self._check_overlaps(task, extra=ready)
+                check_overlaps(task, heads, loras)
             except IncreLoraError as exc:
                 self.load_errors[str(folder)] = exc
                 logger.error("adapter %s not loaded: %s", folder, exc)
                 continue
             names[task.name] = folder
             ready.append(task)
+            heads.update(task.heads)
+            loras.update(task.lora)
         self._commit(ready)
 
     def _prepare(self, folder: Path) -> TaskAdapter:
@@ -218,22 +231,14 @@ class AdapterBank:
     def _commit(self, tasks: list[TaskAdapter]) -> None:
         with self._lock:
             registry = self._registry.with_tasks(tasks)  # checks duplicates against the current tasks
+            heads, loras = set(self._head_modules), set(self._lora_modules)
             for task in tasks:
-                self._check_overlaps(task)
+                check_overlaps(task, heads, loras)
+                heads.update(task.heads)
+                loras.update(task.lora)
             for task in tasks:
                 self._wrap(task)
             self._registry = registry
-
-    def _check_overlaps(self, task: TaskAdapter, extra: Iterable[TaskAdapter] = ()) -> None:
-        """A module cannot be adapted by one task and inside a saved module of another (or vice versa)."""
-        heads = set(self._head_modules).union(*(t.heads for t in extra))
-        loras = set(self._lora_modules).union(*(t.lora for t in extra))
-        clash = [m for m in task.lora if _inside(m, heads)]
-        clash += [h for h in task.heads if any(_inside(m, [h]) for m in loras)]
-        clash += [h for h in task.heads if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
-        if clash:
-            raise AdapterShapeError(f"{task.path}: modules {clash[:4]} overlap the adapted or saved modules of "
-                                    f"loaded tasks; this bank cannot serve both")
 
     def _wrap(self, task: TaskAdapter) -> None:
         for name in task.lora:

@@ -220,3 +220,26 @@ def test_half_precision_bank_is_close_to_float32(adapters, dtype):
     tasks = ["sst2", "topic", "stsb", "tags", "sst2", "mrpc"]
     for a, b in zip(bank16.logits(INPUTS, tasks), bank32.logits(INPUTS, tasks)):
         torch.testing.assert_close(a, b, atol=0.15, rtol=0.05)
+
+
+def test_a_module_adapted_by_one_task_and_saved_by_another_is_refused(tiny_base, adapters, tmp_path):
+    from increlora import IncreLoraConfig, apply_increlora, save_adapter
+    from tests.tiny import tiny_classifier
+    model = tiny_classifier(tiny_base, 2)
+    apply_increlora(model, IncreLoraConfig(target_modules=["query", "pooler.dense"], modules_to_save=["classifier"],
+                                           lora_dropout=0.0))
+    save_adapter(model, tmp_path / "pooler_lora", task="pooler_lora")
+    bank = AdapterBank.load(tmp_path / "pooler_lora", base_model=str(tiny_base))
+    assert bank.tasks == ["pooler_lora"]
+    with pytest.raises(AdapterShapeError, match="overlap"):
+        bank.add(adapters / "sst2")  # saves bert.pooler, which holds the adapted bert.pooler.dense
+
+
+def test_load_errors_for_missing_folders_and_unknown_base(tmp_path, adapters):
+    from serving import BankLoadError
+    with pytest.raises(BankLoadError, match="no such adapter folder"):
+        AdapterBank.load(tmp_path / "nowhere")
+    bank = AdapterBank.load(adapters / "sst2")  # one adapter folder
+    assert bank.tasks == ["sst2"]
+    with pytest.raises(BankLoadError, match="base_model="):
+        AdapterBank.load(adapters / "sst2", base_model=str(tmp_path / "no_model_here"))
