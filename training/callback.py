@@ -52,6 +52,11 @@ class IncreLoraCallback(TrainerCallback):
         if config is None:
             raise ConfigError("IncreLoraCallback: the model has no IncreLoRA layers; call apply_increlora first")
         self.config = config
+        if args.world_size > 1 or args.n_gpu > 1:
+            # Scores come from per-replica gradient hooks, and parameters grown after DDP wrapped the
+            # model are not reduced by it: replicas would grow and train apart.
+            raise ConfigError("IncreLoRA does not support multi-process or DataParallel training yet; train on "
+                              "one device (use gradient accumulation for a larger batch) or pick --method lora")
         if self.allocator is None:
             self.allocator = RankAllocator(model, config, state.max_steps)
         elif self.allocator.total_steps != state.max_steps:

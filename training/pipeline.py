@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 RUN_FILE = "run.json"
+ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
 SAME_ON_RESUME = ("method", "model", "seed", "max_length", "batch_size", "grad_accum", "epochs", "steps",
                   "learning_rate", "weight_decay", "increlora")
@@ -122,9 +123,9 @@ def load_backbone(opts: TrainOptions, data: TaskData):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(opts.seed)  # the head's initialisation
+        labels = {"id2label": d.id2label, "label2id": d.label2id} if d.label_names else {}
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=d.num_labels, id2label=d.id2label or None, label2id=d.label2id or None,
-            problem_type=d.problem_type)
+            path, num_labels=d.num_labels, problem_type=d.problem_type, **labels)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"could not load model {opts.model or 'default'!r} from {path}: {first}") from exc
@@ -158,6 +159,29 @@ def _jsonable(opts: TrainOptions) -> dict:
     return json.loads(json.dumps(asdict(opts), default=str))
 
 
+def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to continue from (None: start afresh, clearing the folder if overwriting)."""
+    folder = output / CHECKPOINTS
+    checkpoint = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
+    if checkpoint is not None:
+        _check_resume_options(folder / RUN_FILE, opts)
+        return checkpoint
+    if resume and folder.is_dir():
+        raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")
+    if resume:
+        logger.info("%s: nothing to resume in %s; starting", task, output)
+    if output.exists() and overwrite:
+        shutil.rmtree(output)
+    return None
+
+
+def evaluate(trainer, data: TaskData, datasets: dict) -> dict[str, dict]:
+    """Metrics of the final model on validation and the task's test splits."""
+    d = data.definition
+    names = ["validation", *(s for s in d.test_splits if s in datasets)]
+    return {n: compute_metrics(d, trainer.predict(datasets[n]).predictions, datasets[n].labels) for n in names}
+
+
 def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resume: bool = False,
                overwrite: bool = False, callbacks: list | None = None) -> TaskResult:
     """Train `task` into `output`; returns unfinished (with the step) when interrupted by Ctrl-C."""
@@ -166,14 +190,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if resume and is_finished(output):
         logger.info("%s: already trained in %s; skipping", task, output)
         return TaskResult(task, output, True, -1, json.loads((output / "metrics.json").read_text()))
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(output / CHECKPOINTS))
-        if checkpoint is None:
-            raise CheckpointError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
-        _check_resume_options(output / CHECKPOINTS / RUN_FILE, opts)
-    elif output.exists() and overwrite:
-        shutil.rmtree(output)
+    checkpoint = resume_point(task, output, opts, resume, overwrite)
 
     data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
     d = data.definition
@@ -182,9 +199,9 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     steps = total_steps(opts, len(datasets["train"]))
     prepared = methods.prepare(opts.method, model, opts.increlora, steps)
 
-    output.mkdir(parents=True, exist_ok=True)
-    (output / CHECKPOINTS).mkdir(exist_ok=True)
-    (output / CHECKPOINTS / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
+    folder = output / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
     stop = StopOnInterrupt()
     trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
@@ -193,16 +210,18 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
         callbacks=[*(callbacks or []), *prepared.callbacks, stop], **trainer_kwargs)
 
+    elapsed = folder / ELAPSED_FILE  # training time of earlier, interrupted sessions
+    earlier = json.loads(elapsed.read_text())["train_seconds"] if checkpoint and elapsed.is_file() else 0.0
     started = time.perf_counter()
     with stop:
         trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - started
+    train_seconds = earlier + time.perf_counter() - started
     if trainer.state.global_step < steps:
+        elapsed.write_text(json.dumps({"train_seconds": train_seconds}))
         return TaskResult(task, output, False, trainer.state.global_step)
 
     started = time.perf_counter()
-    splits = {"validation": datasets["validation"], **{s: datasets[s] for s in d.test_splits if s in datasets}}
-    results = {name: compute_metrics(d, trainer.predict(ds).predictions, ds.labels) for name, ds in splits.items()}
+    results = evaluate(trainer, data, datasets)
     eval_seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return TaskResult(task, output, True, steps, None)
@@ -214,5 +233,5 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         base_model=recorded_model_name(opts.model), options=_jsonable(opts),
         times={"train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)},
         resumed_from_step=int(Path(checkpoint).name.split("-")[-1]) if checkpoint else None)
-    shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     return TaskResult(task, output, True, steps, metrics)

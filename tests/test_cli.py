@@ -1,0 +1,220 @@
+"""increlora-train end to end on the tiny model and generated CSV files: outputs, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+from increlora import IncreLoraConfig, load_adapter, read_adapter
+from training.cli import build_parser, main, options_from
+
+FAST = ["--steps", "28", "--batch-size", "16", "--max-length", "24", "--init-warmup", "4", "--interval", "2",
+        "--warmup-steps", "4", "--lr", "5e-3", "--save-steps", "8", "--no-progress"]
+POS, NEG = "good great funny gripping love best".split(), "bad terrible dull boring hate worst".split()
+FILLER = "the a film movie plot actor story is was very really".split()
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        words = rng.choices(FILLER, k=6) + rng.choices(POS if pos else NEG, k=2)
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{'pos' if pos else 'neg'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("csv")
+    return {"train": write_csv(d / "train.csv", 320, 0), "validation": write_csv(d / "dev.csv", 48, 1),
+            "test": write_csv(d / "test.csv", 48, 2)}
+
+
+def cli(tiny_base, files, out, *extra, callbacks=None) -> int:
+    argv = ["--task", "toy", "--train", str(files["train"]), "--validation", str(files["validation"]),
+            "--test", str(files["test"]), "--model", str(tiny_base), "--output", str(out), *FAST, *extra]
+    return main(argv, callbacks=callbacks)
+
+
+def test_accuracy(tiny_base, adapter_dir: Path, test_csv: Path) -> float:
+    """Accuracy of the saved adapter loaded into a fresh base model: what serving would see."""
+    adapter = read_adapter(adapter_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=adapter.num_labels)
+    load_adapter(model, adapter, check_base=adapter.fingerprint is not None)
+    rows = [line.rsplit(",", 1) for line in test_csv.read_text().splitlines()[1:]]
+    enc = AutoTokenizer.from_pretrained(str(tiny_base))([t for t, _ in rows], padding=True, truncation=True,
+                                                         max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        pred = model.eval()(**enc).logits.argmax(-1).tolist()
+    return sum(adapter.labels[p] == y for p, y in zip(pred, (y for _, y in rows))) / len(rows)
+
+
+test_accuracy.__test__ = False
+
+
+class InterruptAt(TrainerCallback):
+    """Sends a real SIGINT (Ctrl-C) to this process at the end of a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
+    a, b = read_adapter(a_dir), read_adapter(b_dir)
+    assert a.rank_pattern == b.rank_pattern
+    for name, f in a.modules.items():
+        for key in "AEB":
+            torch.testing.assert_close(getattr(b.modules[name], key), getattr(f, key), atol=atol, rtol=0)
+    for key, t in a.saved.items():
+        torch.testing.assert_close(b.saved[key], t, atol=atol, rtol=0)
+
+
+def test_train_outputs_and_resume_after_ctrl_c(tiny_base, files, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert cli(tiny_base, files, full) == 0
+    names = {p.name for p in full.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "rank_pattern.json",
+            "ranks_heatmap.png", "rank_growth.png", "train_log.json"} <= names
+    assert "checkpoints" not in names
+    for png in ("ranks_heatmap.png", "rank_growth.png"):
+        assert (full / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((full / "metrics.json").read_text())
+    adapter = read_adapter(full)
+    ranks = json.loads((full / "rank_pattern.json").read_text())
+    assert ranks == adapter.rank_pattern and len(ranks) == 12
+    assert metrics["final_total_rank"] == sum(ranks.values()) == metrics["growth"]["budget"] == 24
+    assert metrics["trainable_parameters"] == adapter.parameter_count()  # active factors + head
+    assert metrics["train_steps"] == 28 and metrics["train_seconds"] > 0
+    assert adapter.base_model == str(Path(tiny_base).resolve()) and adapter.labels == ["neg", "pos"]
+    for split in ("validation", "test"):
+        assert 0.0 <= metrics[split]["accuracy"] <= 1.0 and metrics[split]["main"] == metrics[split]["accuracy"]
+    assert test_accuracy(tiny_base, full, files["test"]) == pytest.approx(metrics["test"]["accuracy"])
+
+    # Ctrl-C at step 11 leaves a checkpoint; the folder is then refused without --resume.
+    part = tmp_path / "part"
+    assert cli(tiny_base, files, part, callbacks=[InterruptAt(11)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert (part / "checkpoints" / "checkpoint-11").is_dir()
+    assert cli(tiny_base, files, part) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert cli(tiny_base, files, part, "--resume") == 0
+    assert json.loads((part / "metrics.json").read_text())["resumed_from_step"] == 11
+    assert_same_adapter(full, part)
+    assert cli(tiny_base, files, part, "--overwrite") == 0
+
+
+def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_base, files, out, callbacks=[InterruptAt(3)]) == 130
+    assert cli(tiny_base, files, out, "--resume", "--lr", "1e-3") == 1
+    assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_baselines_write_peft_and_servable_adapters(tiny_base, files, tmp_path, method):
+    out = tmp_path / method
+    assert cli(tiny_base, files, out, "--method", method) == 0
+    assert (out / "peft" / "adapter_config.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["final_total_rank"] <= 24
+    assert test_accuracy(tiny_base, out, files["test"]) == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_every_config_field_is_an_option_with_the_paper_default():
+    parser = build_parser()
+    text = parser.format_help()
+    for name in IncreLoraConfig.field_help():
+        assert "--" + name.replace("_", "-") in text
+    args = parser.parse_args(["--task", "sst2", "--output", "x"])
+    assert options_from(args).increlora == IncreLoraConfig()
+    args = parser.parse_args(["--task", "sst2", "--output", "x", "--target-modules", "query,value",
+                              "--no-advance-learning", "--target-total-rank", "30", "--rank-scaling", "fixed"])
+    cfg = options_from(args).increlora
+    assert cfg.target_modules == ["query", "value"] and not cfg.advance_learning
+    assert cfg.target_total_rank == 30 and cfg.rank_scaling == "fixed"
+
+
+def _bad_files(d: Path) -> dict[str, list[str]]:
+    (d / "cols.csv").write_text("sentence,label\nhello,pos\n")
+    (d / "label.csv").write_text("text,label\nhello,pos\nbye,maybe\n")
+    (d / "empty.csv").write_text("text,label\n")
+    (d / "broken.csv").write_text("text,label\nhello,pos\nhello,pos,extra\n")
+    (d / "used").mkdir()
+    (d / "used" / "x").write_text("")
+    return {
+        "unknown task": ["--task", "nope", "--output", str(d / "o")],
+        "file not found": ["--task", "t", "--train", str(d / "absent.csv"), "--output", str(d / "o")],
+        "missing column": ["--task", "t", "--train", str(d / "cols.csv"), "--output", str(d / "o")],
+        "outside the label set": ["--task", "t", "--train", "{train}", "--validation", str(d / "label.csv"),
+                                  "--output", str(d / "o")],
+        "no data rows": ["--task", "t", "--train", "{train}", "--validation", str(d / "empty.csv"),
+                         "--output", str(d / "o")],
+        "broken.csv:3": ["--task", "t", "--train", str(d / "broken.csv"), "--output", str(d / "o")],
+        "already exists": ["--task", "t", "--train", "{train}", "--output", str(d / "used")],
+        "no nn.Linear module matches": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
+                                        "--target-modules", "nothing_here"],
+        "init_rank must be": ["--task", "t", "--train", "{train}", "--output", str(d / "o"), "--init-rank", "0"],
+        "no checkpoint there to resume": ["--task", "t", "--train", "{train}", "--output", str(d / "used"),
+                                          "--resume"],
+    }
+
+
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_base, files, tmp_path, capsys):
+    for expected, argv in _bad_files(tmp_path).items():
+        argv = [a.replace("{train}", str(files["train"])) for a in argv] + ["--model", str(tiny_base), *FAST]
+        assert main(argv) == 1, expected
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("increlora-train: error: ") and "\n" not in err, (expected, err)
+        assert expected in err, (expected, err)
+        if expected == "unknown task":
+            assert "rotten_tomatoes" in err and "sms_spam" in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    script = Path(sys.executable).parent / "increlora-train"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "training.cli"]
+    proc = subprocess.run(cmd + ["--task", "nope", "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("increlora-train: error: unknown task 'nope'")
+
+
+def test_tasks_flag_trains_one_adapter_per_real_task(tiny_base, tmp_path):
+    out = tmp_path / "adapters"
+    argv = ["--tasks", "sms_spam,bbc_news", "--output", str(out), "--model", str(tiny_base), "--steps", "3",
+            "--batch-size", "8", "--max-length", "16", "--init-warmup", "1", "--interval", "1", "--top-h", "4",
+            "--save-steps", "10", "--no-progress"]
+    assert main(argv) == 0
+    for task, labels in (("sms_spam", 2), ("bbc_news", 5)):
+        adapter = read_adapter(out / task)
+        assert adapter.task == task and adapter.num_labels == labels
+        assert "test" in json.loads((out / task / "metrics.json").read_text())
+    assert main(argv + ["--resume"]) == 0  # finished tasks are skipped, not retrained
+
+
+@pytest.mark.slow
+def test_real_minilm_on_real_data_smoke(tmp_path):
+    out = tmp_path / "sms"
+    argv = ["--task", "sms_spam", "--output", str(out), "--steps", "3", "--batch-size", "8", "--max-length", "32",
+            "--init-warmup", "1", "--interval", "1", "--top-h", "8", "--save-steps", "10", "--no-progress"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    adapter = read_adapter(out)
+    assert adapter.base_model == "default" and metrics["num_modules"] == 36
+    assert metrics["final_total_rank"] == 36 + 2 * 8  # growth at steps 1 and 2
+    assert 0.0 <= metrics["test"]["f1"] <= 1.0
