@@ -4,6 +4,8 @@
     bank = AdapterBank.load("adapters/")
     bank.predict(["great film", ("a sentence", "its paraphrase")], tasks=["sst2", "mrpc"])
 """
+from increlora.errors import AdapterFormatError, BaseModelMismatchError, IncreLoraError
+
 from .adapter_bank import AdapterBank
 from .batch_context import BatchContext
 from .errors import (AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, ServingError,
@@ -15,7 +17,8 @@ from .predictions import Prediction
 from .task_adapter import TaskAdapter
 
 __all__ = [
-    "AdapterBank", "AdapterShapeError", "BankLoadError", "BatchContext", "DuplicateTaskError", "InputError",
+    "AdapterBank", "AdapterFormatError", "AdapterShapeError", "BankLoadError", "BaseModelMismatchError",
+    "BatchContext", "DuplicateTaskError", "IncreLoraError", "InputError",
     "MultiHead", "MultiLoraLinear", "Prediction", "ServingError", "TaskAdapter", "UnknownTaskError",
     "lora_segments", "lora_segments_reference",
 ]

@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import AbstractSet, Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+LOAD_WORKERS = min(4, os.cpu_count() or 1)  # threads reading adapter folders when loading many
 
 
 def adapter_folders(adapters: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -97,13 +99,15 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def check_overlaps(task: TaskAdapter, heads: set[str], loras: set[str]) -> None:
-    """A module cannot be adapted by one task and inside a saved module of another (or vice versa)."""
-    clash = [m for m in task.lora if _inside(m, heads)]
-    clash += [h for h in task.heads if any(_inside(m, [h]) for m in loras)]
-    clash += [h for h in task.heads if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
+def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], heads: AbstractSet[str],
+                   loras: AbstractSet[str]) -> None:
+    """A module cannot be adapted by one task and inside a module saved by another (or vice versa)."""
+    saved = list(saved)
+    clash = [m for m in adapted if _inside(m, heads)]
+    clash += [h for h in saved if any(_inside(m, [h]) for m in loras)]
+    clash += [h for h in saved if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
     if clash:
-        raise AdapterShapeError(f"{task.path}: modules {clash[:4]} overlap the adapted or saved modules of "
+        raise AdapterShapeError(f"{path}: modules {clash[:4]} overlap the adapted or saved modules of "
                                 f"loaded tasks; one bank cannot serve both")
 
 
@@ -134,8 +138,9 @@ class AdapterBank:
         self.dtype = next(model.parameters()).dtype
         self.max_length = self._max_length()
         self._registry = TaskRegistry()
-        self._lora_modules: set[str] = set()
-        self._head_modules: set[str] = set()
+        # wrapped modules; replaced, never mutated, so other threads may read them without the lock
+        self._lora_modules: frozenset[str] = frozenset()
+        self._head_modules: frozenset[str] = frozenset()
         self.load_errors: dict[str, IncreLoraError] = {}
 
     # --- loading -----------------------------------------------------------------------------------
@@ -199,15 +204,20 @@ class AdapterBank:
         logger.info("removed task %r", task)
 
     def _add_many(self, folders: list[Path]) -> None:
+        """Read and check adapters on a few worker threads, then add the good ones in folder order."""
         ready: list[TaskAdapter] = []
         names: dict[str, Path] = {}
         heads, loras = set(self._head_modules), set(self._lora_modules)  # including the ready tasks'
-        for folder in folders:
+        # one torch thread per worker: tiny tensor ops with several intra-op threads are slower
+        with ThreadPoolExecutor(LOAD_WORKERS, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            prepared = list(pool.map(self._try_prepare, folders))
+        for folder, task in zip(folders, prepared):
             try:
-                task = self._prepare(folder)
+                if isinstance(task, IncreLoraError):
+                    raise task
                 if task.name in names:
                     raise DuplicateTaskError(f"{folder}: task {task.name!r} is already loaded from {names[task.name]}")
-                check_overlaps(task, heads, loras)
+                check_overlaps(task.path, task.lora, task.heads, heads, loras)
             except IncreLoraError as exc:
                 self.load_errors[str(folder)] = exc
                 logger.error("adapter %s not loaded: %s", folder, exc)
@@ -218,9 +228,16 @@ class AdapterBank:
             loras.update(task.lora)
         self._commit(ready)
 
+    def _try_prepare(self, folder: Path) -> TaskAdapter | IncreLoraError:
+        try:
+            return self._prepare(folder)
+        except IncreLoraError as exc:
+            return exc
+
     def _prepare(self, folder: Path) -> TaskAdapter:
         adapter = read_any_adapter(folder)
-        self._registry.check_absent(adapter.task, folder)  # fail early; checked again when committing
+        self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
+        check_overlaps(folder, adapter.modules, adapter.modules_to_save, self._head_modules, self._lora_modules)
         if adapter.fingerprint:
             check_base_model(adapter, self.model, self._fingerprint(adapter.modules_to_save))
         else:
@@ -233,7 +250,7 @@ class AdapterBank:
             registry = self._registry.with_tasks(tasks)  # checks duplicates against the current tasks
             heads, loras = set(self._head_modules), set(self._lora_modules)
             for task in tasks:
-                check_overlaps(task, heads, loras)
+                check_overlaps(task.path, task.lora, task.heads, heads, loras)
                 heads.update(task.heads)
                 loras.update(task.lora)
             for task in tasks:
@@ -244,11 +261,11 @@ class AdapterBank:
         for name in task.lora:
             if name not in self._lora_modules:
                 _set_submodule(self.model, name, MultiLoraLinear(self.model.get_submodule(name), name))
-                self._lora_modules.add(name)
+                self._lora_modules = self._lora_modules | {name}
         for name in task.heads:
             if name not in self._head_modules:
                 _set_submodule(self.model, name, MultiHead(self.model.get_submodule(name), name))
-                self._head_modules.add(name)
+                self._head_modules = self._head_modules | {name}
 
     def _unwrapped(self, name: str) -> nn.Module:
         module = self.model.get_submodule(name)

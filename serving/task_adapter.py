@@ -119,14 +119,17 @@ def check_fits(adapter: Adapter, layout: BaseLayout) -> None:
 
 def _head_copy(base: nn.Module, module_name: str, saved: dict[str, torch.Tensor],
                device: torch.device, dtype: torch.dtype) -> nn.Module:
-    head = copy.deepcopy(base)
+    """A copy of the base module that holds the saved tensors (used as they are, not copied twice)."""
+    memo: dict[int, Any] = {}
     for key, t in saved.items():
-        sub, _, pname = key[len(module_name) + 1:].rpartition(".")
-        owner = head.get_submodule(sub) if sub else head
+        local = key[len(module_name) + 1:]
+        owner_name, _, pname = local.rpartition(".")
+        owner = base.get_submodule(owner_name) if owner_name else base
         if pname in owner._parameters:
-            owner._parameters[pname] = nn.Parameter(t, requires_grad=False)
+            memo[id(owner._parameters[pname])] = nn.Parameter(t, requires_grad=False)
         else:
-            owner._buffers[pname] = t
+            memo[id(owner._buffers[pname])] = t
+    head = copy.deepcopy(base, memo)
     for m in head.modules():  # a classifier with another number of labels
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
