@@ -1,0 +1,155 @@
+"""The HTTP app: `create_app(bank_or_loader, settings)` builds a FastAPI application (thin routes, see http_service).
+
+    uvicorn-style:  app = create_app(lambda: AdapterBank.load("adapters/"), ServiceSettings(adapters="adapters/"))
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Callable, Union
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from . import http_admin, http_service
+from .http_errors import ServiceError
+from .http_limits import BodyGuard
+from .http_service import Service
+from .http_settings import ServiceSettings
+from .metrics_prom import ServiceMetrics
+from .schemas import (ErrorBody, Health, LoadTaskRequest, PredictRequest, PredictResponse, Readiness, RemovedTask,
+                      TaskInfo, TaskList, ValidationErrorBody)
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """An app serving `bank_or_loader`: a loaded AdapterBank, or a function returning one (run at start-up,
+    off the event loop; /ready answers 503 until it returns). `on_load_error` is called if loading fails."""
+    settings = settings or ServiceSettings()
+    service = Service(settings, ServiceMetrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start(bank_or_loader, on_load_error)
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(title="increlora", version="1", lifespan=lifespan,
+                  description="Predictions from many IncreLoRA adapters on one frozen backbone, batched across tasks.")
+    app.state.service = service
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(ServiceError, _service_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
+    app.include_router(router)
+    return app
+
+
+async def _validation_error_response(request: Request, exc: RequestValidationError) -> Response:
+    # json.dumps escapes what it cannot encode (a lone surrogate echoed back would crash the default handler)
+    body = json.dumps({"detail": jsonable_encoder(exc.errors())})
+    return Response(body, status_code=422, media_type="application/json")
+
+
+async def _service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+# --- dependencies -------------------------------------------------------------------------------
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_bank(service: ServiceDep) -> Any:
+    return service.ready_bank()
+
+
+BankDep = Annotated[Any, Depends(get_bank)]
+_bearer = HTTPBearer(auto_error=False, description="The server's admin token (--admin-token).")
+
+
+def require_admin(service: ServiceDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    http_admin.check_admin_token(service.settings, credentials.credentials if credentials else None)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health, tags=["service"], summary="The process is alive")
+async def health() -> Health:
+    return Health()
+
+
+@router.get("/ready", response_model=Readiness, tags=["service"], summary="Adapters loaded: predictions are served",
+            responses={503: {"model": Readiness, "description": "Still loading, or loading failed"}})
+async def ready(service: ServiceDep, response: Response) -> Readiness:
+    readiness = service.readiness()
+    if readiness.status != "ready":
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        response.headers["Retry-After"] = "1"
+    return readiness
+
+
+@router.get("/metrics", tags=["service"], summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+@router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, tags=["predict"],
+             summary="Predict for one task; concurrent requests of any tasks share model calls",
+             responses=_errors(404, 413, 500, 503, 504))
+async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
+    return await http_service.predict(service, body)
+
+
+@router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="Loaded tasks",
+            responses=_errors(503))
+async def list_tasks(bank: BankDep) -> TaskList:
+    return TaskList(tasks=http_service.task_infos(bank))
+
+
+@router.get("/v1/tasks/{task}", response_model=TaskInfo, tags=["tasks"], summary="One loaded task",
+            responses=_errors(404, 503))
+async def get_task(task: str, bank: BankDep) -> TaskInfo:
+    return http_service.task_info(bank, task)
+
+
+@router.post("/v1/tasks", response_model=TaskInfo, status_code=status.HTTP_201_CREATED, tags=["admin"],
+             summary="Load an adapter by name from the server's adapter folder (admin)",
+             dependencies=[Depends(require_admin)],
+             responses={**_errors(400, 401, 403, 404, 409, 503), 422: {
+                 "model": Union[ErrorBody, ValidationErrorBody],
+                 "description": "Invalid request body, or an adapter folder that cannot be loaded"}})
+async def load_task(body: LoadTaskRequest, service: ServiceDep, bank: BankDep) -> TaskInfo:
+    info = await asyncio.to_thread(http_admin.load_task, bank, service.settings.adapters, body.name)
+    service.metrics.tasks_loaded.set(len(bank.tasks))
+    return info
+
+
+@router.delete("/v1/tasks/{task}", response_model=RemovedTask, tags=["admin"],
+               summary="Unload a task (admin); its queued requests get 404",
+               dependencies=[Depends(require_admin)], responses=_errors(401, 403, 404, 503))
+async def remove_task(task: str, service: ServiceDep, bank: BankDep) -> RemovedTask:
+    removed = await asyncio.to_thread(http_admin.remove_task, bank, task)
+    service.metrics.tasks_loaded.set(len(bank.tasks))
+    return removed

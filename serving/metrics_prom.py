@@ -1,0 +1,49 @@
+"""Prometheus metrics of the HTTP service, in a registry per app (never the process-global one)."""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN_TASK = "_unknown"  # label for requests naming no loaded task, so clients cannot grow the label set
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """Requests and latency per task and status; batch shape; queue depth. `render()` is the /metrics body."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("increlora_requests", "Prediction requests answered, by task and HTTP status.",
+                                ["task", "status"], registry=r)
+        self.latency = Histogram("increlora_request_latency_seconds",
+                                 "Prediction request latency (queueing included), by task and HTTP status.",
+                                 ["task", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_requests = Histogram("increlora_batch_size_requests", "Requests merged into one model call.",
+                                        buckets=_COUNT_BUCKETS, registry=r)
+        self.batch_rows = Histogram("increlora_batch_rows", "Rows (inputs) per model call.",
+                                    buckets=_COUNT_BUCKETS, registry=r)
+        self.batch_tasks = Histogram("increlora_batch_tasks", "Distinct tasks per model call.",
+                                     buckets=_COUNT_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("increlora_batch_duration_seconds", "Time the model spends on one batch.",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("increlora_queue_depth", "Requests waiting for the model.", registry=r)
+        self.tasks_loaded = Gauge("increlora_tasks_loaded", "Adapters loaded in the bank.", registry=r)
+
+    def observe_request(self, task: str, status: int, seconds: float) -> None:
+        self.requests.labels(task, str(status)).inc()
+        self.latency.labels(task, str(status)).observe(seconds)
+
+    def observe_batch(self, requests: int, rows: int, tasks: int, seconds: float) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_rows.observe(rows)
+        self.batch_tasks.observe(tasks)
+        self.batch_seconds.observe(seconds)
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
