@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from serving import AdapterBank
 from serving.app import create_app
 from serving.http_settings import ServiceSettings
-from tests.test_http_support import FakeBank, make_tiny_adapters
+from tests.test_http_support import FakeBank, http_base, make_tiny_adapters  # noqa: F401 (fixture)
 
 TOKEN = "s3cret-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,9 +22,9 @@ SERVED = {"sst2": 2, "topic": 3, "stsb": 1}
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tiny_base):
+def adapter_dir(tmp_path_factory, http_base):
     """sst2, topic, stsb (served from the start), extra (for admin to load) and broken (a bad adapter folder)."""
-    folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), tiny_base, {**SERVED, "extra": 2})
+    folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), http_base, {**SERVED, "extra": 2})
     (folder / "broken").mkdir()
     (folder / "broken" / "adapter_config.json").write_text("{not json")
     return folder
@@ -182,7 +182,7 @@ def test_concurrent_mixed_task_requests_get_their_own_answers(bank):
     app = create_app(bank, ServiceSettings(max_wait_ms=50, max_batch_size=16))
     metrics = app.state.service.metrics
     tasks = ["sst2", "topic", "stsb"]
-    bodies = [{"task": tasks[i % 3], "inputs": [f"req {i} row {j}" for j in range(1 + i % 4)]} for i in range(30)]
+    bodies = [{"task": tasks[i % 3], "inputs": [f"req {i} row {j}" for j in range(1 + i % 2)]} for i in range(30)]
 
     async def go():
         async with app.router.lifespan_context(app):

@@ -11,7 +11,7 @@ from hypothesis.errors import Unsatisfiable
 from serving import AdapterBank
 from serving.app import create_app
 from serving.http_settings import ServiceSettings
-from tests.test_http_support import make_tiny_adapters
+from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
 
 TOKEN = "schema-token"
 EXAMPLES = 50  # per operation and generation mode: about 700 requests, ~8 s
@@ -26,8 +26,8 @@ CONFIG = schemathesis.config.SchemathesisConfig.from_dict({"checks": {
 
 
 @pytest.fixture(scope="module")
-def served_app(tmp_path_factory, tiny_base):
-    folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), tiny_base, TASKS)
+def served_app(tmp_path_factory, http_base):
+    folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), http_base, TASKS)
     return create_app(AdapterBank.load(folder), ServiceSettings(
         adapters=folder, admin_token=TOKEN, max_inputs=16, max_body_bytes=16384, max_wait_ms=0))
 

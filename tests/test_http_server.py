@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_http_support import make_tiny_adapters
+from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
 
 TASKS = {"sentiment": 2, "topic": 3, "similarity": 1}
 
@@ -69,8 +69,8 @@ def close_to(got: dict, want: dict, tol: float = 1e-5) -> bool:
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_base):
-    return make_tiny_adapters(tmp_path_factory.mktemp("served"), tiny_base, TASKS)
+def adapters(tmp_path_factory, http_base):
+    return make_tiny_adapters(tmp_path_factory.mktemp("served"), http_base, TASKS)
 
 
 def test_served_answers_equal_the_bank_for_concurrent_mixed_task_requests(adapters):

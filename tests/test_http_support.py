@@ -90,8 +90,31 @@ def answer(task: str, x, labels: list[str] | None) -> dict:
     return {"task": task, "label": labels[best], "score": probs[best], "scores": dict(zip(labels, probs))}
 
 
+def make_http_base(folder: Path) -> Path:
+    """tests.tiny's base with a tokenizer that knows its words: under transformers 5 the one make_tiny_base
+    saves (BertTokenizerFast(vocab_file=...)) maps every word to [UNK], so all texts of one length would
+    get the same answer and a swapped answer would go unseen."""
+    from transformers import BertTokenizerFast
+
+    from tests.tiny import _vocab, make_tiny_base
+
+    folder = make_tiny_base(folder, seed=0)
+    kw = dict(do_lower_case=True, model_max_length=64)
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), **kw)
+    if tokenizer.convert_tokens_to_ids("good") == tokenizer.unk_token_id:
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(_vocab())}, **kw)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def http_base(tmp_path_factory) -> Path:
+    """Folder of the tiny base model with a working tokenizer (see make_http_base)."""
+    return make_http_base(tmp_path_factory.mktemp("http_base"))
+
+
 def make_tiny_adapters(folder: Path, base_dir: Path, tasks: dict[str, int]) -> Path:
-    """Adapter folders `folder/<task>` on the tiny base, with random non-zero low-rank updates and heads."""
+    """Adapter folders `folder/<task>` on the tiny base, with random non-zero low-rank updates and strong heads."""
     import torch
 
     from increlora import IncreLoraConfig, apply_increlora, save_adapter
@@ -105,6 +128,8 @@ def make_tiny_adapters(folder: Path, base_dir: Path, tasks: dict[str, int]) -> P
             for name, p in model.named_parameters():
                 if "lora_" in name:
                     p.normal_(0.0, 0.3)
+                elif name.startswith("classifier."):  # a strong head: answers differ visibly between inputs
+                    p.normal_(0.0, 1.0)
         kw = {"labels": [f"{task}_{j}" for j in range(num_labels)]} if num_labels > 1 else {}
         save_adapter(model.eval(), folder / task, task=task, **kw)
     return folder
@@ -123,10 +148,14 @@ def test_fake_bank_answers_depend_on_task_and_input():
         bank.predict(["x"], ["nope"])
 
 
-def test_tiny_adapters_differ_per_task(tmp_path, tiny_base):
+def test_the_http_base_tokenizes_words_and_its_adapters_differ_per_task(tmp_path, http_base):
+    from transformers import AutoTokenizer
+
     from increlora.adapter_file import read_adapter
 
-    make_tiny_adapters(tmp_path, tiny_base, {"one": 2, "two": 2})
+    ids = AutoTokenizer.from_pretrained(str(http_base))("good film")["input_ids"]
+    assert len(ids) == 4 and AutoTokenizer.from_pretrained(str(http_base)).unk_token_id not in ids
+    make_tiny_adapters(tmp_path, http_base, {"one": 2, "two": 2})
     one, two = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     assert one.task == "one" and one.labels == ["one_0", "one_1"]
     name = next(iter(one.modules))
