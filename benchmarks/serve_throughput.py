@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import random
 import statistics
 import tempfile
@@ -231,7 +232,10 @@ def main() -> None:
     p.add_argument("--skip-peft", action="store_true", help="leave out B1 (PEFT); its loading is slow")
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_grad_enabled(False)
@@ -240,7 +244,7 @@ def main() -> None:
     base_dir, base_name = base_model_dir(work, args.random_weights)
     kmax = max(args.k)
     print(f"# serve_throughput: {base_name}; batch {args.batch} x seq {args.seq}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; load average at start {os.getloadavg()[0]:.2f}")
 
     paths = write_adapters(base_dir, work / f"adapters_r{args.max_rank}_m{args.mean_rank}", kmax,
                            args.max_rank, args.mean_rank, seed=1)
@@ -253,7 +257,10 @@ def main() -> None:
     enc = token_batch(tokenizer, args.batch, args.seq, seed=0)
     padded, padded_bytes = padded_model(bank, names)
     index = {t: i for i, t in enumerate(names)}
+    start = time.perf_counter()
     peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work)
+    if peft is not None:
+        print(f"PEFT: {kmax} adapters loaded in {time.perf_counter() - start:.1f} s")
 
     rows = []
     for k in args.k:
@@ -303,6 +310,7 @@ def main() -> None:
         assert len(loaded.tasks) == args.load_n, loaded.load_errors
         print(f"load {args.load_n} adapters (MiniLM shape, ranks 1..4, classifier + pooler saved) from disk, "
               f"base model included: {seconds:.2f} s ({seconds / args.load_n * 1000:.1f} ms per adapter)")
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (2-core machine: above ~2 means other work competed)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .threads import one_thread
+
 Segments = Sequence[tuple[int, int]]
 
 
@@ -20,10 +22,11 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
 
     x [rows, in], out [rows, out_features], segments[i] = (start, end) rows of adapter i.
     """
-    for (start, end), a, b in zip(segments, A_list, B_list):
-        if end > start:
-            h = x[start:end] @ a.t()  # [rows_i, r_i]
-            out[start:end].addmm_(h, b.t())
+    with one_thread(x.device):
+        for (start, end), a, b in zip(segments, A_list, B_list):
+            if end > start:
+                h = x[start:end] @ a.t()  # [rows_i, r_i]
+                out[start:end].addmm_(h, b.t())
     return out
 
 

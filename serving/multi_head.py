@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch_context import current_batch
+from .threads import one_thread
 
 
 def _rows(value: Any, start: int, end: int, size: int) -> Any:
@@ -54,13 +55,15 @@ class MultiHead(nn.Module):
             else:
                 runs.append((module, seg.start, seg.end))
         parts = []
-        for module, start, end in runs:
-            a = [_rows(v, start, end, batch.size) for v in args]
-            kw = {k: _rows(v, start, end, batch.size) for k, v in kwargs.items()}
-            out = module(*a, **kw)
-            if not isinstance(out, torch.Tensor):
-                raise RuntimeError(f"{self.name}: a saved module must return one tensor, got {type(out).__name__}")
-            parts.append(out)
+        device = next((v.device for v in args if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        with one_thread(device):  # small per-task heads
+            for module, start, end in runs:
+                a = [_rows(v, start, end, batch.size) for v in args]
+                kw = {k: _rows(v, start, end, batch.size) for k, v in kwargs.items()}
+                out = module(*a, **kw)
+                if not isinstance(out, torch.Tensor):
+                    raise RuntimeError(f"{self.name}: a saved module must return one tensor, got {type(out).__name__}")
+                parts.append(out)
         return concat_rows(parts, self.name)
 
     def extra_repr(self) -> str:

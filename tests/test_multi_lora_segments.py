@@ -60,3 +60,13 @@ def test_rank_zero_factors_and_empty_segments_add_nothing():
     before = out.clone()
     lora_segments(x, bounds, empty_a, empty_b, out)
     torch.testing.assert_close(out, before, atol=0, rtol=0)
+
+
+def test_intra_op_threads_are_restored():
+    threads = torch.get_num_threads()
+    x, bounds, a_list, b_list, out = random_case(5, [4, 4], [2, 3])
+    lora_segments(x, bounds, a_list, b_list, out)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError):
+        lora_segments(x, bounds, a_list, [b[:-1] for b in b_list], out)  # wrong shapes fail inside
+    assert torch.get_num_threads() == threads
