@@ -48,7 +48,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(IncreLoraConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{helps[f.name]} (default: {default})".replace("%", "%%")
+        text = helps[f.name].replace("%", "%%")  # the formatter appends the default
         kw: dict = {"dest": f"cfg_{f.name}", "default": default, "help": text}
         if f.name == "target_modules":
             kw.update(type=_target_modules, metavar="A,B,...|re:REGEX")
@@ -80,32 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument("--train", help="local training file (.csv, .tsv, .jsonl with a header/keys)")
-    data.add_argument("--validation", help="local validation file (default: 10%% of --train)")
+    data.add_argument("--validation", help="local validation file; without it, 10%% of --train")
     data.add_argument("--test", help="local test file (optional)")
-    data.add_argument("--text-column", default="text")
+    data.add_argument("--text-column", default="text", help="text column of the local files")
     data.add_argument("--text-pair-column", default=None, help="second text column, for sentence pairs")
-    data.add_argument("--label-column", default="label")
-    data.add_argument("--problem-type", choices=("single_label_classification", "regression"), default=None)
+    data.add_argument("--label-column", default="label", help="label column of the local files")
+    data.add_argument("--problem-type", choices=("single_label_classification", "regression"), default=None,
+                      help="local files: classes (default) or a regression score")
     data.add_argument("--glue-dir", help="folder in the official GLUE layout (else GLUE comes through `datasets`)")
-    data.add_argument("--cache-dir", help="cache of the embedded model and data (default $INCRELORA_HOME)")
+    data.add_argument("--cache-dir", help="cache of the embedded model and data; without it, $INCRELORA_HOME or ~/.cache/increlora")
     data.add_argument("--max-length", type=int, default=128, help="max tokens per example (longer ones are cut)")
 
     run = p.add_argument_group("training")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42, help="seed of the head, adapter init, data order, dropout")
     run.add_argument("--batch-size", type=int, default=32, help="per device")
-    run.add_argument("--eval-batch-size", type=int, default=64)
+    run.add_argument("--eval-batch-size", type=int, default=64, help="per device")
     run.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    run.add_argument("--epochs", type=float, default=3.0)
+    run.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
     run.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=5e-4)
-    run.add_argument("--weight-decay", type=float, default=0.01)
-    run.add_argument("--max-grad-norm", type=float, default=1.0)
+    run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=5e-4, help="peak learning rate")
+    run.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     run.add_argument("--eval-steps", type=int, default=None, help="evaluate on validation every N steps")
     run.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
-    run.add_argument("--logging-steps", type=int, default=50)
+    run.add_argument("--logging-steps", type=int, default=50, help="log the loss every N steps")
     prec = run.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default="fp32")
-    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default="fp32",
+                      help="bfloat16 mixed precision")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="float16 mixed precision")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,9 +154,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def summary(result) -> str:
     m = result.metrics
-    held_out = "test" if "test" in m else "validation"
-    main = m["main_metric"]
-    return (f"{result.task}: {held_out} {main} {m[held_out]['main']:.4f} (validation {m['validation']['main']:.4f}), "
+    scores = f"validation {m['main_metric']} {m['validation']['main']:.4f}"
+    if "test" in m:
+        scores = f"test {m['main_metric']} {m['test']['main']:.4f} ({scores})"
+    return (f"{result.task}: {scores}, "
             f"{m['trainable_parameters']:,} parameters, total rank {m['final_total_rank']}, "
             f"{m['train_seconds']:.0f} s -> {result.output}")
 
