@@ -10,11 +10,10 @@ Tasks live in an immutable TaskRegistry that add/remove replace under a lock; a 
 """
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import os
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Sequence
@@ -22,10 +21,11 @@ from typing import AbstractSet, Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from increlora.adapter_file import CONFIG_NAME, check_base_model
+from increlora.adapter_file import check_base_model
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
 
+from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
 from .batch_context import BatchContext, using_batch
 from .batch_inputs import ModelInput, check_inputs, tokenize
@@ -40,39 +40,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 LOAD_WORKERS = min(4, os.cpu_count() or 1)  # threads reading adapter folders when loading many
-
-
-def adapter_folders(adapters: PathLike | Iterable[PathLike]) -> list[Path]:
-    """One adapter folder, a folder of adapter folders (sorted, hidden ones skipped), or a list of folders."""
-    if isinstance(adapters, (str, os.PathLike)):
-        root = Path(adapters)
-        if (root / CONFIG_NAME).is_file():
-            return [root]
-        if not root.is_dir():
-            raise BankLoadError(f"{root}: no such adapter folder")
-        found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        skipped = [p.name for p in found if not (p / CONFIG_NAME).is_file()]
-        if skipped:
-            logger.info("%s: skipping folders without %s: %s", root, CONFIG_NAME, skipped[:10])
-        return [p for p in found if (p / CONFIG_NAME).is_file()]
-    return [Path(p) for p in adapters]
-
-
-def declared_base_model(folder: Path) -> str | None:
-    """The base model an adapter folder says it was trained on (this project's or PEFT's config)."""
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    return config.get("base_model") or config.get("base_model_name_or_path")
-
-
-def resolve_base_model(name: str | None) -> str:
-    """A path or hub id for from_pretrained; 'default' and None mean the embedded MiniLM."""
-    try:
-        from increlora.assets import resolve_model
-    except ImportError:
-        if name in (None, "default"):
-            raise BankLoadError("no base model given and increlora.assets is unavailable; pass base_model=") from None
-        return str(name)
-    return resolve_model(name)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -137,6 +104,8 @@ class AdapterBank:
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
         self.max_length = self._max_length()
+        accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+        self._input_names = {n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted}
         self._registry = TaskRegistry()
         # wrapped modules; replaced, never mutated, so other threads may read them without the lock
         self._lora_modules: frozenset[str] = frozenset()
@@ -158,20 +127,14 @@ class AdapterBank:
 
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
-        declared, saved_sets = [], []
+        saved_sets = []
         for folder in folders:
             try:
-                declared.append(declared_base_model(folder))
-                saved_sets.append(json.loads((folder / CONFIG_NAME).read_text()).get("modules_to_save") or [])
-            except (OSError, ValueError, AttributeError) as exc:
-                errors[str(folder)] = AdapterFormatError(f"{folder / CONFIG_NAME}: unreadable ({exc})")
+                saved_sets.append(modules_to_save(folder))
+            except AdapterFormatError as exc:
+                errors[str(folder)] = exc
         if base_model is None:
-            named = Counter(d for d in declared if d and d != "unknown")
-            if not named:
-                raise BankLoadError(f"the adapters in {adapters} name no base model; pass base_model=")
-            base_model = named.most_common(1)[0][0]
-            if len(named) > 1:
-                logger.warning("adapters name several base models %s; using %r", dict(named), base_model)
+            base_model = choose_base_model([f for f in folders if str(f) not in errors], adapters)
         path = resolve_base_model(base_model)
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
@@ -339,7 +302,7 @@ class AdapterBank:
         """One model call on rows already sorted by task; [rows, widest head] float32 on the CPU."""
         with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
             batch = tokenize(self.tokenizer, items, self.max_length)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items() if k in self._input_names}
         with torch.inference_mode(), using_batch(BatchContext(adapters)):
             logits = self.model(**batch).logits
         return logits.float().cpu()

@@ -1,0 +1,60 @@
+"""The bank serves other encoder families without per-architecture code (DistilBERT, RoBERTa heads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertTokenizerFast, DistilBertConfig, DistilBertModel
+from transformers import RobertaConfig, RobertaModel
+
+from increlora import IncreLoraConfig, apply_increlora, increlora_layers, load_adapter, save_adapter
+from serving import AdapterBank
+from tests.test_serving_support import encode
+from tests.tiny import _vocab
+
+
+def make_base(folder, family: str):
+    torch.manual_seed(0)
+    if family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(_vocab()), dim=32, n_layers=2, n_heads=4,
+                                                 hidden_dim=64, max_position_embeddings=64))
+    else:  # RoBERTa's head is a module of its own (dense + out_proj) fed [batch, seq, hidden]
+        model = RobertaModel(RobertaConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
+                                           type_vocab_size=2, pad_token_id=0), add_pooling_layer=False)
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
+    return folder
+
+
+def make_adapter(base, folder, task, num_labels, seed):
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=num_labels)
+    apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0,
+                                           advance_learning=False))
+    for i, (_, layer) in enumerate(increlora_layers(model)):
+        if i % 3:
+            layer.grow(i % 3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or name.startswith(("classifier", "pre_classifier")):
+                p.normal_(0.0, 0.3)
+    return save_adapter(model.eval(), folder / task, task=task)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_mixed_batch_equals_each_adapter_alone(family, tmp_path):
+    base = make_base(tmp_path / "base", family)
+    make_adapter(base, tmp_path / "adapters", "two", 2, seed=1)
+    make_adapter(base, tmp_path / "adapters", "three", 3, seed=2)
+    bank = AdapterBank.load(tmp_path / "adapters")
+    assert sorted(bank.tasks) == ["three", "two"] and bank.load_errors == {}
+    inputs = ["great film", ("a good plot", "the story"), "bad movie", "hello"]
+    tasks = ["two", "three", "three", "two"]
+    for x, t, got in zip(inputs, tasks, bank.logits(inputs, tasks)):
+        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=len(got))
+        model = load_adapter(model, tmp_path / "adapters" / t).eval()
+        with torch.no_grad():
+            want = model(**{k: v for k, v in encode(bank.tokenizer, x).items()
+                            if k != "token_type_ids" or family != "distilbert"}).logits[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
