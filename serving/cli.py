@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token turning on the admin endpoints (default: env INCRELORA_ADMIN_TOKEN; unset: off)")
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request (%(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (%(default)s)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of the model (default: torch's, one per core); fewer leaves CPU to the "
+                        "HTTP side when they share a small machine")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import uvicorn
+
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
 
     from .app import create_app
 

@@ -1,0 +1,263 @@
+"""HTTP load: `increlora-serve` under concurrent mixed-task requests vs calling `bank.predict` directly.
+
+Starts the real server on a loopback port, sends `--requests` requests per concurrency level (bounded
+by `--max-seconds` too), spread round-robin over the tasks, and checks every answer against the
+bank's own prediction of the same input. Reports rows/s, p50/p99 latency, mean rows and tasks per
+model call (from the server's /metrics), and HTTP throughput over direct throughput, where direct is
+`bank.predict` on full mixed-task batches of `--max-batch-size` rows in this process.
+
+Default adapters: random IncreLoRA adapters (untrained: the speed is the same) on the MiniLM backbone
+(`increlora.assets.resolve_model()`), else on a tiny BERT; or pass trained ones with --adapters.
+
+    python benchmarks/http_load.py                                  # MiniLM, 4 tasks, concurrency 1,8,64
+    python benchmarks/http_load.py --backbone tiny --requests 200 --concurrency 1,8
+    python benchmarks/http_load.py --adapters adapters/ --rows-per-request 4
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.* (the tiny backbone) when run as a script
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapters", type=Path, default=None, help="serve these adapters instead of random ones")
+    p.add_argument("--backbone", choices=["auto", "minilm", "tiny"], default="auto",
+                   help="backbone of the random adapters (auto: MiniLM if available, else tiny)")
+    p.add_argument("--tasks", type=int, default=4, help="random adapters to make (%(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="rank per adapted module of the random adapters")
+    p.add_argument("--concurrency", default="1,8,64", help="comma-separated client concurrency levels")
+    p.add_argument("--requests", type=int, default=512, help="requests per level (%(default)s)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="time bound per level (%(default)s s)")
+    p.add_argument("--rows-per-request", type=int, default=1, help="inputs per request (%(default)s)")
+    p.add_argument("--words", default="6,24", help="min,max words per text (%(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size and direct batch size")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="server --max-wait-ms (%(default)s)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="server --torch-threads (default: torch's); the direct baseline always uses torch's default")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of a score or value")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# --- adapters and inputs -------------------------------------------------------------------------
+
+def base_model_folder(backbone: str, tmp: Path) -> tuple[str, str]:
+    if backbone in ("auto", "minilm"):
+        try:
+            from increlora.assets import resolve_model
+            return resolve_model(None), "all-MiniLM-L6-v2"
+        except Exception as exc:
+            if backbone == "minilm":
+                raise
+            print(f"MiniLM backbone not available ({exc}); using the tiny one", file=sys.stderr)
+    from tests.test_http_support import make_http_base  # the tiny test base, with a tokenizer that knows its words
+    return str(make_http_base(tmp / "tiny_base")), "tiny BERT (hidden 32, 2 layers)"
+
+
+def make_random_adapters(base: str, folder: Path, tasks: int, rank: int, seed: int) -> Path:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from increlora import IncreLoraConfig, apply_increlora, save_adapter
+
+    for i in range(tasks):
+        num_labels = (2, 3, 5, 1)[i % 4]
+        torch.manual_seed(seed + i)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+        apply_increlora(model, IncreLoraConfig(init_rank=rank, target_avg_rank=float(rank), lora_dropout=0.0,
+                                               advance_learning=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0.0, 0.05)
+        save_adapter(model.eval(), folder / f"task{i}", task=f"task{i}")
+    return folder
+
+
+def make_requests(bank, n: int, rows: int, words: tuple[int, int], seed: int) -> list[dict]:
+    vocab = [w for w in bank.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) > 2]
+    rng = random.Random(seed)
+    text = lambda: " ".join(rng.choices(vocab, k=rng.randint(*words)))  # noqa: E731
+    tasks = list(bank.tasks)
+    return [{"task": tasks[i % len(tasks)], "inputs": [text() for _ in range(rows)]} for i in range(n)]
+
+
+# --- direct and HTTP runs ------------------------------------------------------------------------
+
+def direct_run(bank, requests: list[dict], batch: int, min_seconds: float = 5.0) -> tuple[float, list[list[dict]]]:
+    """rows/s of bank.predict on full mixed-task batches (median of >= 3 passes over all the rows, and of at
+    least `min_seconds`); the answers per request, from the first pass (the reference)."""
+    inputs = [x for r in requests for x in r["inputs"]]
+    tasks = [r["task"] for r in requests for _ in r["inputs"]]
+    bank.predict(inputs[:batch], tasks[:batch])  # warm-up
+    rates: list[float] = []
+    answers: list[dict] = []
+    started_all = time.perf_counter()
+    while len(rates) < 3 or time.perf_counter() - started_all < min_seconds:
+        started = time.perf_counter()
+        out: list[dict] = []
+        for i in range(0, len(inputs), batch):
+            out += bank.predict(inputs[i:i + batch], tasks[i:i + batch])
+        rates.append(len(inputs) / (time.perf_counter() - started))
+        answers = answers or out
+    per_request, at = [], 0
+    for r in requests:
+        per_request.append(answers[at:at + len(r["inputs"])])
+        at += len(r["inputs"])
+    return statistics.median(rates), per_request
+
+
+def matches(got: dict, want: dict, tol: float) -> bool:
+    if "value" in want:
+        return abs(got.get("value", float("inf")) - want["value"]) <= tol
+    return (got.get("label") == want["label"] and abs(got["score"] - want["score"]) <= tol
+            and got["scores"].keys() == want["scores"].keys()
+            and all(abs(got["scores"][k] - v) <= tol for k, v in want["scores"].items()))
+
+
+async def http_level(base: str, requests: list[dict], reference: list[list[dict]], concurrency: int,
+                     max_seconds: float, tol: float) -> dict:
+    latencies: list[float] = []
+    wrong = lost = 0
+    next_index = 0
+    deadline = time.monotonic() + max_seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index, wrong, lost
+        while next_index < len(requests) and time.monotonic() < deadline:
+            i = next_index
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                r = await client.post("/v1/predict", json=requests[i])
+            except httpx.HTTPError:
+                lost += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            if r.status_code != 200:
+                lost += 1
+            elif r.json()["task"] != requests[i]["task"] or len(r.json()["predictions"]) != len(reference[i]) or \
+                    not all(matches(g, w, tol) for g, w in zip(r.json()["predictions"], reference[i])):
+                wrong += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        await asyncio.gather(*(client.post("/v1/predict", json=requests[0]) for _ in range(concurrency)))  # connect
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    sent = next_index
+    rows = sum(len(r["inputs"]) for r in requests[:sent])
+    return {"concurrency": concurrency, "requests": sent, "rows_per_s": rows / seconds, "wrong": wrong,
+            "lost": lost, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else float("nan")}
+
+
+def scrape(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^(increlora_batch_(?:rows|tasks)_(?:sum|count)) (\S+)$", text, re.M)}
+
+
+def start_server(adapters: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "serving.cli", "--adapters", str(adapters), "--host", "127.0.0.1", "--port", "0",
+           "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+           "--max-queue", "4096", "--max-inputs", str(max(64, args.rows_per_request))]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    found: list[str] = []
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            log.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if found:
+            try:
+                if httpx.get(f"{found[0]}/ready", timeout=2).status_code == 200:
+                    return proc, found[0]
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the server did not get ready:\n{''.join(log[-30:])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from serving import AdapterBank
+
+    with tempfile.TemporaryDirectory(prefix="http_load_") as tmp:
+        if args.adapters is not None:
+            adapters, what = args.adapters, f"adapters from {args.adapters}"
+        else:
+            base, name = base_model_folder(args.backbone, Path(tmp))
+            adapters = make_random_adapters(base, Path(tmp) / "adapters", args.tasks, args.rank, args.seed)
+            what = f"{args.tasks} random rank-{args.rank} adapters on {name}"
+        bank = AdapterBank.load(adapters)
+        levels = [int(c) for c in args.concurrency.split(",")]
+        words = tuple(int(w) for w in args.words.split(","))
+        requests = make_requests(bank, args.requests, args.rows_per_request, words, args.seed)
+        direct_rows_s, reference = direct_run(bank, requests, args.max_batch_size)
+        print(f"{what}; tasks {bank.tasks}; {args.rows_per_request} row(s)/request; texts {words[0]}-{words[1]} words")
+        print(f"direct bank.predict, batches of {args.max_batch_size}, {torch.get_num_threads()} torch threads: "
+              f"{direct_rows_s:.1f} rows/s")
+        print(f"server: --max-batch-size {args.max_batch_size} --max-wait-ms {args.max_wait_ms} --torch-threads "
+              f"{args.torch_threads or 'default'}")
+
+        proc, base_url = start_server(adapters, args)
+        results = []
+        try:
+            for c in levels:
+                before = scrape(base_url)
+                res = asyncio.run(http_level(base_url, requests, reference, c, args.max_seconds, args.tolerance))
+                after = scrape(base_url)
+                d = {k: after[k] - before.get(k, 0.0) for k in after}
+                res["rows_per_batch"] = d["increlora_batch_rows_sum"] / max(1.0, d["increlora_batch_rows_count"])
+                res["tasks_per_batch"] = d["increlora_batch_tasks_sum"] / max(1.0, d["increlora_batch_tasks_count"])
+                res["vs_direct"] = res["rows_per_s"] / direct_rows_s
+                results.append(res)
+                print(f"  concurrency {c}: {res['rows_per_s']:.1f} rows/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    print("\n| concurrency | requests | rows/s | p50 ms | p99 ms | rows/batch | tasks/batch | HTTP / direct | wrong | lost |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+              f"| {r['rows_per_batch']:.1f} | {r['tasks_per_batch']:.2f} | {r['vs_direct']:.0%} | {r['wrong']} "
+              f"| {r['lost']} |")
+    print(f"\ndirect: {direct_rows_s:.1f} rows/s (bank.predict, batches of {args.max_batch_size})")
+    bad = sum(r["wrong"] + r["lost"] for r in results)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
