@@ -228,6 +228,39 @@ def test_requests_in_flight_for_a_removed_task_get_404_and_the_others_their_answ
             assert_predictions(r.json()["predictions"], expected(bank, "sst2", body["inputs"]))
 
 
+def test_full_queue_is_503_with_retry_after_a_slow_model_504_and_a_failing_input_500():
+    bank = FakeBank()
+    bank.gate, bank.fail_on = threading.Event(), {"boom"}
+    app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0, max_queue=1, request_timeout=1.0))
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                post = lambda text: asyncio.ensure_future(  # noqa: E731
+                    c.post("/v1/predict", json={"task": "sst2", "inputs": text}))
+                running = post("runs")
+                await asyncio.to_thread(bank.entered.wait, 5)
+                waiting = post("waits")
+                for _ in range(100):
+                    if app.state.service.batcher.queue_depth == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await c.post("/v1/predict", json={"task": "sst2", "inputs": "refused"})
+                timed_out = await waiting
+                bank.gate.set()
+                await running
+                failed = await c.post("/v1/predict", json={"task": "sst2", "inputs": ["fine", "boom"]})
+                fine = await c.post("/v1/predict", json={"task": "sst2", "inputs": "fine"})
+                return refused, timed_out, failed, fine
+
+    refused, timed_out, failed, fine = asyncio.run(asyncio.wait_for(go(), 20))
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1" and "retry" in refused.json()["detail"]
+    assert timed_out.status_code == 504 and "1 s" in timed_out.json()["detail"]
+    assert failed.status_code == 500 and "ValueError" in failed.json()["detail"]
+    assert fine.status_code == 200
+
+
 # --- tasks and metrics -------------------------------------------------------------------------------
 
 def test_tasks_list_and_one(client, bank):
