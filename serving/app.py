@@ -65,14 +65,15 @@ async def _service_error_response(request: Request, exc: ServiceError) -> JSONRe
 
 # --- dependencies -------------------------------------------------------------------------------
 
-def get_service(request: Request) -> Service:
+# Dependencies are `async def`: a plain `def` one would run on the thread pool, a thread hop per request.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_bank(service: ServiceDep) -> Any:
+async def get_bank(service: ServiceDep) -> Any:
     return service.ready_bank()
 
 
@@ -80,7 +81,7 @@ BankDep = Annotated[Any, Depends(get_bank)]
 _bearer = HTTPBearer(auto_error=False, description="The server's admin token (--admin-token).")
 
 
-def require_admin(service: ServiceDep,
+async def require_admin(service: ServiceDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     http_admin.check_admin_token(service.settings, credentials.credentials if credentials else None)
 
