@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .threads import one_thread
+from . import threads
 
 Segments = Sequence[tuple[int, int]]
 
@@ -29,7 +29,8 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
 
     x [rows, in], out [rows, out_features], segments[i] = (start, end) rows of adapter i.
     """
-    with one_thread(x.device):
+    macs = sum((end - start) * a.shape[0] for (start, end), a in zip(segments, A_list)) * (x.shape[1] + out.shape[1])
+    with threads.one_thread(x.device, small=macs < threads.SMALL_MACS * max(1, len(segments))):
         for (start, end), a, b in zip(segments, A_list, B_list):
             if end > start:
                 h = x[start:end] @ a.t()  # [rows_i, r_i]

@@ -1,11 +1,12 @@
-"""The adapters' small CPU products run on one intra-op thread.
+"""Small CPU products of the adapters run on one intra-op thread.
 
-Low-rank products ([rows, in] x [in, r] and [rows, r] x [r, out]) and per-task heads are small or
-memory-bound: a second OpenMP thread gains little on them and its synchronisation costs much, far
-more when the cores are shared with other work. On a busy 2-core machine a [128, 384] x [384, 8]
-product took 12 ms on two threads and 54 us on one; a whole mixed batch went from 1.35x to 1.08x
-the base model's time. torch.set_num_threads acts on the calling thread only, so forwards in other
-threads keep their setting, and the base model's large matmuls keep all threads.
+Low-rank products of a few rows ([rows, in] x [in, r], [rows, r] x [r, out]) and per-task heads
+gain little from a second OpenMP thread, and its synchronisation costs much more when the cores
+are shared with other work: on a busy 2-core machine a [128, 384] x [384, 8] product took 12 ms
+on two threads and 54 us on one, and a batch of 32 rows of 27 tasks went from 1.18x to 1.09x the base
+model's time. On an idle machine one thread costs about 3% on many-task batches, so segments
+averaging SMALL_MACS or more keep every thread. torch.set_num_threads acts on the calling thread
+only: forwards in other threads and the base model's large matmuls keep their threads.
 """
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ from typing import Iterator
 import torch
 
 
+# Segments averaging fewer multiply-adds than this (about 256 rows at rank 8 in MiniLM) are small.
+SMALL_MACS = 1 << 22
+
+
 @contextlib.contextmanager
-def one_thread(device: torch.device) -> Iterator[None]:
-    """Run the block on one intra-op thread when on the CPU."""
+def one_thread(device: torch.device, small: bool = True) -> Iterator[None]:
+    """Run the block on one intra-op thread when on the CPU and the work is small."""
     threads = torch.get_num_threads()
-    if threads == 1 or device.type != "cpu":
+    if not small or threads == 1 or device.type != "cpu":
         yield
         return
     torch.set_num_threads(1)
