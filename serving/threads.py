@@ -3,8 +3,8 @@
 Low-rank products of a few rows ([rows, in] x [in, r], [rows, r] x [r, out]) and per-task heads
 gain little from a second OpenMP thread, and its synchronisation costs much more when the cores
 are shared with other work: on a busy 2-core machine a [128, 384] x [384, 8] product took 12 ms
-on two threads and 54 us on one, and a batch of 32 rows of 27 tasks went from 1.18x to 1.09x the base
-model's time. On an idle machine one thread costs about 3% on many-task batches, so segments
+on two threads and 54 us on one, and a batch of 32 rows of 27 tasks went from 1.18x to 1.09x the
+base model's time. On an idle machine one thread costs about 3% on many-task batches, so segments
 averaging SMALL_MACS or more keep every thread. torch.set_num_threads acts on the calling thread
 only: forwards in other threads and the base model's large matmuls keep their threads.
 """
