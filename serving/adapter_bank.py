@@ -269,7 +269,8 @@ class AdapterBank:
         return self._registry.get(task).info()
 
     def describe(self) -> dict[str, Any]:
-        return {"base_model": self.base_model, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+        return {"base_model": self.base_model, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""),
                 "max_length": self.max_length, "tasks": [t.info() for t in self._registry.values()],
                 "load_errors": {path: str(exc) for path, exc in self.load_errors.items()}}
 

@@ -8,9 +8,9 @@ no padding to the largest rank of the bank, and an adapter of rank 0 is simply n
 Alternatives measured on a 2-core CPU with MiniLM shapes were slower than the plain loop below:
 the base matmul per row chunk followed by the update while the chunk is in cache, and one matmul
 of [x | A x] by [W | B] per segment. One product with every task's A concatenated would cost K
-times the true rank, so it is not used. On a GPU the loop launches two kernels per task and module, which is launch-bound
-when a batch holds many small segments; a grouped-GEMM kernel is the next step there (no GPU was
-available to measure it).
+times the true rank, so it is not used. On a GPU the loop launches two kernels per task and
+module, which is launch-bound when a batch holds many small segments; a grouped-GEMM kernel is
+the next step there (no GPU was available to measure it).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
 
     x [rows, in], out [rows, out_features], segments[i] = (start, end) rows of adapter i.
     """
-    macs = sum((end - start) * a.shape[0] for (start, end), a in zip(segments, A_list)) * (x.shape[1] + out.shape[1])
+    fan = x.shape[1] + out.shape[1]
+    macs = fan * sum((end - start) * a.shape[0] for (start, end), a in zip(segments, A_list))
     with threads.one_thread(x.device, small=macs < threads.SMALL_MACS * max(1, len(segments))):
         for (start, end), a, b in zip(segments, A_list, B_list):
             if end > start:

@@ -155,7 +155,8 @@ def test_bad_adapters_are_reported_and_never_stop_the_others(tiny_base, other_ti
     errors = {k.rsplit("/", 1)[-1]: v for k, v in bank.load_errors.items()}
     assert set(errors) == {"foreign", "corrupt", "stsb_copy"}
     assert isinstance(errors["foreign"], BaseModelMismatchError) and "foreign" in str(errors["foreign"])
-    assert isinstance(errors["corrupt"], AdapterFormatError) and "corrupt/adapter_model.safetensors" in str(errors["corrupt"])
+    assert isinstance(errors["corrupt"], AdapterFormatError)
+    assert "corrupt/adapter_model.safetensors" in str(errors["corrupt"])
     assert isinstance(errors["stsb_copy"], DuplicateTaskError)
     with pytest.raises(BaseModelMismatchError, match="foreign"):
         bank.add(folder / "foreign")
