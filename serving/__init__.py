@@ -8,8 +8,7 @@ from increlora.errors import AdapterFormatError, BaseModelMismatchError, IncreLo
 
 from .adapter_bank import AdapterBank
 from .batch_context import BatchContext
-from .errors import (AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, ServingError,
-                     UnknownTaskError)
+from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, ServingError, UnknownTaskError
 from .lora_segments import lora_segments, lora_segments_reference
 from .multi_head import MultiHead
 from .multi_lora_linear import MultiLoraLinear

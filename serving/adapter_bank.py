@@ -14,9 +14,11 @@ import inspect
 import logging
 import os
 import threading
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AbstractSet, Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +119,7 @@ class AdapterBank:
     @classmethod
     def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-             max_batch_size: int = 64) -> "AdapterBank":
+             max_batch_size: int = 64) -> AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.

@@ -5,8 +5,9 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from increlora.adapter_file import CONFIG_NAME
 from increlora.errors import AdapterFormatError

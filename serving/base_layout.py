@@ -15,7 +15,7 @@ class BaseLayout:
     fresh: frozenset[str]  # parameters not in the pretrained checkpoint (the task head): an adapter must bring them
 
     @classmethod
-    def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> "BaseLayout":
+    def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> BaseLayout:
         """missing_keys: what from_pretrained initialised at random; parameters outside the backbone are added."""
         prefix = getattr(model, "base_model_prefix", "") or ""
         backbone = getattr(model, prefix, None) if prefix else None

@@ -6,23 +6,24 @@ of the same model at once, each with its own batch, and a layer never holds per-
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from .task_adapter import TaskAdapter
 
-_current: ContextVar["BatchContext | None"] = ContextVar("increlora_serving_batch", default=None)
+_current: ContextVar[BatchContext | None] = ContextVar("increlora_serving_batch", default=None)
 
 
 @dataclass(frozen=True)
 class Segment:
     """Rows [start, end) of the sorted batch, all of one task."""
 
-    task: "TaskAdapter"
+    task: TaskAdapter
     start: int
     end: int
 
@@ -39,7 +40,7 @@ class ModuleWork:
 class BatchContext:
     """Segments of a batch whose rows are already sorted by task, and each module's work list."""
 
-    def __init__(self, tasks_in_row_order: Sequence["TaskAdapter"]) -> None:
+    def __init__(self, tasks_in_row_order: Sequence[TaskAdapter]) -> None:
         self.size = len(tasks_in_row_order)
         segments: list[Segment] = []
         start = 0

@@ -1,13 +1,14 @@
 """Checking predict()'s inputs and tokenizing a batch of mixed single texts and text pairs."""
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .errors import InputError
 
-ModelInput = Union[str, tuple[str, str]]
+ModelInput = str | tuple[str, str]
 
 
 def check_inputs(inputs: Any, tasks: Any) -> tuple[list[ModelInput], list[str]]:

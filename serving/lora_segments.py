@@ -14,7 +14,7 @@ the next step there (no GPU was available to measure it).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -62,7 +62,7 @@ class MultiHead(nn.Module):
                 kw = {k: _rows(v, start, end, batch.size) for k, v in kwargs.items()}
                 out = module(*a, **kw)
                 if not isinstance(out, torch.Tensor):
-                    raise RuntimeError(f"{self.name}: a saved module must return one tensor, got {type(out).__name__}")
+                    raise TypeError(f"{self.name}: a saved module must return one tensor, got {type(out).__name__}")
                 parts.append(out)
         return concat_rows(parts, self.name)
 

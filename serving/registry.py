@@ -5,8 +5,8 @@ and a task removed meanwhile still finishes the batches that already hold it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Iterable, Iterator, Mapping
 
 from .errors import DuplicateTaskError, UnknownTaskError
 from .task_adapter import TaskAdapter
@@ -44,14 +44,14 @@ class TaskRegistry:
         """DuplicateTaskError when a task of this name is loaded already."""
         _check_absent(self._tasks, name, path)
 
-    def with_tasks(self, added: Iterable[TaskAdapter]) -> "TaskRegistry":
+    def with_tasks(self, added: Iterable[TaskAdapter]) -> TaskRegistry:
         tasks = dict(self._tasks)
         for task in added:
             _check_absent(tasks, task.name, task.path)
             tasks[task.name] = task
         return TaskRegistry(tasks)
 
-    def without(self, name: str) -> "TaskRegistry":
+    def without(self, name: str) -> TaskRegistry:
         if name not in self._tasks:
             raise UnknownTaskError(name, list(self._tasks))
         return TaskRegistry({k: v for k, v in self._tasks.items() if k != name})

@@ -11,10 +11,9 @@ only: forwards in other threads and the base model's large matmuls keep their th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-
 
 # Segments averaging fewer multiply-adds than this (about 256 rows at rank 8 in MiniLM) are small.
 SMALL_MACS = 1 << 22

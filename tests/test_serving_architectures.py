@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertTokenizerFast, DistilBertConfig, DistilBertModel
-from transformers import RobertaConfig, RobertaModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertTokenizerFast,
+    DistilBertConfig,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from increlora import IncreLoraConfig, apply_increlora, increlora_layers, load_adapter, save_adapter
 from serving import AdapterBank

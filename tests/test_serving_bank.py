@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from increlora import AdapterFormatError, BaseModelMismatchError, export_peft, model_fingerprint, read_adapter
-from serving import (AdapterBank, AdapterShapeError, DuplicateTaskError, InputError, UnknownTaskError)
+from serving import AdapterBank, AdapterShapeError, DuplicateTaskError, InputError, UnknownTaskError
 from tests.test_serving_support import TASKS, adapter_set, encode, make_adapter, reference_model
 
 

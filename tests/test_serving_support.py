@@ -46,7 +46,7 @@ def make_adapter(base: Path, folder: Path, task: str, num_labels: int = 2, seed:
                         problem_type=problem_type, **save_kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def adapter_set(base: Path, folder: Path) -> Path:
     """folder/<task> for every task of TASKS (made once per base and folder)."""
     for i, (task, (n, pt)) in enumerate(TASKS.items()):
@@ -60,7 +60,7 @@ def encode(tokenizer, x) -> dict:
     return tokenizer(*args, return_tensors="pt")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_model(base: Path, adapter_dir: Path):
     """The slow twin: the adapter alone, loaded with increlora.load_adapter into a fresh base model."""
     from increlora import read_adapter
