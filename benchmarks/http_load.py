@@ -4,7 +4,8 @@ Starts the real server on a loopback port, sends `--requests` requests per concu
 by `--max-seconds` too), spread round-robin over the tasks, and checks every answer against the
 bank's own prediction of the same input. Reports rows/s, p50/p99 latency, mean rows and tasks per
 model call (from the server's /metrics), and HTTP throughput over direct throughput, where direct is
-`bank.predict` on full mixed-task batches of `--max-batch-size` rows in this process.
+`bank.predict` on full mixed-task batches of `--max-batch-size` rows in this process, measured just
+before and after each level (the mean), so load from elsewhere on the machine hits both alike.
 
 Default adapters: random IncreLoRA adapters (untrained: the speed is the same) on the MiniLM backbone
 (`increlora.assets.resolve_model()`), else on a tiny BERT; or pass trained ones with --adapters.
@@ -20,6 +21,7 @@ import asyncio
 import os
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -46,10 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=60.0, help="time bound per level (%(default)s s)")
     p.add_argument("--rows-per-request", type=int, default=1, help="inputs per request (%(default)s)")
     p.add_argument("--words", default="6,24", help="min,max words per text (%(default)s)")
+    p.add_argument("--direct-seconds", type=float, default=3.0,
+                   help="direct measurement before and after each level (%(default)s s each)")
     p.add_argument("--max-batch-size", type=int, default=32, help="server --max-batch-size and direct batch size")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="server --max-wait-ms (%(default)s)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="server --torch-threads (default: torch's); the direct baseline always uses torch's default")
+    p.add_argument("--server-args", default="", help="more increlora-serve arguments, e.g. '--in-process'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of a score or value")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -100,27 +105,31 @@ def make_requests(bank, n: int, rows: int, words: tuple[int, int], seed: int) ->
 
 # --- direct and HTTP runs ------------------------------------------------------------------------
 
-def direct_run(bank, requests: list[dict], batch: int, min_seconds: float = 5.0) -> tuple[float, list[list[dict]]]:
-    """rows/s of bank.predict on full mixed-task batches (median of >= 3 passes over all the rows, and of at
-    least `min_seconds`); the answers per request, from the first pass (the reference)."""
+def reference_answers(bank, requests: list[dict], batch: int) -> list[list[dict]]:
+    """bank.predict's answers per request, computed on full mixed-task batches."""
     inputs = [x for r in requests for x in r["inputs"]]
     tasks = [r["task"] for r in requests for _ in r["inputs"]]
-    bank.predict(inputs[:batch], tasks[:batch])  # warm-up
-    rates: list[float] = []
     answers: list[dict] = []
-    started_all = time.perf_counter()
-    while len(rates) < 3 or time.perf_counter() - started_all < min_seconds:
-        started = time.perf_counter()
-        out: list[dict] = []
-        for i in range(0, len(inputs), batch):
-            out += bank.predict(inputs[i:i + batch], tasks[i:i + batch])
-        rates.append(len(inputs) / (time.perf_counter() - started))
-        answers = answers or out
+    for i in range(0, len(inputs), batch):
+        answers += bank.predict(inputs[i:i + batch], tasks[i:i + batch])
     per_request, at = [], 0
     for r in requests:
         per_request.append(answers[at:at + len(r["inputs"])])
         at += len(r["inputs"])
-    return statistics.median(rates), per_request
+    return per_request
+
+
+def direct_rate(bank, requests: list[dict], batch: int, seconds: float) -> float:
+    """rows/s of bank.predict on full mixed-task batches of `batch` rows, for about `seconds`."""
+    inputs = [x for r in requests for x in r["inputs"]]
+    tasks = [r["task"] for r in requests for _ in r["inputs"]]
+    bank.predict(inputs[:batch], tasks[:batch])  # warm-up
+    rows, started, i = 0, time.perf_counter(), 0
+    while rows == 0 or time.perf_counter() - started < seconds:
+        chunk = slice(i, i + batch) if i + batch <= len(inputs) else slice(0, batch)
+        rows += len(bank.predict(inputs[chunk], tasks[chunk]))
+        i = chunk.stop % len(inputs)
+    return rows / (time.perf_counter() - started)
 
 
 def matches(got: dict, want: dict, tol: float) -> bool:
@@ -181,6 +190,7 @@ def start_server(adapters: Path, args: argparse.Namespace) -> tuple[subprocess.P
            "--max-queue", "4096", "--max-inputs", str(max(64, args.rows_per_request))]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
+    cmd += shlex.split(args.server_args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     found: list[str] = []
@@ -224,37 +234,41 @@ def main(argv: list[str] | None = None) -> int:
         levels = [int(c) for c in args.concurrency.split(",")]
         words = tuple(int(w) for w in args.words.split(","))
         requests = make_requests(bank, args.requests, args.rows_per_request, words, args.seed)
-        direct_rows_s, reference = direct_run(bank, requests, args.max_batch_size)
+        reference = reference_answers(bank, requests, args.max_batch_size)
         print(f"{what}; tasks {bank.tasks}; {args.rows_per_request} row(s)/request; texts {words[0]}-{words[1]} words")
-        print(f"direct bank.predict, batches of {args.max_batch_size}, {torch.get_num_threads()} torch threads: "
-              f"{direct_rows_s:.1f} rows/s")
+        print(f"direct: bank.predict in this process, batches of {args.max_batch_size}, {torch.get_num_threads()} "
+              f"torch threads, measured for {args.direct_seconds:g} s before and after each level")
         print(f"server: --max-batch-size {args.max_batch_size} --max-wait-ms {args.max_wait_ms} --torch-threads "
-              f"{args.torch_threads or 'default'}")
+              f"{args.torch_threads or 'default'} {args.server_args}")
 
         proc, base_url = start_server(adapters, args)
         results = []
         try:
             for c in levels:
+                direct_before = direct_rate(bank, requests, args.max_batch_size, args.direct_seconds)
                 before = scrape(base_url)
                 res = asyncio.run(http_level(base_url, requests, reference, c, args.max_seconds, args.tolerance))
                 after = scrape(base_url)
+                res["direct_rows_per_s"] = (direct_before + direct_rate(bank, requests, args.max_batch_size,
+                                                                        args.direct_seconds)) / 2
                 d = {k: after[k] - before.get(k, 0.0) for k in after}
                 res["rows_per_batch"] = d["increlora_batch_rows_sum"] / max(1.0, d["increlora_batch_rows_count"])
                 res["tasks_per_batch"] = d["increlora_batch_tasks_sum"] / max(1.0, d["increlora_batch_tasks_count"])
-                res["vs_direct"] = res["rows_per_s"] / direct_rows_s
+                res["vs_direct"] = res["rows_per_s"] / res["direct_rows_per_s"]
                 results.append(res)
-                print(f"  concurrency {c}: {res['rows_per_s']:.1f} rows/s", flush=True)
+                print(f"  concurrency {c}: {res['rows_per_s']:.1f} rows/s (direct {res['direct_rows_per_s']:.1f})",
+                      flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
 
-    print("\n| concurrency | requests | rows/s | p50 ms | p99 ms | rows/batch | tasks/batch | HTTP / direct | wrong | lost |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| concurrency | requests | rows/s | p50 ms | p99 ms | rows/batch | tasks/batch | direct rows/s "
+          "| HTTP / direct | wrong | lost |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['concurrency']} | {r['requests']} | {r['rows_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['rows_per_batch']:.1f} | {r['tasks_per_batch']:.2f} | {r['vs_direct']:.0%} | {r['wrong']} "
-              f"| {r['lost']} |")
-    print(f"\ndirect: {direct_rows_s:.1f} rows/s (bank.predict, batches of {args.max_batch_size})")
+              f"| {r['rows_per_batch']:.1f} | {r['tasks_per_batch']:.2f} | {r['direct_rows_per_s']:.1f} "
+              f"| {r['vs_direct']:.0%} | {r['wrong']} | {r['lost']} |")
     bad = sum(r["wrong"] + r["lost"] for r in results)
     return 1 if bad else 0
 

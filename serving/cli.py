@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import AdapterBank
 from .http_settings import ServiceSettings
+from .http_worker import ProcessBank
 
 logger = logging.getLogger("increlora.serve")
 
@@ -37,12 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the model (default: torch's, one per core); fewer leaves CPU to the "
                         "HTTP side when they share a small machine")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in the server process (default: a child process, so the model does not "
+                        "fight the event loop for Python's GIL)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
-def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None):
-    """Load the bank (the lifespan runs this off the event loop)."""
+def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None,
+              torch_threads: int | None = None):
+    """Load the bank (in the model process, or off the event loop in the server process)."""
+    if torch_threads:
+        import torch
+        torch.set_num_threads(torch_threads)
     return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype)
 
 
@@ -68,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    if args.torch_threads:
-        import torch
-        torch.set_num_threads(args.torch_threads)
-
     from .app import create_app
 
     failed: list[BaseException] = []
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype)
+    loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
+                               args.torch_threads)
+    if not args.in_process:
+        loader = functools.partial(ProcessBank.start, loader)
     app = create_app(loader, settings, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            access_log=args.log_level == "debug"))

@@ -32,6 +32,7 @@ class Service:
         self.batcher: DynamicBatcher | None = None
         self.load_error: BaseException | None = None
         self._loading: asyncio.Task | None = None
+        self._owns_bank = False  # a bank this service loaded is closed with it (e.g. its model process)
         self._length_tokenizer: Any = None
         self._length_lock = threading.Lock()
 
@@ -54,6 +55,7 @@ class Service:
             if on_load_error is not None:
                 on_load_error(exc)
             return
+        self._owns_bank = True
         self._attach(bank)
         logger.info("loaded %d tasks in %.1f s: %s", len(bank.tasks), time.perf_counter() - started, list(bank.tasks))
 
@@ -70,8 +72,13 @@ class Service:
             self._loading.cancel()  # the loading thread finishes on its own; its bank is dropped
         if self.batcher is not None:
             await self.batcher.close()
+        close = getattr(self.bank, "close", None)
+        if self._owns_bank and close is not None:
+            await asyncio.to_thread(close)
 
     def readiness(self) -> Readiness:
+        if self.bank is not None and not getattr(self.bank, "alive", True):
+            return Readiness(status="failed", detail="the model process is gone; restart the server")
         if self.bank is not None:
             return Readiness(status="ready", tasks=len(self.bank.tasks))
         if self.load_error is not None:
@@ -79,7 +86,7 @@ class Service:
         return Readiness(status="loading", detail="the adapters are loading")
 
     def ready_bank(self) -> Any:
-        if self.bank is None:
+        if self.bank is None or self.readiness().status != "ready":
             raise NotReadyError(self.readiness().detail or "not ready")
         return self.bank
 

@@ -1,0 +1,151 @@
+"""The adapter bank in a child process, behind the bank interface the HTTP app uses.
+
+Why a process: a model thread in the server process releases and retakes the GIL at every torch op,
+and each retake waits for the event loop's Python work (up to the 5 ms switch interval): under load
+the model ran ~30x slower than alone. In its own process the model keeps its speed, and the server
+process only parses, batches and answers.
+
+    bank = ProcessBank.start(functools.partial(AdapterBank.load, "adapters/"))
+    bank.predict(["great film"], ["sst2"]); bank.add(path); bank.remove("sst2"); bank.close()
+
+Calls are serialised over one pipe (a lock), so an admin `add` holds predictions back while it loads.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import pickle
+import signal
+import threading
+from typing import Any, Callable
+
+from .http_errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+_OPS = ("predict", "task_info", "add", "remove")
+
+
+class WorkerDiedError(ServiceError):
+    """The model process is gone (crashed or killed); the server must be restarted."""
+
+    status_code = 503
+
+
+class ProcessBank:
+    """predict / task_info / add / remove run in the child; tasks, max_length, tokenizer are kept here."""
+
+    def __init__(self, process: mp.process.BaseProcess, conn: Any, info: dict[str, Any]) -> None:
+        self._process = process
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._tasks: list[str] = list(info["tasks"])
+        self.max_length: int = info["max_length"]
+        self.tokenizer: Any = info["tokenizer"]
+        self.base_model: str = info.get("base_model", "unknown")
+
+    @classmethod
+    def start(cls, loader: Callable[[], Any], timeout: float | None = None) -> "ProcessBank":
+        """Spawn the child, load the bank there with `loader` (picklable), wait until it is loaded."""
+        ctx = mp.get_context("spawn")  # not fork: the parent may already run threads (torch, the event loop)
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, loader, logging.getLogger().level),
+                              name="increlora-model", daemon=True)
+        process.start()
+        child.close()
+        if timeout is not None and not parent.poll(timeout):
+            process.kill()
+            raise WorkerDiedError(f"the model process did not load the adapters within {timeout:g} s")
+        try:
+            status, value = parent.recv()
+        except EOFError:
+            process.join(5)
+            raise WorkerDiedError(f"the model process died while loading (exit code {process.exitcode})") from None
+        if status == "err":
+            process.join(5)
+            raise value
+        logger.info("model process %d serves %d tasks", process.pid, len(value["tasks"]))
+        return cls(process, parent, value)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def predict(self, inputs: list[Any], tasks: list[str]) -> list[dict]:
+        return self._call("predict", inputs, tasks)
+
+    def task_info(self, task: str) -> dict[str, Any]:
+        return self._call("task_info", task)
+
+    def add(self, path: Any) -> str:
+        return self._call("add", str(path))
+
+    def remove(self, task: str) -> None:
+        self._call("remove", task)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            try:
+                self._conn.send(("close", ()))
+            except (OSError, ValueError):
+                pass
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout)
+            self._conn.close()
+
+    def _call(self, op: str, *args: Any) -> Any:
+        with self._lock:
+            try:
+                self._conn.send((op, args))
+                status, value, tasks = self._conn.recv()
+            except (EOFError, OSError, ValueError) as exc:
+                raise WorkerDiedError(f"the model process is gone (exit code {self._process.exitcode}); "
+                                      f"restart the server") from exc
+            self._tasks = tasks
+        if status == "err":
+            raise value
+        return value
+
+
+def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
+    """The child: load the bank, then answer calls until "close" or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        bank = loader()
+    except Exception as exc:
+        conn.send(("err", _picklable(exc)))
+        return
+    conn.send(("ok", {"tasks": list(bank.tasks), "max_length": bank.max_length, "tokenizer": bank.tokenizer,
+                      "base_model": getattr(bank, "base_model", "unknown")}))
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        if op == "close":
+            return
+        try:
+            if op not in _OPS:
+                raise ValueError(f"unknown model-process call {op!r}")
+            reply = ("ok", getattr(bank, op)(*args), list(bank.tasks))
+        except Exception as exc:
+            reply = ("err", _picklable(exc), list(bank.tasks))
+        conn.send(reply)
+
+
+def _picklable(exc: Exception) -> Exception:
+    """`exc` if it survives pickling as the same type, else a RuntimeError with its text."""
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc):
+            return exc
+    except Exception:
+        pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,59 @@
+"""The bank in a model process (serving.http_worker.ProcessBank) answers as the bank does, and fails clearly."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving import AdapterBank, BankLoadError, DuplicateTaskError
+from serving.app import create_app
+from serving.http_worker import ProcessBank, WorkerDiedError
+from tests.test_http_server import close_to
+from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, http_base):
+    return make_tiny_adapters(tmp_path_factory.mktemp("adapters"), http_base, {"sst2": 2, "topic": 3, "extra": 1})
+
+
+def test_the_process_bank_answers_like_the_bank_and_follows_add_and_remove(adapter_dir):
+    local = AdapterBank.load([adapter_dir / "sst2", adapter_dir / "topic", adapter_dir / "extra"])
+    bank = ProcessBank.start(functools.partial(AdapterBank.load, [adapter_dir / "sst2", adapter_dir / "topic"]))
+    try:
+        assert sorted(bank.tasks) == ["sst2", "topic"] and bank.max_length == local.max_length
+        assert bank.tokenizer("good film")["input_ids"] == local.tokenizer("good film")["input_ids"]
+        inputs, tasks = ["good film", ("the plot", "the actor"), "bad"], ["sst2", "topic", "topic"]
+        got, want = bank.predict(inputs, tasks), local.predict(inputs, tasks)
+        assert [g["task"] for g in got] == tasks and all(close_to(g, w) for g, w in zip(got, want))
+        assert bank.task_info("topic")["labels"] == ["topic_0", "topic_1", "topic_2"]
+        with pytest.raises(KeyError):
+            bank.predict(["x"], ["nope"])
+        assert bank.add(adapter_dir / "extra") == "extra" and "extra" in bank.tasks
+        assert bank.predict(["good"], ["extra"])[0]["value"] == pytest.approx(local.predict(["good"], ["extra"])[0]["value"])
+        with pytest.raises(DuplicateTaskError):
+            bank.add(adapter_dir / "extra")
+        bank.remove("sst2")
+        assert sorted(bank.tasks) == ["extra", "topic"]
+        with pytest.raises(KeyError):
+            bank.remove("sst2")
+
+        with TestClient(create_app(bank)) as client:
+            assert client.get("/ready").status_code == 200
+            bank._process.kill()
+            bank._process.join(10)
+            assert not bank.alive
+            with pytest.raises(WorkerDiedError):
+                bank.predict(["x"], ["topic"])
+            r = client.get("/ready")
+            assert r.status_code == 503 and "model process" in r.json()["detail"]
+            assert client.post("/v1/predict", json={"task": "topic", "inputs": "x"}).status_code == 503
+    finally:
+        bank.close()
+
+
+def test_a_load_error_in_the_model_process_reaches_the_caller(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BankLoadError):
+        ProcessBank.start(functools.partial(AdapterBank.load, tmp_path / "empty"))
