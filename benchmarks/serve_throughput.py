@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from increlora import IncreLoraConfig, apply_increlora, export_peft, increlora_layers, save_adapter
 from serving import AdapterBank, MultiLoraLinear
-from serving.batch_context import BatchContext, current_batch, using_batch
+from serving.batch_context import BatchContext, using_batch
 
 logger = logging.getLogger("serve_throughput")
 
@@ -273,10 +273,10 @@ def main() -> None:
         if peft is not None:
             assert torch.allclose(peft(**enc, adapter_names=tasks).logits, ours, atol=1e-3), "PEFT disagrees"
         fns = {"B0": lambda: base(**enc),
-               "B1": lambda: peft(**enc, adapter_names=tasks),
-               "B2": lambda: run_per_task(bank, enc, tasks),
-               "B3": lambda: run_padded(padded, bank, enc, tasks, index),
-               "ours": lambda: run_ours(bank, enc, tasks)}
+               "B1": lambda tasks=tasks: peft(**enc, adapter_names=tasks),
+               "B2": lambda tasks=tasks: run_per_task(bank, enc, tasks),
+               "B3": lambda tasks=tasks: run_padded(padded, bank, enc, tasks, index),
+               "ours": lambda tasks=tasks: run_ours(bank, enc, tasks)}
         if peft is None:
             del fns["B1"]
         t = {"B1": float("nan"), **timed(fns, args.reps)}
