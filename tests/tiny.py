@@ -33,7 +33,7 @@ def make_tiny_base(folder: str | Path, seed: int = 0, **config_overrides) -> Pat
     torch.manual_seed(seed)
     BertModel(tiny_bert_config(**config_overrides), add_pooling_layer=True).save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True,
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(_vocab())}, do_lower_case=True,
                       model_max_length=64).save_pretrained(folder)
     return folder
 
