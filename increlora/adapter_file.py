@@ -259,12 +259,12 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     leftover = [k for k in tensors if k.startswith("lora.")]
     if leftover:
         raise AdapterFormatError(f"{wfile}: tensors for modules not in rank_pattern: {leftover[:5]}")
-    for key, t in [*((f"lora.{n}", f.A) for n, f in modules.items()),
-                   *((f"lora.{n}", f.B) for n, f in modules.items()),
-                   *((f"lora.{n}", f.E) for n, f in modules.items()),
-                   *saved.items()]:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterFormatError(f"{wfile}: {key} contains NaN or inf values")
+    # One finiteness check over everything (per-tensor checks dominate loading many adapters).
+    floats = [(f"lora.{n}", t) for n, f in modules.items() for t in (f.A, f.E, f.B)]
+    floats += [(k, t) for k, t in saved.items() if t.is_floating_point()]
+    if floats and not bool(torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all()):
+        bad = next(k for k, t in floats if not torch.isfinite(t).all())
+        raise AdapterFormatError(f"{wfile}: {bad} contains NaN or inf values")
     for mod in config["modules_to_save"]:
         if not any(k.startswith(mod + ".") for k in saved):
             raise AdapterFormatError(f"{wfile}: no tensors for module_to_save {mod!r}")
