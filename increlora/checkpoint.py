@@ -145,7 +145,7 @@ def load_checkpoint(folder: str | os.PathLike, *, model: nn.Module, optimizer: O
         else:
             optimizer.add_param_group({"params": plist, **groups[0]["hparams"]})
     index, state = {}, {}
-    for g, plist in zip(groups, plists):
+    for g in groups:
         for n in g["names"]:
             index[n] = len(index)
     for n, i in index.items():

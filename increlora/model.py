@@ -63,9 +63,7 @@ def find_target_modules(model: nn.Module, targets: list[str] | str, exclude: lis
     for name, module in model.named_modules():
         if not name or _inside(name, list(exclude)) or not name_matches(name, targets):
             continue
-        if isinstance(module, IncreLoraLinear):
-            found.append(name)
-        elif isinstance(module, nn.Linear):
+        if isinstance(module, (IncreLoraLinear, nn.Linear)):
             found.append(name)
         elif not any(isinstance(m, IncreLoraLinear) for m in module.modules()):
             wrong_type.append(f"{name} ({type(module).__name__})")
