@@ -4,6 +4,7 @@ Call ``step(global_step, optimizer, scheduler)`` once per optimizer step, after 
 gradient clipping) and before ``optimizer.step()``. ``global_step`` is the 0-based index of the
 optimizer step about to be taken. The allocator arms the layers' gradient capture only on the
 steps whose score can still matter: the last ``score_window`` steps before each growth step.
+Under torch.distributed it keeps the replicas in agreement (see ``increlora.distributed``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import distributed
 from .config import IncreLoraConfig
 from .errors import CheckpointError
 from .importance import ImportanceTracker, sensitivity
@@ -104,6 +106,8 @@ class RankAllocator:
         """Score (on scoring steps), grow (on growth steps), then arm capture for the next step."""
         events: list[GrowthEvent] = []
         if self.is_scoring_step(global_step):
+            if distributed.is_distributed():
+                self._average_captured_gradients()
             for name, layer in self.layers.items():
                 self.tracker.update(name, sensitivity(layer))
             self.scored_steps += 1
@@ -111,6 +115,14 @@ class RankAllocator:
             events = self._grow(global_step, optimizer, scheduler)
         self._arm(global_step + 1)
         return events
+
+    def _average_captured_gradients(self) -> None:
+        """Every replica scores with the gradient of the whole global batch."""
+        for layer in self.layers.values():
+            if layer.grad_acc is None:
+                w = layer.base_layer.weight
+                layer.grad_acc = torch.zeros(layer.out_features, layer.in_features, device=w.device)
+        distributed.all_reduce_mean([layer.grad_acc for layer in self.layers.values()])
 
     def choose(self) -> list[tuple[str, int]]:
         """Modules to grow now and by how much: top_h by score, never past the budget."""
@@ -130,7 +142,10 @@ class RankAllocator:
         scores = self.tracker.scores()
         new_params: list[nn.Parameter] = []
         events = []
-        for name, k in self.choose():
+        chosen = self.choose()
+        if distributed.is_distributed():  # replicas must grow alike even if their scores differ in the last bit
+            chosen = distributed.broadcast_object(chosen)
+        for name, k in chosen:
             layer = self.layers[name]
             new_params += layer.grow(k)
             events.append(GrowthEvent(step, name, k, layer.active_rank, scores[name]))
@@ -140,6 +155,8 @@ class RankAllocator:
             new_params = [p for p in new_params if p.requires_grad]
             logger.info("IncreLoRA: rank budget %d reached at step %d; reserves dropped", self.budget, step)
         self.history += events
+        if distributed.is_distributed():  # fresh components start from rank 0's random values
+            distributed.broadcast_from_first(new_params)
         if optimizer is not None:
             fit_optimizer_state(optimizer)
             if new_params:

@@ -6,6 +6,8 @@ adds are new tensors (a new optimizer param group) and older blocks keep their o
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,3 +176,10 @@ class IncreLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.active_rank}, "
                 f"reserves={self.reserve_A.shape[0] if self.reserve_A is not None and self.reserves_enabled else 0}")
+
+
+def increlora_layers(model: nn.Module) -> Iterator[tuple[str, IncreLoraLinear]]:
+    """(name, layer) of every IncreLoraLinear in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, IncreLoraLinear):
+            yield name, module

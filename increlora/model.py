@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import DEFAULT_MODULES_TO_SAVE, DEFAULT_TARGET_MODULES, IncreLoraConfig
+from .distributed import exclude_from_ddp
 from .errors import ConfigError, TargetModulesError
 from .fingerprint import model_fingerprint
-from .layer import IncreLoraLinear
+from .layer import IncreLoraLinear, increlora_layers
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,9 @@ def apply_increlora(model: nn.Module, config: IncreLoraConfig) -> nn.Module:
     model.increlora_config = config
     model.increlora_modules_to_save = saved
     model.increlora_base_fingerprint = fingerprint
+    exclude_from_ddp(model)  # DDP must not own tensors that growth replaces (see increlora.distributed)
     logger.info("IncreLoRA: adapted %d modules, saving %s in full", len(names), saved)
     return model
-
-
-def increlora_layers(model: nn.Module) -> Iterator[tuple[str, IncreLoraLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, IncreLoraLinear):
-            yield name, module
 
 
 def rank_pattern(model: nn.Module) -> dict[str, int]:

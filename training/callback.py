@@ -2,8 +2,11 @@
 
 Add it to a Trainer whose model went through ``apply_increlora``; nothing else is called by hand:
 
+- on_init_end: excludes the adapter's tensors from the DDP wrapper the Trainer builds later.
 - on_train_begin: creates the RankAllocator for ``state.max_steps`` and hooks the orthogonality
-  regulariser into the model's forward (training mode only, so evaluation losses stay pure).
+  regulariser into the model's forward (training mode only, so evaluation losses stay pure). Under
+  torchrun it also starts the replicas from rank 0's adapter and averages adapter gradients after
+  every backward pass (``increlora.distributed``), so N processes train like one with N times the batch.
 - on_pre_optimizer_step (after backward and gradient clipping, before ``optimizer.step()``):
   ``RankAllocator.step`` scores and grows; grown parameters join the Trainer's own optimizer as new
   param groups, and a stock ``LambdaLR`` gets a restart-warmup factor for each of them.
@@ -20,7 +23,7 @@ from pathlib import Path
 from torch import nn
 from transformers import TrainerCallback
 
-from increlora import IncreLoraConfig, RestartWarmupScheduler, orth_loss
+from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, orth_loss
 from increlora.allocator import RankAllocator
 from increlora.errors import CheckpointError, ConfigError
 from increlora.schedule import START_KEY, restart_warmup_factor
@@ -45,18 +48,27 @@ class IncreLoraCallback(TrainerCallback):
         self.config = config
         self.allocator: RankAllocator | None = None
         self._hook = None
+        self._grad_sync: distributed.GradientSync | None = None
 
     # -- training ----------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and getattr(model, "increlora_config", None) is not None:
+            distributed.exclude_from_ddp(model)  # the Trainer wraps the model in DDP later, in train()
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         config = self.config or getattr(model, "increlora_config", None)
         if config is None:
             raise ConfigError("IncreLoraCallback: the model has no IncreLoRA layers; call apply_increlora first")
         self.config = config
-        if args.world_size > 1 or args.n_gpu > 1:
-            # Scores come from per-replica gradient hooks, and parameters grown after DDP wrapped the
-            # model are not reduced by it: replicas would grow and train apart.
-            raise ConfigError("IncreLoRA does not support multi-process or DataParallel training yet; train on "
-                              "one device (use gradient accumulation for a larger batch) or pick --method lora")
+        if args.n_gpu > 1:
+            # DataParallel copies the layers on every forward; growth and scores live on the copies.
+            raise ConfigError("IncreLoRA does not support torch.nn.DataParallel (several GPUs driven by one "
+                              "process); launch one process per GPU instead: torchrun --nproc_per_node N ...")
+        if distributed.is_distributed():
+            distributed.check_ddp_exclusion(model)
+            distributed.broadcast_adapter(model)
+            if self._grad_sync is None:
+                self._grad_sync = distributed.GradientSync(model)
         if self.allocator is None:
             self.allocator = RankAllocator(model, config, state.max_steps)
         elif self.allocator.total_steps != state.max_steps:
@@ -77,6 +89,9 @@ class IncreLoraCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync = None
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.is_world_process_zero:

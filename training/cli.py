@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -170,7 +171,10 @@ def one_line(exc: BaseException) -> str:
 def _configure_logging(debug: bool) -> None:
     import transformers
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    level = logging.DEBUG if debug else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0 and not debug:
+        level = logging.WARNING  # under torchrun, the first process reports progress
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     transformers.logging.set_verbosity(transformers.logging.INFO if debug else transformers.logging.ERROR)
     if not debug:
         transformers.logging.disable_progress_bar()  # weight loading/saving bars; the training bar stays

@@ -1,35 +1,54 @@
-"""Ctrl-C during training: finish the step, write a checkpoint, stop. A second Ctrl-C aborts at once."""
+"""Ctrl-C during training: finish the step, write a checkpoint, stop. A second Ctrl-C aborts at once.
+
+SIGTERM is treated the same way, since torchrun answers Ctrl-C (and schedulers answer preemption)
+by sending it to every worker. Under torchrun the workers agree after every step on whether any of
+them was asked to stop, so they all stop after the same step (a worker stopping alone would leave
+the others waiting in a collective).
+"""
 from __future__ import annotations
 
 import signal
 import sys
 import threading
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopOnInterrupt(TrainerCallback):
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         self.requested = True
         print("\nstopping after this step and writing a checkpoint (Ctrl-C again to abort without one)",
               file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        previous = self._previous.get(signum)
+        signal.signal(signum, previous if callable(previous) else
+                      signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self._anyone_requested(args.device):
             control.should_save = True
             control.should_training_stop = True
+
+    def _anyone_requested(self, device) -> bool:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

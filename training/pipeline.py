@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           TrainingArguments)
 from transformers.trainer_utils import get_last_checkpoint
@@ -117,6 +118,11 @@ def total_steps(opts: TrainOptions, num_train: int) -> int:
     return max(1, math.ceil(opts.epochs * per_epoch))
 
 
+def cpu_processes() -> bool:
+    """A torchrun launch on a machine without CUDA: the Trainer must be told, or each process trains alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def load_backbone(opts: TrainOptions, data: TaskData):
     d = data.definition
     path = resolve_model(opts.model)
@@ -143,7 +149,8 @@ def training_arguments(opts: TrainOptions, output: Path, steps: int) -> Training
         logging_strategy="steps", logging_steps=opts.logging_steps,
         seed=opts.seed, data_seed=opts.seed, bf16=opts.precision == "bf16", fp16=opts.precision == "fp16",
         report_to="none", push_to_hub=False, disable_tqdm=not opts.progress, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_processes(),
+        ddp_find_unused_parameters=False)  # every parameter DDP owns (the head) is used in every forward
 
 
 def _check_resume_options(run_file: Path, opts: TrainOptions) -> None:
@@ -186,22 +193,27 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
                overwrite: bool = False, callbacks: list | None = None) -> TaskResult:
     """Train `task` into `output`; returns unfinished (with the step) when interrupted by Ctrl-C."""
     output = Path(output)
+    procs = PartialState(cpu=cpu_processes())  # one process, or one of a torchrun launch (the Trainer's group)
     check_output(output, resume, overwrite)
     if resume and is_finished(output):
         logger.info("%s: already trained in %s; skipping", task, output)
         return TaskResult(task, output, True, -1, json.loads((output / "metrics.json").read_text()))
-    checkpoint = resume_point(task, output, opts, resume, overwrite)
+    procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
+    checkpoint = resume_point(task, output, opts, resume, overwrite and procs.is_main_process)
+    procs.wait_for_everyone()
 
-    data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
+    with procs.main_process_first():  # downloads and caches once
+        data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
+        tokenizer, model = load_backbone(opts, data)
     d = data.definition
-    tokenizer, model = load_backbone(opts, data)
     datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
     steps = total_steps(opts, len(datasets["train"]))
     prepared = methods.prepare(opts.method, model, opts.increlora, steps)
 
     folder = output / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
+    if procs.is_main_process:
+        (folder / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
     stop = StopOnInterrupt()
     trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
@@ -217,7 +229,8 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = earlier + time.perf_counter() - started
     if trainer.state.global_step < steps:
-        elapsed.write_text(json.dumps({"train_seconds": train_seconds}))
+        if procs.is_main_process:
+            elapsed.write_text(json.dumps({"train_seconds": train_seconds}))
         return TaskResult(task, output, False, trainer.state.global_step)
 
     started = time.perf_counter()

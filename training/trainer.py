@@ -15,7 +15,7 @@ import logging
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from increlora import IncreLoraConfig, RestartWarmupScheduler
+from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed
 from increlora.errors import CheckpointError, ConfigError
 
 from .callback import IncreLoraCallback, arrange_param_groups, restore_structure
@@ -47,6 +47,7 @@ class IncreLoraTrainer(Trainer):
         if resume_from_checkpoint:
             self.increlora.allocator, self._group_layout = restore_structure(
                 self.model, self.increlora_config, resume_from_checkpoint)
+            distributed.exclude_from_ddp(self.model)  # the restored blocks too, before the Trainer wraps in DDP
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_optimizer(self, model=None):

@@ -1,0 +1,160 @@
+"""Data-parallel IncreLoRA: replicas that stay identical while their adapters grow.
+
+DistributedDataParallel (DDP) registers a model's parameters once, when it wraps the model, so it
+never sees the parameters a growth step adds, and a reserve that shrinks in place would break its
+buckets. The adapter's own tensors are therefore taken out of DDP's hands and kept in step here:
+
+- ``exclude_from_ddp(model)`` lists every IncreLoRA parameter and buffer in
+  ``model._ddp_params_and_buffers_to_ignore`` (DDP's own opt-out). ``apply_increlora`` calls it;
+  it must have run on the final structure before DDP wraps the model.
+- ``GradientSync(model)`` averages the adapter gradients over the replicas at the end of every
+  backward pass, in one all-reduce, before gradient clipping or the optimizer read them. Averaging
+  is linear, so doing it after each micro-batch of an accumulation gives the averaged sum.
+- ``RankAllocator`` averages the accumulated dL/d(dW) before scoring, takes rank 0's growth
+  decision and rank 0's values of the parameters a growth step creates.
+
+With these, N replicas with b rows each train like one process with N*b rows per step.
+Everything here is a no-op unless torch.distributed is initialised with more than one process.
+"""
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+from .layer import increlora_layers
+
+IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def adapter_tensor_names(model: nn.Module) -> list[str]:
+    """Names (as model.named_parameters/named_buffers give them) of every IncreLoRA tensor."""
+    names = []
+    for prefix, layer in increlora_layers(model):
+        for name, _ in chain(layer.named_parameters(), layer.named_buffers()):
+            if not name.startswith("base_layer."):
+                names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable IncreLoRA parameters, in a fixed order (the same on every replica)."""
+    return [p for _, layer in increlora_layers(model) for name, p in layer.named_parameters()
+            if p.requires_grad and not name.startswith("base_layer.")]
+
+
+def exclude_from_ddp(model: nn.Module) -> None:
+    """Keep DDP away from the adapter's tensors (names already listed by the user are kept)."""
+    listed = set(getattr(model, IGNORE_ATTR, ()))
+    setattr(model, IGNORE_ATTR, sorted(listed | set(adapter_tensor_names(model))))
+
+
+def check_ddp_exclusion(model: nn.Module) -> None:
+    """Raise if an adapter tensor was not excluded from DDP (DDP would reduce it, then lose track)."""
+    missing = set(adapter_tensor_names(model)) - set(getattr(model, IGNORE_ATTR, ()))
+    if missing:
+        raise ConfigError(
+            f"IncreLoRA under DistributedDataParallel: {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}) "
+            "are not excluded from DDP; call increlora.distributed.exclude_from_ddp(model) after "
+            "apply_increlora (and after restoring a checkpoint's structure), before wrapping the model")
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], group=None) -> None:
+    """Average the tensors in place over the process group, in one coalesced float32 all-reduce."""
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.detach().copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], group=None) -> None:
+    """Give every replica the first rank's values of the tensors, in one coalesced broadcast."""
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.detach().copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_object(obj, group=None):
+    """The first rank's value of a picklable object, on every replica."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return box[0]
+
+
+def broadcast_adapter(model: nn.Module, group=None) -> None:
+    """Make every replica's adapter tensors equal to the first rank's (DDP does not, for ignored ones)."""
+    tensors = [t for _, layer in increlora_layers(model)
+               for name, t in chain(layer.named_parameters(), layer.named_buffers())
+               if not name.startswith("base_layer.")]
+    broadcast_from_first(tensors, group)
+
+
+def _first_grad_tensor(output) -> torch.Tensor | None:
+    if torch.is_tensor(output):
+        return output if output.requires_grad else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    for value in values:
+        t = _first_grad_tensor(value)
+        if t is not None:
+            return t
+    return None
+
+
+class GradientSync:
+    """Average the adapter gradients over the replicas when each backward pass ends.
+
+    A forward hook marks a tensor of the model's output; when backward reaches it, a callback is
+    queued on the autograd engine, which runs it once the whole backward pass is done.
+    """
+
+    def __init__(self, model: nn.Module, group=None):
+        self.model, self.group = model, group
+        self._queued = False
+        self._handle = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            t = _first_grad_tensor(output)
+            if t is not None:
+                t.register_hook(self._on_backward)
+        return None
+
+    def _on_backward(self, grad: torch.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.sync)
+
+    def sync(self) -> None:
+        """Average the gradients now (also callable by hand after backward in a custom loop)."""
+        self._queued = False
+        params = adapter_parameters(self.model)
+        for p in params:
+            if p.grad is None:  # a replica that produced no gradient contributes zeros
+                p.grad = torch.zeros_like(p)
+        all_reduce_mean([p.grad for p in params], self.group)
+
+    def remove(self) -> None:
+        self._handle.remove()
