@@ -102,15 +102,25 @@ class RankAllocator:
             layer.grad_acc = None
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self, global_step: int, optimizer: Optimizer | None = None, scheduler=None) -> list[GrowthEvent]:
-        """Score (on scoring steps), grow (on growth steps), then arm capture for the next step."""
+    def step(self, global_step: int, optimizer: Optimizer | None = None, scheduler=None,
+             loss_scale: float = 1.0) -> list[GrowthEvent]:
+        """Score (on scoring steps), grow (on growth steps), then arm capture for the next step.
+
+        ``loss_scale``: the factor the loss was multiplied by before backward (fp16 loss scaling,
+        e.g. ``GradScaler.get_scale()``); the captured gradients are divided by it. A step whose
+        captured gradients overflowed is not scored, as the scaler skips its optimizer step too.
+        """
         events: list[GrowthEvent] = []
         if self.is_scoring_step(global_step):
             if distributed.is_distributed():
                 self._average_captured_gradients()
-            for name, layer in self.layers.items():
-                self.tracker.update(name, sensitivity(layer))
-            self.scored_steps += 1
+            if self._unscale_captured_gradients(loss_scale):
+                for name, layer in self.layers.items():
+                    self.tracker.update(name, sensitivity(layer))
+                self.scored_steps += 1
+            else:
+                logger.info("IncreLoRA: step %d not scored: its gradients overflowed (loss scale %g)",
+                            global_step, loss_scale)
         if self.is_growth_step(global_step) and not self.finished:
             events = self._grow(global_step, optimizer, scheduler)
         self._arm(global_step + 1)
@@ -123,6 +133,16 @@ class RankAllocator:
                 w = layer.base_layer.weight
                 layer.grad_acc = torch.zeros(layer.out_features, layer.in_features, device=w.device)
         distributed.all_reduce_mean([layer.grad_acc for layer in self.layers.values()])
+
+    def _unscale_captured_gradients(self, loss_scale: float) -> bool:
+        """Divide the captured dL/d(dW) by the loss scale; False when any of them is not finite."""
+        captured = [layer.grad_acc for layer in self.layers.values() if layer.grad_acc is not None]
+        if captured and not bool(torch.stack([torch.isfinite(g).all() for g in captured]).all()):
+            return False
+        if loss_scale != 1.0:
+            for g in captured:
+                g.div_(loss_scale)
+        return True
 
     def choose(self) -> list[tuple[str, int]]:
         """Modules to grow now and by how much: top_h by score, never past the budget."""

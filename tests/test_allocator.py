@@ -149,3 +149,30 @@ def test_allocator_needs_steps_and_layers(tiny_base):
         RankAllocator(tiny_classifier(tiny_base), IncreLoraConfig(), total_steps=5)
     with pytest.raises(ValueError, match="total_steps"):
         RestartWarmupScheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), 1, 0)
+
+
+def test_fp16_loss_scale_is_divided_out_and_overflowed_steps_are_not_scored(tiny_base):
+    cfg = IncreLoraConfig(target_total_rank=14, score_every_step=True, **QUICK)
+    ids, labels = synthetic_batches(1)[0]
+    trackers = []
+    for scale in (1.0, 1024.0):
+        model, opt, sched, alloc = build(tiny_base, cfg, total_steps=4, seed=0, dropout=0.0)
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, IncreLoraLinear):
+                    layer.lora_E[0].fill_(0.5)
+        model.train()
+        (model(input_ids=ids, labels=labels).loss * scale).backward()
+        alloc.step(0, opt, sched, loss_scale=scale)
+        trackers.append(alloc)
+    plain, scaled = trackers
+    assert max(plain.tracker.ipt.values()) > 0
+    for name, value in plain.tracker.ipt.items():
+        assert scaled.tracker.ipt[name] == pytest.approx(value, rel=1e-5)
+
+    # An overflowed step (inf in one module's captured gradient) leaves the scores as they were.
+    before = dict(scaled.tracker.ipt), scaled.scored_steps
+    layer = next(m for m in scaled.layers.values())
+    layer.grad_acc = torch.full((layer.out_features, layer.in_features), float("inf"))
+    scaled.step(1, None, None, loss_scale=2048.0)
+    assert (dict(scaled.tracker.ipt), scaled.scored_steps) == before

@@ -105,3 +105,23 @@ def test_increlora_trainer_with_accumulation_matches_the_loop(tiny_base, tmp_pat
                                callbacks=[SeedBeforeGrowth()])
     trainer.train()
     assert_same(model, trainer.allocator, ref_model, ref_alloc)
+
+
+def test_loss_scale_is_read_from_the_accelerate_optimizer():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from training.callback import loss_scale
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    Accelerator(cpu=True)
+    try:
+        scaled = AcceleratedOptimizer(torch.optim.SGD([param], lr=0.1), device_placement=False,
+                                      scaler=torch.amp.GradScaler("cpu", init_scale=512.0))
+        unscaled = AcceleratedOptimizer(torch.optim.SGD([param], lr=0.1), device_placement=False)
+        assert loss_scale(scaled) == 512.0
+        assert loss_scale(unscaled) == 1.0
+        assert loss_scale(torch.optim.SGD([param], lr=0.1)) == 1.0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -80,7 +80,7 @@ class IncreLoraCallback(TrainerCallback):
         self._schedule_new_groups(optimizer, lr_scheduler)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        events = self.allocator.step(state.global_step, optimizer, lr_scheduler)
+        events = self.allocator.step(state.global_step, optimizer, lr_scheduler, loss_scale=loss_scale(optimizer))
         self._schedule_new_groups(optimizer, lr_scheduler)
         for e in events:
             logger.debug("step %d: %s grows to rank %d (score %.3g)", e.step, e.module, e.new_rank, e.score)
@@ -118,6 +118,14 @@ class IncreLoraCallback(TrainerCallback):
             lambdas.append(fn)
             scheduler.base_lrs.append(group["initial_lr"])
             group["lr"] = group["initial_lr"] * fn(scheduler.last_epoch)
+
+
+def loss_scale(optimizer) -> float:
+    """The fp16 loss scale of this step's backward (Accelerate keeps its GradScaler on the optimizer)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 # -- the state next to a Hugging Face checkpoint ---------------------------------------------
