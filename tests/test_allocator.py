@@ -94,16 +94,21 @@ def test_without_restart_warmup_new_groups_follow_the_global_schedule(tiny_base)
     assert lrs[5][1] == pytest.approx(lrs[5][0])
 
 
+def scoring_setup(tiny_base, cfg):
+    """A model in training mode whose updates are non-zero (e = 0.5), so every module has a score."""
+    model, opt, sched, alloc = build(tiny_base, cfg, total_steps=4, seed=0, dropout=0.0)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, IncreLoraLinear):
+                layer.lora_E[0].fill_(0.5)
+    return model.train(), opt, sched, alloc
+
+
 def test_gradient_accumulation_sums_micro_batches(tiny_base):
     cfg = IncreLoraConfig(target_total_rank=14, score_every_step=True, **QUICK)
     scores = []
     for micro, batch in ((1, 8), (2, 4)):
-        model, opt, sched, alloc = build(tiny_base, cfg, total_steps=4, seed=0, dropout=0.0)
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, IncreLoraLinear):
-                    layer.lora_E[0].fill_(0.5)
-        model.train()
+        model, opt, sched, alloc = scoring_setup(tiny_base, cfg)
         full = synthetic_batches(1, 1, batch=8)[0]
         for m in range(micro):
             ids, labels = (t[m * batch:(m + 1) * batch] for t in full)
@@ -156,12 +161,7 @@ def test_fp16_loss_scale_is_divided_out_and_overflowed_steps_are_not_scored(tiny
     ids, labels = synthetic_batches(1)[0]
     trackers = []
     for scale in (1.0, 1024.0):
-        model, opt, sched, alloc = build(tiny_base, cfg, total_steps=4, seed=0, dropout=0.0)
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, IncreLoraLinear):
-                    layer.lora_E[0].fill_(0.5)
-        model.train()
+        model, opt, sched, alloc = scoring_setup(tiny_base, cfg)
         (model(input_ids=ids, labels=labels).loss * scale).backward()
         alloc.step(0, opt, sched, loss_scale=scale)
         trackers.append(alloc)
