@@ -38,6 +38,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NOT_RUNNABLE = {
     "make demo": "fetches MiniLM and three datasets and trains for ~15 minutes; the blocks it is made of run here",
     "make test": "runs this very suite",
+    ".venv/bin/torchrun": "tests/test_distributed.py runs increlora-train under torchrun with 2 CPU processes",
 }
 
 # (README text, what runs instead): applied to the code blocks; each must still be in one of them.
@@ -284,10 +285,13 @@ def test_every_substitution_and_listing_still_applies():
 
 
 def test_every_option_the_readme_names_exists():
-    options = set(train_parser()._option_string_actions) | set(serve_parser()._option_string_actions)
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text()))
+    from torch.distributed.run import get_args_parser as torchrun_parser
+
+    parsers = (train_parser(), serve_parser(), torchrun_parser())
+    options = {option for parser in parsers for option in parser._option_string_actions}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", README.read_text()))
     unknown = sorted(named - options)
-    assert named and not unknown, f"options in the README that neither command has: {unknown}"
+    assert named and not unknown, f"options in the README that no command has: {unknown}"
 
 
 def test_every_file_the_readme_names_exists():
