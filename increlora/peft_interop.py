@@ -3,7 +3,8 @@
 export_peft folds e and the scaling into B (B' = s * B diag(e)) and writes a PEFT LoRA adapter with
 a per-module rank_pattern and alpha_pattern (alpha = rank, so PEFT's scaling is 1).
 import_peft reads a PEFT LoRA or AdaLoRA adapter (safetensors only) into an Adapter, keeping each
-module's rank and scaling; an imported adapter has no base-model fingerprint to check against.
+module's rank and scaling. PEFT files carry no fingerprint of their base model's weights: pass
+``base_model=`` to record one (and check the shapes) at import.
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .adapter_file import (FORMAT_NAME, FORMAT_VERSION, PROBLEM_TYPES, Adapter, ModuleFactors, read_adapter,
                            write_adapter_folder)
-from .errors import AdapterFormatError
+from .assets import resolve_model
+from .errors import AdapterFormatError, BaseModelMismatchError, ConfigError
+from .fingerprint import model_fingerprint
 from .model import name_matches
 
 PEFT_PREFIX = "base_model.model."
@@ -90,8 +94,15 @@ def _saved_modules(keys: list[str], modules_to_save: list[str]) -> list[str]:
 
 
 def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, task: str | None = None,
-                labels: list[str] | None = None, problem_type: str | None = None) -> Adapter:
-    """Read a PEFT LoRA/AdaLoRA adapter folder; write it in this project's format if out_path is given."""
+                labels: list[str] | None = None, problem_type: str | None = None,
+                base_model: nn.Module | str | os.PathLike | None = None) -> Adapter:
+    """Read a PEFT LoRA/AdaLoRA adapter folder; write it in this project's format if out_path is given.
+
+    PEFT files do not identify their base model's weights. Pass ``base_model`` (the model, a hub id
+    or a local path) to check every adapted module against it and record its fingerprint, so that
+    loading the imported adapter onto another base model is refused; without it, that check is
+    skipped with a warning at load time.
+    """
     path = Path(path)
     cfg_file, wfile = path / PEFT_CONFIG, path / PEFT_WEIGHTS
     if not cfg_file.is_file():
@@ -156,13 +167,21 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     problem_type = problem_type or ("regression" if num_labels == 1 else "single_label_classification")
     if problem_type not in PROBLEM_TYPES:
         raise AdapterFormatError(f"import_peft: problem_type must be one of {PROBLEM_TYPES}")
+    fingerprint, model_type, base_name = None, None, pcfg.get("base_model_name_or_path") or "unknown"
+    if base_model is not None:
+        if not isinstance(base_model, nn.Module):
+            base_name = str(base_model)
+            base_model = _load_base(base_model, num_labels)
+        _check_shapes(base_model, modules, wfile)
+        fingerprint = model_fingerprint(base_model, saved_modules)
+        model_type = getattr(getattr(base_model, "config", None), "model_type", None)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "task": task or path.resolve().name,
-        "base_model": pcfg.get("base_model_name_or_path") or "unknown",
-        "base_model_fingerprint": None,
-        "model_type": None,
+        "base_model": base_name,
+        "base_model_fingerprint": fingerprint,
+        "model_type": model_type,
         "problem_type": problem_type,
         "num_labels": num_labels,
         "labels": labels,
@@ -183,3 +202,26 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
         write_adapter_folder(out_path, config, {k: v.contiguous() for k, v in out.items()})
         return read_adapter(out_path)
     return Adapter(path=path, config=config, modules=modules, saved=saved)
+
+
+def _load_base(name: str | os.PathLike, num_labels: int) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(resolve_model(str(name)), num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"import_peft: could not load base model {str(name)!r} ({exc})") from exc
+
+
+def _check_shapes(model: nn.Module, modules: dict[str, ModuleFactors], wfile: Path) -> None:
+    """Every adapted module exists in the base model as a linear layer of matching shape."""
+    for name, f in modules.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise BaseModelMismatchError(f"{wfile}: module {name} is not in the given base model") from None
+        layer = getattr(layer, "base_layer", layer)
+        shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+        if shape != (f.B.shape[0], f.A.shape[1]):
+            raise BaseModelMismatchError(f"{wfile}: {name} is [out {f.B.shape[0]}, in {f.A.shape[1]}] in the adapter, "
+                                         f"{list(shape)} in the given base model")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 
-from increlora import AdapterFormatError, IncreLoraConfig, export_peft, import_peft, load_adapter, save_adapter
+from increlora import (AdapterFormatError, BaseModelMismatchError, IncreLoraConfig, export_peft, import_peft, load_adapter,
+                       save_adapter)
 from tests.loop import train
-from tests.tiny import tiny_classifier
+from tests.tiny import make_tiny_base, tiny_classifier
 
 
 def _ids():
@@ -89,3 +90,23 @@ def test_import_refuses_unsupported_adapters(tiny_base, tmp_path):
     (tmp_path / "ia3" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(AdapterFormatError):
         import_peft(tmp_path / "ia3")
+
+
+def test_import_with_base_model_records_its_fingerprint_and_checks_shapes(tiny_base, other_tiny_base, tmp_path):
+    peft_model = get_peft_model(tiny_classifier(tiny_base, 2), LoraConfig(r=2, target_modules=["query", "value"],
+                                                                          modules_to_save=["classifier"]))
+    peft_model.save_pretrained(tmp_path / "p")
+    # By path: the fingerprint of that model goes into the file, so the adapter loads on it ...
+    imported = import_peft(tmp_path / "p", tmp_path / "ours", base_model=tiny_base)
+    assert imported.fingerprint is not None and imported.base_model == str(tiny_base)
+    load_adapter(tiny_classifier(tiny_base, 2, seed=3), tmp_path / "ours")
+    # ... and is refused on another base model, where a plain import would only warn.
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(tiny_classifier(other_tiny_base, 2), tmp_path / "ours")
+    assert import_peft(tmp_path / "p").fingerprint is None
+    # A model object works too, with the same fingerprint.
+    assert import_peft(tmp_path / "p", base_model=tiny_classifier(tiny_base, 2, seed=9)).fingerprint == imported.fingerprint
+    # A base model whose layers do not fit the adapter is refused at import.
+    wide = tiny_classifier(make_tiny_base(tmp_path / "wide", hidden_size=48), 2)
+    with pytest.raises(BaseModelMismatchError, match="query"):
+        import_peft(tmp_path / "p", base_model=wide)
