@@ -20,6 +20,9 @@ class UnknownTaskError(ServingError, KeyError):
     def __str__(self) -> str:  # KeyError would show the repr of the message
         return str(self.args[0])
 
+    def __reduce__(self):  # rebuilt from its fields when it crosses from the model process
+        return type(self), (self.task, self.known)
+
 
 class DuplicateTaskError(ServingError, ValueError):
     """An adapter's task name is already loaded in the bank."""

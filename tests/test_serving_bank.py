@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import pytest
@@ -101,6 +102,9 @@ def test_bad_inputs_give_clear_errors(bank):
     with pytest.raises(UnknownTaskError, match=r"unknown task 'nope'.*'sst2'") as info:
         bank.predict(["a", "b"], ["sst2", "nope"])
     assert isinstance(info.value, KeyError)
+    # It crosses from the model process to the service intact (pickled), message and fields.
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (type(copy), str(copy), copy.task, copy.known) == (UnknownTaskError, str(info.value), "nope", info.value.known)
 
 
 def test_long_inputs_are_truncated(bank):
