@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cli import main as train
@@ -64,11 +65,13 @@ def serve_and_query(adapters: str) -> int:
                              "--host", "127.0.0.1", "--port", str(port)])
     try:
         _wait_ready(base, proc)
-        print("\nmixed-task requests through the HTTP service:")
-        for task, text in EXAMPLES:
-            pred = _call(f"{base}/v1/predict", {"task": task, "inputs": [text]})["predictions"][0]
-            print(f"  [{task:15s}] {pred.get('label', pred.get('value'))!s:14s} "
-                  f"(score {pred.get('score', float('nan')):.3f})  {text}")
+        print("\nmixed-task requests through the HTTP service, sent at once so they share batches:")
+        with ThreadPoolExecutor(len(EXAMPLES)) as pool:
+            answers = pool.map(lambda ex: _call(f"{base}/v1/predict", {"task": ex[0], "inputs": [ex[1]]}), EXAMPLES)
+            for (task, text), answer in zip(EXAMPLES, answers):
+                pred = answer["predictions"][0]
+                print(f"  [{task:15s}] {pred.get('label', pred.get('value'))!s:14s} "
+                      f"(score {pred.get('score', float('nan')):.3f})  {text}")
         print("\nper task:")
         for task in TASKS.split(","):
             folder = Path(adapters) / task
