@@ -9,6 +9,7 @@ Under torch.distributed it keeps the replicas in agreement (see ``increlora.dist
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,7 +37,12 @@ class GrowthEvent:
 
 
 class RankAllocator:
-    def __init__(self, model: nn.Module, config: IncreLoraConfig | None = None, total_steps: int = 0):
+    def __init__(self, model: nn.Module, config: IncreLoraConfig | None = None, total_steps: int = 0,
+                 replicas: bool | None = None):
+        """``replicas``: whether the processes of an initialised torch.distributed group train copies
+        of this model on shares of each batch (data parallel), so they must score and grow as one.
+        None (the default) says yes whenever such a group has more than one process; pass False when
+        each process trains a model of its own."""
         config = config or getattr(model, "increlora_config", None)
         if config is None:
             raise ValueError("RankAllocator: pass the IncreLoraConfig or call apply_increlora(model, config) first")
@@ -45,6 +51,7 @@ class RankAllocator:
         self.model = model
         self.config = config
         self.total_steps = total_steps
+        self.replicas = replicas
         self.layers: dict[str, IncreLoraLinear] = dict(increlora_layers(model))
         if not self.layers:
             raise ValueError("RankAllocator: the model has no IncreLoRA layers; call apply_increlora first")
@@ -55,6 +62,11 @@ class RankAllocator:
         self.scored_steps = 0
         self._warn_if_budget_unreachable()
         self._arm(0)
+
+    @property
+    def synced(self) -> bool:
+        """Whether this step keeps replicas in agreement (see ``replicas``)."""
+        return distributed.is_distributed() if self.replicas is None else self.replicas and distributed.is_distributed()
 
     # -- schedule ----------------------------------------------------------------------------
     @property
@@ -107,16 +119,18 @@ class RankAllocator:
         """Score (on scoring steps), grow (on growth steps), then arm capture for the next step.
 
         ``loss_scale``: the factor the loss was multiplied by before backward (fp16 loss scaling,
-        e.g. ``GradScaler.get_scale()``); the captured gradients are divided by it. A step whose
-        captured gradients overflowed is not scored, as the scaler skips its optimizer step too.
+        e.g. ``GradScaler.get_scale()``); the scores are divided by it (they are linear in the
+        gradient). A step whose gradients overflowed is not scored, as the scaler skips its
+        optimizer step too.
         """
         events: list[GrowthEvent] = []
         if self.is_scoring_step(global_step):
-            if distributed.is_distributed():
+            if self.synced:
                 self._average_captured_gradients()
-            if self._unscale_captured_gradients(loss_scale):
-                for name, layer in self.layers.items():
-                    self.tracker.update(name, sensitivity(layer))
+            scores = {name: sensitivity(layer) / loss_scale for name, layer in self.layers.items()}
+            if all(math.isfinite(v) for v in scores.values()):
+                for name, v in scores.items():
+                    self.tracker.update(name, v)
                 self.scored_steps += 1
             else:
                 logger.info("IncreLoRA: step %d not scored: its gradients overflowed (loss scale %g)",
@@ -133,16 +147,6 @@ class RankAllocator:
                 w = layer.base_layer.weight
                 layer.grad_acc = torch.zeros(layer.out_features, layer.in_features, device=w.device)
         distributed.all_reduce_mean([layer.grad_acc for layer in self.layers.values()])
-
-    def _unscale_captured_gradients(self, loss_scale: float) -> bool:
-        """Divide the captured dL/d(dW) by the loss scale; False when any of them is not finite."""
-        captured = [layer.grad_acc for layer in self.layers.values() if layer.grad_acc is not None]
-        if captured and not bool(torch.stack([torch.isfinite(g).all() for g in captured]).all()):
-            return False
-        if loss_scale != 1.0:
-            for g in captured:
-                g.div_(loss_scale)
-        return True
 
     def choose(self) -> list[tuple[str, int]]:
         """Modules to grow now and by how much: top_h by score, never past the budget."""
@@ -163,7 +167,7 @@ class RankAllocator:
         new_params: list[nn.Parameter] = []
         events = []
         chosen = self.choose()
-        if distributed.is_distributed():  # replicas must grow alike even if their scores differ in the last bit
+        if self.synced:  # replicas must grow alike even if their scores differ in the last bit
             chosen = distributed.broadcast_object(chosen)
         for name, k in chosen:
             layer = self.layers[name]
@@ -175,7 +179,7 @@ class RankAllocator:
             new_params = [p for p in new_params if p.requires_grad]
             logger.info("IncreLoRA: rank budget %d reached at step %d; reserves dropped", self.budget, step)
         self.history += events
-        if distributed.is_distributed():  # fresh components start from rank 0's random values
+        if self.synced:  # fresh components start from rank 0's random values
             distributed.broadcast_from_first(new_params)
         if optimizer is not None:
             fit_optimizer_state(optimizer)

@@ -32,7 +32,8 @@ def config() -> IncreLoraConfig:
     return IncreLoraConfig(init_warmup=3, interval=2, top_h=3, warmup_steps=2, lora_dropout=0.0, orth_reg_weight=0.1)
 
 
-def train(base, rank: int = 0, world: int = 1, sync_gradients: bool = True):
+def train(base, rank: int = 0, world: int = 1, sync_gradients: bool = True, replicas: bool | None = None,
+          data_seed: int = 123):
     """The plain loop; with world > 1 each replica takes its share of every micro-batch under DDP."""
     cfg = config()
     model = tiny_classifier(base, 2, seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -40,11 +41,11 @@ def train(base, rank: int = 0, world: int = 1, sync_gradients: bool = True):
     apply_increlora(model, cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
     sched = RestartWarmupScheduler(opt, cfg.warmup_steps, STEPS)
-    alloc = RankAllocator(model, cfg, STEPS)
+    alloc = RankAllocator(model, cfg, STEPS, replicas=replicas)
     forward = DistributedDataParallel(model) if world > 1 else model
     sync = GradientSync(model) if world > 1 and sync_gradients else None
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    batches = synthetic_batches(STEPS, MICRO, batch=BATCH)
+    batches = synthetic_batches(STEPS, MICRO, batch=BATCH, seed=data_seed)
     model.train()
     for step in range(STEPS):
         for m in range(MICRO):
@@ -69,18 +70,23 @@ def snapshot(model, alloc) -> tuple[dict, dict]:
     return tensors, {"ranks": alloc.rank_pattern(), "history": [(e.step, e.module, e.added) for e in alloc.history]}
 
 
-def _replica(rank: int, world: int, base: str, init_file: str, out: str, sync_gradients: bool) -> None:
+def _replica(rank: int, world: int, base: str, init_file: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        tensors, meta = snapshot(*train(base, rank, world, sync_gradients))
+        if mode == "independent":  # one process group, but each process trains its own model on its own data
+            torch.manual_seed(1000)
+            result = train(base, replicas=False, data_seed=123 + rank)
+        else:
+            result = train(base, rank, world, sync_gradients=mode == "ddp")
+        tensors, meta = snapshot(*result)
         save_file(tensors, f"{out}/rank{rank}.safetensors")
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(meta))
     finally:
         dist.destroy_process_group()
 
 
-def run_replicas(base, tmp_path: Path, sync_gradients: bool = True, world: int = 2):
-    mp.spawn(_replica, args=(world, str(base), str(tmp_path / "init"), str(tmp_path), sync_gradients),
+def run_replicas(base, tmp_path: Path, mode: str = "ddp", world: int = 2):
+    mp.spawn(_replica, args=(world, str(base), str(tmp_path / "init"), str(tmp_path), mode),
              nprocs=world, join=True)
     return [(load_file(tmp_path / f"rank{r}.safetensors"), json.loads((tmp_path / f"rank{r}.json").read_text()))
             for r in range(world)]
@@ -112,9 +118,18 @@ def test_two_replicas_train_like_one_process_with_the_whole_batch(tiny_base, tmp
 
 def test_without_gradient_sync_the_replicas_drift_apart(tiny_base, tmp_path):
     # The check above would pass vacuously if DDP already reduced the adapter: show it does not.
-    (t0, _), (t1, _) = run_replicas(tiny_base, tmp_path, sync_gradients=False)
+    (t0, _), (t1, _) = run_replicas(tiny_base, tmp_path, mode="ddp-nosync")
     lora = [n for n in t0 if ".lora_A." in n]
     assert lora and any(not torch.equal(t0[n], t1[n]) for n in lora)
+
+
+def test_processes_training_models_of_their_own_do_not_sync_with_replicas_false(tiny_base, tmp_path, single):
+    (t0, m0), (t1, m1) = run_replicas(tiny_base, tmp_path, mode="independent")
+    ref_tensors, ref_meta = single  # rank 0 trained on the single run's data, alone
+    assert m0["history"] == [list(h) for h in ref_meta["history"]]
+    for name, ref in ref_tensors.items():
+        torch.testing.assert_close(t0[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(not torch.equal(t0[n], t1[n]) for n in t0)  # rank 1 had other data
 
 
 def test_apply_increlora_excludes_every_adapter_tensor_from_ddp(tiny_base):
