@@ -120,8 +120,8 @@ class RankAllocator:
 
         ``loss_scale``: the factor the loss was multiplied by before backward (fp16 loss scaling,
         e.g. ``GradScaler.get_scale()``); the scores are divided by it (they are linear in the
-        gradient). A step whose gradients overflowed is not scored, as the scaler skips its
-        optimizer step too.
+        gradient). A step whose scores are not finite (overflowed captured gradients) is not scored;
+        the scaler skips that optimizer step too.
         """
         events: list[GrowthEvent] = []
         if self.is_scoring_step(global_step):
@@ -146,7 +146,8 @@ class RankAllocator:
             if layer.grad_acc is None:
                 w = layer.base_layer.weight
                 layer.grad_acc = torch.zeros(layer.out_features, layer.in_features, device=w.device)
-        distributed.all_reduce_mean([layer.grad_acc for layer in self.layers.values()])
+        for layer in self.layers.values():  # one at a time: a coalesced copy would double this memory
+            distributed.all_reduce_mean([layer.grad_acc])
 
     def choose(self) -> list[tuple[str, int]]:
         """Modules to grow now and by how much: top_h by score, never past the budget."""

@@ -9,12 +9,14 @@ buckets. The adapter's own tensors are therefore taken out of DDP's hands and ke
   it must have run on the final structure before DDP wraps the model.
 - ``GradientSync(model)`` averages the adapter gradients over the replicas at the end of every
   backward pass, in one all-reduce, before gradient clipping or the optimizer read them. Averaging
-  is linear, so doing it after each micro-batch of an accumulation gives the averaged sum.
+  is linear, so doing it after each micro-batch of an accumulation gives the averaged sum. A
+  parameter that got no gradient on any replica keeps none, as in a single process.
 - ``RankAllocator`` averages the accumulated dL/d(dW) before scoring, takes rank 0's growth
   decision and rank 0's values of the parameters a growth step creates.
 
 With these, N replicas with b rows each train like one process with N*b rows per step.
-Everything here is a no-op unless torch.distributed is initialised with more than one process.
+``GradientSync`` does nothing unless torch.distributed is initialised with more than one process;
+the collective helpers below expect such a group.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def all_reduce_mean(tensors: list[torch.Tensor], group=None) -> None:
     """Average the tensors in place over the process group, in one coalesced float32 all-reduce."""
     if not tensors:
         return
+    if len(tensors) == 1 and tensors[0].dtype == torch.float32 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0].detach(), group=group)  # no staging copy
+        tensors[0].detach().div_(dist.get_world_size(group))
+        return
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     dist.all_reduce(flat, group=group)
     flat /= dist.get_world_size(group)
@@ -112,15 +118,12 @@ def broadcast_adapter(model: nn.Module, group=None) -> None:
     broadcast_from_first(tensors, group)
 
 
-def _first_grad_tensor(output) -> torch.Tensor | None:
+def _grad_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model output that autograd tracks (loss, logits, ...)."""
     if torch.is_tensor(output):
-        return output if output.requires_grad else None
+        return [output] if output.requires_grad else []
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    for value in values:
-        t = _first_grad_tensor(value)
-        if t is not None:
-            return t
-    return None
+    return [t for value in values for t in _grad_tensors(value)]
 
 
 class GradientSync:
@@ -133,12 +136,13 @@ class GradientSync:
     def __init__(self, model: nn.Module, group=None):
         self.model, self.group = model, group
         self._queued = False
+        self.syncs = 0  # completed averages; the Trainer callback checks that each step had one
         self._handle = model.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs, output):
         if module.training and torch.is_grad_enabled():
-            t = _first_grad_tensor(output)
-            if t is not None:
+            self._queued = False  # a backward that failed midway must not silence the next one
+            for t in _grad_tensors(output):  # whichever of them the loss is computed from
                 t.register_hook(self._on_backward)
         return None
 
@@ -150,11 +154,16 @@ class GradientSync:
     def sync(self) -> None:
         """Average the gradients now (also callable by hand after backward in a custom loop)."""
         self._queued = False
+        if not is_distributed():
+            return
         params = adapter_parameters(self.model)
-        for p in params:
-            if p.grad is None:  # a replica that produced no gradient contributes zeros
-                p.grad = torch.zeros_like(p)
-        all_reduce_mean([p.grad for p in params], self.group)
+        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device) \
+            if params else torch.zeros(0)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        all_reduce_mean(grads + [present], self.group)
+        for p, g, seen in zip(params, grads, present.tolist()):
+            p.grad = g if seen > 0 else None  # no replica had one: none, as in one process
+        self.syncs += 1
 
     def remove(self) -> None:
         self._handle.remove()

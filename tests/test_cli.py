@@ -123,6 +123,13 @@ def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
     assert cli(tiny_base, files, out, callbacks=[InterruptAt(3)]) == 130
     assert cli(tiny_base, files, out, "--resume", "--lr", "1e-3") == 1
     assert "learning_rate" in capsys.readouterr().err
+    # another number of processes changes the global batch: refused too
+    run_file = out / "checkpoints" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["processes"] == 1
+    run_file.write_text(json.dumps({**run, "processes": 2}))
+    assert cli(tiny_base, files, out, "--resume") == 1
+    assert "processes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from increlora import IncreLoraConfig, apply_increlora, orth_loss, read_adapter
+from increlora import IncreLoraConfig, apply_increlora, increlora_layers, orth_loss, read_adapter
 from increlora.allocator import RankAllocator
 from increlora.distributed import GradientSync, adapter_tensor_names, check_ddp_exclusion, exclude_from_ddp
 from increlora.errors import ConfigError
@@ -33,7 +34,7 @@ def config() -> IncreLoraConfig:
 
 
 def train(base, rank: int = 0, world: int = 1, sync_gradients: bool = True, replicas: bool | None = None,
-          data_seed: int = 123):
+          data_seed: int = 123, loss_from_logits: bool = False):
     """The plain loop; with world > 1 each replica takes its share of every micro-batch under DDP."""
     cfg = config()
     model = tiny_classifier(base, 2, seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -52,7 +53,11 @@ def train(base, rank: int = 0, world: int = 1, sync_gradients: bool = True, repl
             ids, labels = batches[step * MICRO + m]
             quiet = forward.no_sync() if world > 1 and m < MICRO - 1 else nullcontext()
             with quiet:
-                loss = forward(input_ids=ids[rows], labels=labels[rows]).loss + cfg.orth_reg_weight * orth_loss(model)
+                if loss_from_logits:  # the model's loss ignored, computed from the logits as custom code may do
+                    loss = F.cross_entropy(forward(input_ids=ids[rows], labels=labels[rows]).logits, labels[rows])
+                else:
+                    loss = forward(input_ids=ids[rows], labels=labels[rows]).loss
+                loss = loss + cfg.orth_reg_weight * orth_loss(model)
                 (loss / MICRO).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         torch.manual_seed(1000 + rank * 7 + step)  # replicas draw different fresh components: rank 0's must win
@@ -76,8 +81,11 @@ def _replica(rank: int, world: int, base: str, init_file: str, out: str, mode: s
         if mode == "independent":  # one process group, but each process trains its own model on its own data
             torch.manual_seed(1000)
             result = train(base, replicas=False, data_seed=123 + rank)
+        elif mode == "missing-grads":
+            _check_missing_gradients(base, rank)
+            return
         else:
-            result = train(base, rank, world, sync_gradients=mode == "ddp")
+            result = train(base, rank, world, sync_gradients=mode != "ddp-nosync", loss_from_logits=mode == "logits")
         tensors, meta = snapshot(*result)
         save_file(tensors, f"{out}/rank{rank}.safetensors")
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(meta))
@@ -85,9 +93,28 @@ def _replica(rank: int, world: int, base: str, init_file: str, out: str, mode: s
         dist.destroy_process_group()
 
 
+def _check_missing_gradients(base, rank: int) -> None:
+    """A parameter with no gradient anywhere keeps none; one missing on one replica averages with zero."""
+    model = apply_increlora(tiny_classifier(base, 2, seed=0), config())
+    sync = GradientSync(model)
+    ids, labels = synthetic_batches(1, batch=4)[0]
+    model.train()
+    model(input_ids=ids, labels=labels).loss.backward()  # the sync runs at its end
+    params = [p for _, layer in increlora_layers(model) for p in layer.lora_A]
+    nowhere, one_side = params[0], params[1]
+    nowhere.grad = None
+    one_side.grad = torch.ones_like(one_side) if rank == 0 else None
+    sync.sync()
+    assert nowhere.grad is None
+    assert torch.equal(one_side.grad, torch.full_like(one_side, 0.5))
+    assert sync.syncs == 2
+
+
 def run_replicas(base, tmp_path: Path, mode: str = "ddp", world: int = 2):
     mp.spawn(_replica, args=(world, str(base), str(tmp_path / "init"), str(tmp_path), mode),
              nprocs=world, join=True)
+    if mode == "missing-grads":
+        return []
     return [(load_file(tmp_path / f"rank{r}.safetensors"), json.loads((tmp_path / f"rank{r}.json").read_text()))
             for r in range(world)]
 
@@ -114,6 +141,16 @@ def test_two_replicas_train_like_one_process_with_the_whole_batch(tiny_base, tmp
     assert t0.keys() == ref_tensors.keys()
     for name, ref in ref_tensors.items():
         torch.testing.assert_close(t0[name], ref, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_loss_computed_from_the_logits_is_synced_too(tiny_base, tmp_path, single):
+    (t0, m0), (t1, m1) = run_replicas(tiny_base, tmp_path, mode="logits")
+    assert m0 == m1 and all(torch.equal(t0[n], t1[n]) for n in t0)
+    assert m0["history"] == [list(h) for h in single[1]["history"]]
+
+
+def test_gradients_missing_on_some_replicas(tiny_base, tmp_path):
+    run_replicas(tiny_base, tmp_path, mode="missing-grads")  # asserts inside each process
 
 
 def test_without_gradient_sync_the_replicas_drift_apart(tiny_base, tmp_path):

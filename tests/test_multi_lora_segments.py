@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,8 +108,8 @@ def test_intra_op_threads_are_restored(kernel):
 
 def test_small_cpu_batches_take_the_kernel_unless_gradients_are_needed(monkeypatch):
     calls = []
-    real = cpu_kernel.lora_segments_parallel
-    monkeypatch.setattr(cpu_kernel, "lora_segments_parallel", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernel.add_segment_updates
+    monkeypatch.setattr(cpu_kernel, "add_segment_updates", lambda *a: calls.append(1) or real(*a))
     x, bounds, a_list, b_list, out = random_case(7, [3, 4, 2], [2, 3, 1])
     with kernel_switch(True):
         lora_segments(x, bounds, a_list, b_list, out.clone())
@@ -116,3 +118,14 @@ def test_small_cpu_batches_take_the_kernel_unless_gradients_are_needed(monkeypat
         a_grad = [a.clone().requires_grad_() for a in a_list]
         lora_segments(x, bounds, a_grad, b_list, out.clone()).sum().backward()
         assert calls == [1] and all(a.grad is not None for a in a_grad)
+
+
+def test_a_build_marker_left_by_a_killed_build_does_not_block_the_next(tmp_path):
+    # torch's cpp_extension waits forever on a leftover `lock` file; the kernel's own lock clears it.
+    folder = cpu_kernel.build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lock").write_text("")
+    code = "import serving.cpu_kernel as k; raise SystemExit(k.main())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (folder / "lock").exists()

@@ -125,3 +125,22 @@ def test_loss_scale_is_read_from_the_accelerate_optimizer():
         assert loss_scale(torch.optim.SGD([param], lr=0.1)) == 1.0
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_torchrun_guards_raise_clear_errors(tiny_base):
+    from types import SimpleNamespace
+
+    from increlora.errors import ConfigError
+
+    # Nothing but the adapter is trainable: DDP would have no parameter to own.
+    model = apply_increlora(tiny_classifier(tiny_base, 2), IncreLoraConfig(modules_to_save=[]))
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        IncreLoraCallback().on_init_end(SimpleNamespace(world_size=2), None, None, model=model)
+    IncreLoraCallback().on_init_end(SimpleNamespace(world_size=1), None, None, model=model)
+
+    # A step whose backward never reached the gradient averaging is refused, not trained apart.
+    callback = IncreLoraCallback()
+    callback._grad_sync = SimpleNamespace(syncs=3)
+    callback._syncs_seen = 3
+    with pytest.raises(ConfigError, match="not averaged"):
+        callback.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None)

@@ -49,11 +49,16 @@ class IncreLoraCallback(TrainerCallback):
         self.allocator: RankAllocator | None = None
         self._hook = None
         self._grad_sync: distributed.GradientSync | None = None
+        self._syncs_seen = 0
 
     # -- training ----------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and getattr(model, "increlora_config", None) is not None:
             distributed.exclude_from_ddp(model)  # the Trainer wraps the model in DDP later, in train()
+            if args.world_size > 1 and not _ddp_owned_parameters(model):
+                raise ConfigError("IncreLoRA under torchrun needs a trainable module besides the adapter for "
+                                  "DistributedDataParallel to own (modules_to_save, e.g. the classifier); "
+                                  "this model has none")
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         config = self.config or getattr(model, "increlora_config", None)
@@ -68,7 +73,7 @@ class IncreLoraCallback(TrainerCallback):
             distributed.check_ddp_exclusion(model)
             distributed.broadcast_adapter(model)
             if self._grad_sync is None:
-                self._grad_sync = distributed.GradientSync(model)
+                self._grad_sync, self._syncs_seen = distributed.GradientSync(model), 0
         if self.allocator is None:
             self.allocator = RankAllocator(model, config, state.max_steps)
         elif self.allocator.total_steps != state.max_steps:
@@ -80,6 +85,11 @@ class IncreLoraCallback(TrainerCallback):
         self._schedule_new_groups(optimizer, lr_scheduler)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self._grad_sync is not None:
+            if self._grad_sync.syncs == self._syncs_seen:  # the same on every replica: all raise, none hangs
+                raise ConfigError("IncreLoRA under torchrun: this step's adapter gradients were not averaged over "
+                                  "the processes; the loss must be computed from the model's output tensors")
+            self._syncs_seen = self._grad_sync.syncs
         events = self.allocator.step(state.global_step, optimizer, lr_scheduler, loss_scale=loss_scale(optimizer))
         self._schedule_new_groups(optimizer, lr_scheduler)
         for e in events:
@@ -94,7 +104,7 @@ class IncreLoraCallback(TrainerCallback):
             self._grad_sync = None
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:  # where the Trainer writes its checkpoint (one process, or one per node)
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_state(folder, model, optimizer, self.allocator, state.global_step)
 
@@ -126,6 +136,11 @@ def loss_scale(optimizer) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
+
+
+def _ddp_owned_parameters(model: nn.Module) -> list[str]:
+    ignored = set(getattr(model, distributed.IGNORE_ATTR, ()))
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in ignored]
 
 
 # -- the state next to a Hugging Face checkpoint ---------------------------------------------

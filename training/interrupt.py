@@ -1,9 +1,10 @@
 """Ctrl-C during training: finish the step, write a checkpoint, stop. A second Ctrl-C aborts at once.
 
-SIGTERM is treated the same way, since torchrun answers Ctrl-C (and schedulers answer preemption)
-by sending it to every worker. Under torchrun the workers agree after every step on whether any of
-them was asked to stop, so they all stop after the same step (a worker stopping alone would leave
-the others waiting in a collective).
+SIGTERM is treated the same way (job schedulers send it to preempt). Under torchrun, which passes
+the signal it gets on to every worker, the workers agree after every step on whether any of them
+was asked to stop, so they all stop after the same step (a worker stopping alone would leave the
+others waiting in a collective). torchrun kills workers that have not exited after its
+``--shutdown-timeout`` (30 s by default): raise it if a step plus a checkpoint takes longer.
 """
 from __future__ import annotations
 

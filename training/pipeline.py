@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ RUN_FILE = "run.json"
 ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
 SAME_ON_RESUME = ("method", "model", "seed", "max_length", "batch_size", "grad_accum", "epochs", "steps",
-                  "learning_rate", "weight_decay", "increlora")
+                  "learning_rate", "weight_decay", "increlora", "processes")
 
 
 @dataclass
@@ -155,11 +156,17 @@ def training_arguments(opts: TrainOptions, output: Path, steps: int) -> Training
 
 def _check_resume_options(run_file: Path, opts: TrainOptions) -> None:
     saved = json.loads(run_file.read_text())
-    now = _jsonable(opts)
+    now = _run_record(opts)
+    saved.setdefault("processes", 1)  # run files written before it was recorded
     changed = [k for k in SAME_ON_RESUME if saved.get(k) != now.get(k)]
     if changed:
         raise CheckpointError(f"--resume with other options than the interrupted run: {', '.join(changed)} "
                               f"differ (see {run_file})")
+
+
+def _run_record(opts: TrainOptions) -> dict:
+    """What run.json keeps: the options, and the number of processes (the global batch depends on it)."""
+    return {**_jsonable(opts), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 def _jsonable(opts: TrainOptions) -> dict:
@@ -193,7 +200,8 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
                overwrite: bool = False, callbacks: list | None = None) -> TaskResult:
     """Train `task` into `output`; returns unfinished (with the step) when interrupted by Ctrl-C."""
     output = Path(output)
-    procs = PartialState(cpu=cpu_processes())  # one process, or one of a torchrun launch (the Trainer's group)
+    # one process, or one of a torchrun launch (the Trainer's group; HF's default ddp_timeout of 30 min)
+    procs = PartialState(cpu=cpu_processes(), timeout=timedelta(seconds=1800))
     check_output(output, resume, overwrite)
     if resume and is_finished(output):
         logger.info("%s: already trained in %s; skipping", task, output)
@@ -213,7 +221,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     folder = output / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     if procs.is_main_process:
-        (folder / RUN_FILE).write_text(json.dumps(_jsonable(opts), indent=1))
+        (folder / RUN_FILE).write_text(json.dumps(_run_record(opts), indent=1))
     stop = StopOnInterrupt()
     trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
