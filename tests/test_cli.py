@@ -225,3 +225,17 @@ def test_real_minilm_on_real_data_smoke(tmp_path):
     assert adapter.base_model == "default" and metrics["num_modules"] == 36
     assert metrics["final_total_rank"] == 36 + 2 * 8  # growth at steps 1 and 2
     assert 0.0 <= metrics["test"]["f1"] <= 1.0
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path):
+    from training.pipeline import last_complete_checkpoint
+
+    for step, files in ((4, ["trainer_state.json", "increlora_state.json"]), (8, ["model.safetensors"]),
+                        (12, ["model.safetensors", "trainer_state.json"])):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    assert last_complete_checkpoint(tmp_path, "increlora") == str(tmp_path / "checkpoint-4")
+    assert last_complete_checkpoint(tmp_path, "lora") == str(tmp_path / "checkpoint-12")
+    assert last_complete_checkpoint(tmp_path / "checkpoint-8", "lora") is None

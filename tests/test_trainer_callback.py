@@ -1,6 +1,8 @@
 """The Trainer integration against a plain loop: same ranks, same parameters after the same steps."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -144,3 +146,17 @@ def test_torchrun_guards_raise_clear_errors(tiny_base):
     callback._syncs_seen = 3
     with pytest.raises(ConfigError, match="not averaged"):
         callback.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None)
+
+
+def test_allocator_state_is_in_a_checkpoint_before_it_is_marked_complete(tiny_base, tmp_path, monkeypatch):
+    # trainer_state.json is the last file of a checkpoint; the allocator state must already be there.
+    from transformers.trainer_callback import TrainerState
+
+    seen = []
+    real = TrainerState.save_to_json
+    monkeypatch.setattr(TrainerState, "save_to_json", lambda self, path: seen.append(
+        (Path(path).parent / "increlora_state.json").is_file()) or real(self, path))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=BATCH,
+                             learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
+    IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1)).train()
+    assert seen == [True, True]

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,13 +26,13 @@ import torch
 from accelerate import PartialState
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           TrainingArguments)
-from transformers.trainer_utils import get_last_checkpoint
 
 from increlora import IncreLoraConfig
 from increlora.assets import resolve_model
 from increlora.errors import CheckpointError, ConfigError
 
 from . import methods
+from .callback import STATE_NAME
 from .data import DataError, TaskData, to_torch_dataset
 from .interrupt import StopOnInterrupt
 from .metrics import compute_metrics
@@ -173,10 +174,23 @@ def _jsonable(opts: TrainOptions) -> dict:
     return json.loads(json.dumps(asdict(opts), default=str))
 
 
+def last_complete_checkpoint(folder: Path, method: str) -> str | None:
+    """The newest checkpoint whose last files were written: a process killed while saving one
+    (e.g. by torchrun's shutdown timeout) leaves it partial, and the one before it is still there."""
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    needed = ["trainer_state.json"] + ([STATE_NAME] if method == "increlora" else [])
+    for _, path in reversed(steps):
+        if all((path / name).is_file() for name in needed):
+            return str(path)
+        logger.warning("%s is incomplete (a save was interrupted); skipping it", path)
+    return None
+
+
 def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool, overwrite: bool) -> str | None:
     """The checkpoint to continue from (None: start afresh, clearing the folder if overwriting)."""
     folder = output / CHECKPOINTS
-    checkpoint = get_last_checkpoint(str(folder)) if resume and folder.is_dir() else None
+    checkpoint = last_complete_checkpoint(folder, opts.method) if resume and folder.is_dir() else None
     if checkpoint is not None:
         _check_resume_options(folder / RUN_FILE, opts)
         return checkpoint

@@ -18,7 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed
 from increlora.errors import CheckpointError, ConfigError
 
-from .callback import IncreLoraCallback, arrange_param_groups, restore_structure
+from .callback import IncreLoraCallback, arrange_param_groups, restore_structure, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ class IncreLoraTrainer(Trainer):
                 optimizer or self.optimizer, self.increlora_config.warmup_steps, num_training_steps)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # The allocator state goes in before trainer_state.json, the file that marks a checkpoint as
+        # complete, and before older checkpoints are deleted. (The callback writes it again on_save.)
+        if self.args.should_save and self.allocator is not None:
+            write_state(output_dir, self.model, self.optimizer, self.allocator, self.state.global_step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
