@@ -11,8 +11,6 @@ $(VENV)/.installed: pyproject.toml
 	# torch first: the pinned CPU build, unless a torch (e.g. a CUDA build) is already there
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# the CPU serving kernel, compiled now rather than when the first bank starts (optional)
-	$(PY) -c "import serving.cpu_kernel as k; raise SystemExit(k.main())" || echo "CPU kernel not built; serving uses the torch loop"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -27,7 +27,6 @@ from increlora.adapter_file import check_base_model
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
 
-from . import cpu_kernel
 from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
 from .batch_context import BatchContext, using_batch
@@ -105,8 +104,6 @@ class AdapterBank:
         self.device = _device(device)
         dtype = _dtype(dtype)
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        if self.device.type == "cpu":
-            cpu_kernel.kernel()  # compiled (or found in the cache) now, not during the first batch
         self.dtype = next(model.parameters()).dtype
         self.max_length = self._max_length()
         accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids

@@ -1,36 +1,12 @@
 """The batched multi-adapter matmul equals its dense one-adapter-at-a-time reference."""
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving import cpu_kernel, lora_segments, lora_segments_reference
-
-
-@contextlib.contextmanager
-def kernel_switch(on: bool):
-    """lora_segments with the compiled CPU kernel (which must have built here) or the torch loop."""
-    before = os.environ.get(cpu_kernel.ENV_SWITCH)
-    os.environ[cpu_kernel.ENV_SWITCH] = "1" if on else "0"
-    try:
-        if on:
-            assert cpu_kernel.kernel() is not None, "the CPU segment kernel did not build (see the log)"
-        yield
-    finally:
-        if before is None:
-            del os.environ[cpu_kernel.ENV_SWITCH]
-        else:
-            os.environ[cpu_kernel.ENV_SWITCH] = before
-
-
-BOTH = pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-loop"])
+from serving import lora_segments, lora_segments_reference
 
 
 def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,
@@ -54,78 +30,43 @@ def test_fast_path_equals_reference_fp32(seed, segs):
     rows, ranks = [n for n, _ in segs], [r for _, r in segs]
     x, bounds, a_list, b_list, out = random_case(seed, rows, ranks)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    for on in (True, False):
-        with kernel_switch(on):
-            got = lora_segments(x, bounds, a_list, b_list, out.clone())
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@BOTH
-def test_fast_path_equals_reference_half_precision(dtype, kernel):
-    with kernel_switch(kernel):
-        x, bounds, a_list, b_list, out = random_case(3, [5, 1, 8, 3], [4, 1, 9, 2], dtype=dtype)
-        want = lora_segments_reference(x, bounds, a_list, b_list, out)
-        got = lora_segments(x, bounds, a_list, b_list, out.clone())
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
+def test_fast_path_equals_reference_half_precision(dtype):
+    x, bounds, a_list, b_list, out = random_case(3, [5, 1, 8, 3], [4, 1, 9, 2], dtype=dtype)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
 
 
-@BOTH
-def test_works_in_place_and_leaves_rows_of_no_adapter_alone(kernel):
-    with kernel_switch(kernel):
-        x, bounds, a_list, b_list, out = random_case(1, [3, 4, 2], [2, 3, 1])
-        before = out.clone()
-        # the middle segment's task has rank 0 in this module: it is not passed at all
-        result = lora_segments(x, [bounds[0], bounds[2]], [a_list[0], a_list[2]], [b_list[0], b_list[2]], out)
-        assert result is out
-        torch.testing.assert_close(out[3:7], before[3:7], atol=0, rtol=0)
-        assert not torch.equal(out[:3], before[:3])
+def test_works_in_place_and_leaves_rows_of_no_adapter_alone():
+    x, bounds, a_list, b_list, out = random_case(1, [3, 4, 2], [2, 3, 1])
+    before = out.clone()
+    # the middle segment's task has rank 0 in this module: it is not passed at all
+    result = lora_segments(x, [bounds[0], bounds[2]], [a_list[0], a_list[2]], [b_list[0], b_list[2]], out)
+    assert result is out
+    torch.testing.assert_close(out[3:7], before[3:7], atol=0, rtol=0)
+    assert not torch.equal(out[:3], before[:3])
 
 
-@BOTH
-def test_rank_zero_factors_and_empty_segments_add_nothing(kernel):
-    with kernel_switch(kernel):
-        x, bounds, _, _, out = random_case(2, [3, 0, 2], [0, 0, 0])
-        empty_a = [torch.zeros(0, x.shape[1])] * 3
-        empty_b = [torch.zeros(out.shape[1], 0)] * 3
-        before = out.clone()
-        lora_segments(x, bounds, empty_a, empty_b, out)
-        torch.testing.assert_close(out, before, atol=0, rtol=0)
+def test_rank_zero_factors_and_empty_segments_add_nothing():
+    x, bounds, _, _, out = random_case(2, [3, 0, 2], [0, 0, 0])
+    empty_a = [torch.zeros(0, x.shape[1])] * 3
+    empty_b = [torch.zeros(out.shape[1], 0)] * 3
+    before = out.clone()
+    lora_segments(x, bounds, empty_a, empty_b, out)
+    torch.testing.assert_close(out, before, atol=0, rtol=0)
 
 
-@BOTH
-def test_intra_op_threads_are_restored(kernel):
-    with kernel_switch(kernel):
-        threads = torch.get_num_threads()
-        x, bounds, a_list, b_list, out = random_case(5, [4, 4], [2, 3])
-        lora_segments(x, bounds, a_list, b_list, out)
-        assert torch.get_num_threads() == threads
-        with pytest.raises(RuntimeError):
-            lora_segments(x, bounds, a_list, [b[:-1] for b in b_list], out)  # wrong shapes fail inside
-        assert torch.get_num_threads() == threads
-
-
-def test_small_cpu_batches_take_the_kernel_unless_gradients_are_needed(monkeypatch):
-    calls = []
-    real = cpu_kernel.add_segment_updates
-    monkeypatch.setattr(cpu_kernel, "add_segment_updates", lambda *a: calls.append(1) or real(*a))
-    x, bounds, a_list, b_list, out = random_case(7, [3, 4, 2], [2, 3, 1])
-    with kernel_switch(True):
-        lora_segments(x, bounds, a_list, b_list, out.clone())
-        assert calls == [1]
-        # autograd through the update: the torch loop, and the gradient reaches the factors
-        a_grad = [a.clone().requires_grad_() for a in a_list]
-        lora_segments(x, bounds, a_grad, b_list, out.clone()).sum().backward()
-        assert calls == [1] and all(a.grad is not None for a in a_grad)
-
-
-def test_a_build_marker_left_by_a_killed_build_does_not_block_the_next(tmp_path):
-    # torch's cpp_extension waits forever on a leftover `lock` file; the kernel's own lock clears it.
-    folder = cpu_kernel.build_directory()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lock").write_text("")
-    code = "import serving.cpu_kernel as k; raise SystemExit(k.main())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert not (folder / "lock").exists()
+def test_intra_op_threads_are_restored():
+    threads = torch.get_num_threads()
+    x, bounds, a_list, b_list, out = random_case(5, [4, 4], [2, 3])
+    lora_segments(x, bounds, a_list, b_list, out)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError):
+        lora_segments(x, bounds, a_list, [b[:-1] for b in b_list], out)  # wrong shapes fail inside
+    assert torch.get_num_threads() == threads
