@@ -20,6 +20,7 @@ the collective helpers below expect such a group.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 
 import torch
@@ -67,7 +68,7 @@ def check_ddp_exclusion(model: nn.Module) -> None:
     missing = set(adapter_tensor_names(model)) - set(getattr(model, IGNORE_ATTR, ()))
     if missing:
         raise ConfigError(
-            f"IncreLoRA under DistributedDataParallel: {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}) "
+            f"IncreLoRA under DistributedDataParallel: {len(missing)} adapter tensors (e.g. {min(missing)}) "
             "are not excluded from DDP; call increlora.distributed.exclude_from_ddp(model) after "
             "apply_increlora (and after restoring a checkpoint's structure), before wrapping the model")
 
@@ -133,8 +134,11 @@ class GradientSync:
     queued on the autograd engine, which runs it once the whole backward pass is done.
     """
 
-    def __init__(self, model: nn.Module, group=None):
-        self.model, self.group = model, group
+    def __init__(self, model: nn.Module, group=None, should_sync: Callable[[], bool] | None = None):
+        """``should_sync``: asked as each backward starts; False skips the average for that backward
+        (e.g. the micro-batches of an accumulation before the last, which DDP does not sync either:
+        the sums averaged at the last one are the same)."""
+        self.model, self.group, self.should_sync = model, group, should_sync
         self._queued = False
         self.syncs = 0  # completed averages; the Trainer callback checks that each step had one
         self._handle = model.register_forward_hook(self._on_forward)
@@ -144,10 +148,9 @@ class GradientSync:
             self._queued = False  # a backward that failed midway must not silence the next one
             for t in _grad_tensors(output):  # whichever of them the loss is computed from
                 t.register_hook(self._on_backward)
-        return None
 
     def _on_backward(self, grad: torch.Tensor) -> None:
-        if not self._queued:
+        if not self._queued and (self.should_sync is None or self.should_sync()):
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.sync)
 

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m tests.ddp_cli_run <report.json> <increlora-train arguments...>
 
 After every optimizer step, each replica's adapter (structure and values) is hashed and the hashes
-are gathered; rank 0 writes, per step, whether all replicas agreed, plus the global batch seen.
+are gathered; rank 0 writes, per step, whether all replicas agreed, plus the global batch seen and
+how many times the adapter gradients were averaged.
 With INTERRUPT_AT=k in the environment, the last replica alone sends itself SIGINT after step k.
 """
 from __future__ import annotations
@@ -34,11 +35,14 @@ def adapter_digest(model) -> str:
 
 class ReplicaCheck(TrainerCallback):
     def __init__(self, report: str):
-        self.report, self.steps, self.rows = report, [], 0
+        self.report, self.steps, self.syncs = report, [], -1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, adapter_digest(model))
+        sync = next((hook.__self__ for hook in model._forward_hooks.values()
+                     if type(getattr(hook, "__self__", None)).__name__ == "GradientSync"), None)
+        self.syncs = sync.syncs if sync is not None else -1  # adapter gradient averages so far
         self.steps.append({"step": state.global_step, "agree": len(set(digests)) == 1,
                            "total_rank": sum(layer.active_rank for _, layer in increlora_layers(model))})
         last = dist.get_rank() == dist.get_world_size() - 1
@@ -48,7 +52,8 @@ class ReplicaCheck(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if dist.get_rank() == 0:
             with open(self.report, "w") as f:
-                json.dump({"world_size": dist.get_world_size(), "epoch": state.epoch, "steps": self.steps}, f)
+                json.dump({"world_size": dist.get_world_size(), "epoch": state.epoch, "steps": self.steps,
+                           "syncs": self.syncs}, f)
 
 
 if __name__ == "__main__":

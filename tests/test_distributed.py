@@ -161,7 +161,7 @@ def test_without_gradient_sync_the_replicas_drift_apart(tiny_base, tmp_path):
 
 
 def test_processes_training_models_of_their_own_do_not_sync_with_replicas_false(tiny_base, tmp_path, single):
-    (t0, m0), (t1, m1) = run_replicas(tiny_base, tmp_path, mode="independent")
+    (t0, m0), (t1, _) = run_replicas(tiny_base, tmp_path, mode="independent")
     ref_tensors, ref_meta = single  # rank 0 trained on the single run's data, alone
     assert m0["history"] == [list(h) for h in ref_meta["history"]]
     for name, ref in ref_tensors.items():
@@ -236,3 +236,20 @@ def test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes(tin
     assert metrics["final_total_rank"] == 24 and metrics["resumed_from_step"] == 10
     assert sum(read_adapter(out).rank_pattern.values()) == 24
     assert not (out / "checkpoints").exists()
+
+
+def test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical(tiny_base, tmp_path):
+    from tests.test_cli import FAST, write_csv
+
+    csv = {s: write_csv(tmp_path / f"{s}.csv", n, i) for i, (s, n) in enumerate([("train", 320), ("dev", 48), ("test", 48)])}
+    out, report = tmp_path / "adapter", tmp_path / "report.json"
+    argv = ["--task", "toy", "--train", str(csv["train"]), "--validation", str(csv["dev"]), "--test", str(csv["test"]),
+            "--model", str(tiny_base), "--output", str(out), *FAST, "--batch-size", "4", "--grad-accum", "2",
+            "--steps", "12"]
+    done = torchrun_cli(argv, report)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(report.read_text())
+    assert run["epoch"] == pytest.approx(12 * 2 * 2 * 4 / 320)  # 2 processes x 2 micro-batches x 4 rows
+    assert [s["step"] for s in run["steps"]] == list(range(1, 13))
+    assert all(s["agree"] for s in run["steps"]), [s for s in run["steps"] if not s["agree"]][:3]
+    assert run["syncs"] == 12  # once per optimizer step, not once per micro-batch

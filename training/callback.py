@@ -20,6 +20,7 @@ import logging
 import os
 from pathlib import Path
 
+from accelerate.state import GradientState
 from torch import nn
 from transformers import TrainerCallback
 
@@ -73,7 +74,9 @@ class IncreLoraCallback(TrainerCallback):
             distributed.check_ddp_exclusion(model)
             distributed.broadcast_adapter(model)
             if self._grad_sync is None:
-                self._grad_sync, self._syncs_seen = distributed.GradientSync(model), 0
+                # averaged once per optimizer step, on the micro-batch where DDP syncs too
+                self._grad_sync = distributed.GradientSync(model, should_sync=lambda: GradientState().sync_gradients)
+                self._syncs_seen = 0
         if self.allocator is None:
             self.allocator = RankAllocator(model, config, state.max_steps)
         elif self.allocator.total_steps != state.max_steps:
