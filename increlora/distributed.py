@@ -160,8 +160,9 @@ class GradientSync:
         if not is_distributed():
             return
         params = adapter_parameters(self.model)
-        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device) \
-            if params else torch.zeros(0)
+        if not params:  # the same on every replica
+            return
+        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         all_reduce_mean(grads + [present], self.group)
         for p, g, seen in zip(params, grads, present.tolist()):

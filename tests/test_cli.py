@@ -130,6 +130,14 @@ def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
     run_file.write_text(json.dumps({**run, "processes": 2}))
     assert cli(tiny_base, files, out, "--resume") == 1
     assert "processes" in capsys.readouterr().err
+    # a run file from before the count was kept: the checkpoint's per-process RNG files tell
+    del run["processes"]
+    run_file.write_text(json.dumps(run))
+    checkpoint = next((out / "checkpoints").glob("checkpoint-*"))
+    for rank in range(2):
+        (checkpoint / f"rng_state_{rank}.pth").write_bytes(b"")
+    assert cli(tiny_base, files, out, "--resume") == 1
+    assert "processes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])

@@ -160,3 +160,20 @@ def test_allocator_state_is_in_a_checkpoint_before_it_is_marked_complete(tiny_ba
                              learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
     IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1)).train()
     assert seen == [True, True]
+
+
+def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tiny_base, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=BATCH,
+                             learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
+    IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1)).train()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the save finished
+
+    class Steps(TrainerCallback):
+        done: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.done.append(state.global_step)
+
+    trainer = IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1), callbacks=[Steps()])
+    trainer.train(resume_from_checkpoint=True)
+    assert Steps.done == [3, 4]  # continued from checkpoint-2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from accelerate.state import GradientState
@@ -154,8 +155,23 @@ def write_state(folder: str | os.PathLike, model: nn.Module, optimizer, allocato
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / STATE_NAME
-    path.write_text(json.dumps({"step": step, "allocator": allocator.state_dict(), "optimizer_groups": groups}))
+    partial = folder / (STATE_NAME + ".partial")  # a process killed while writing leaves no half file
+    partial.write_text(json.dumps({"step": step, "allocator": allocator.state_dict(), "optimizer_groups": groups}))
+    os.replace(partial, path)
     return path
+
+
+def last_complete_checkpoint(folder: str | os.PathLike, method: str = "increlora") -> str | None:
+    """The newest checkpoint whose last files were written: a process killed while saving one
+    (e.g. by torchrun's shutdown timeout) leaves it partial, and the one before it is still there."""
+    steps = sorted((int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*")
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    needed = ["trainer_state.json"] + ([STATE_NAME] if method == "increlora" else [])
+    for _, path in reversed(steps):
+        if all((path / name).is_file() for name in needed):
+            return str(path)
+        logger.warning("%s is incomplete (a save was interrupted); skipping it", path)
+    return None
 
 
 def read_state(folder: str | os.PathLike) -> dict:

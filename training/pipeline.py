@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from increlora.assets import resolve_model
 from increlora.errors import CheckpointError, ConfigError
 
 from . import methods
-from .callback import STATE_NAME
+from .callback import last_complete_checkpoint
 from .data import DataError, TaskData, to_torch_dataset
 from .interrupt import StopOnInterrupt
 from .metrics import compute_metrics
@@ -155,10 +154,11 @@ def training_arguments(opts: TrainOptions, output: Path, steps: int) -> Training
         ddp_find_unused_parameters=False)  # every parameter DDP owns (the head) is used in every forward
 
 
-def _check_resume_options(run_file: Path, opts: TrainOptions) -> None:
+def _check_resume_options(run_file: Path, opts: TrainOptions, checkpoint: str) -> None:
     saved = json.loads(run_file.read_text())
     now = _run_record(opts)
-    saved.setdefault("processes", 1)  # run files written before it was recorded
+    # run files written before it was recorded: the Trainer saves one RNG file per process when there are several
+    saved.setdefault("processes", len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1)
     changed = [k for k in SAME_ON_RESUME if saved.get(k) != now.get(k)]
     if changed:
         raise CheckpointError(f"--resume with other options than the interrupted run: {', '.join(changed)} "
@@ -174,25 +174,12 @@ def _jsonable(opts: TrainOptions) -> dict:
     return json.loads(json.dumps(asdict(opts), default=str))
 
 
-def last_complete_checkpoint(folder: Path, method: str) -> str | None:
-    """The newest checkpoint whose last files were written: a process killed while saving one
-    (e.g. by torchrun's shutdown timeout) leaves it partial, and the one before it is still there."""
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    needed = ["trainer_state.json"] + ([STATE_NAME] if method == "increlora" else [])
-    for _, path in reversed(steps):
-        if all((path / name).is_file() for name in needed):
-            return str(path)
-        logger.warning("%s is incomplete (a save was interrupted); skipping it", path)
-    return None
-
-
 def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool, overwrite: bool) -> str | None:
     """The checkpoint to continue from (None: start afresh, clearing the folder if overwriting)."""
     folder = output / CHECKPOINTS
     checkpoint = last_complete_checkpoint(folder, opts.method) if resume and folder.is_dir() else None
     if checkpoint is not None:
-        _check_resume_options(folder / RUN_FILE, opts)
+        _check_resume_options(folder / RUN_FILE, opts, checkpoint)
         return checkpoint
     if resume and folder.is_dir():
         raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")

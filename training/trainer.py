@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed
 from increlora.errors import CheckpointError, ConfigError
 
-from .callback import IncreLoraCallback, arrange_param_groups, restore_structure, write_state
+from .callback import IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +40,13 @@ class IncreLoraTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise CheckpointError(f"no checkpoint to resume from in {self.args.output_dir}")
+                raise CheckpointError(f"no complete checkpoint to resume from in {self.args.output_dir}")
         if resume_from_checkpoint:
             self.increlora.allocator, self._group_layout = restore_structure(
                 self.model, self.increlora_config, resume_from_checkpoint)
-            distributed.exclude_from_ddp(self.model)  # the restored blocks too, before the Trainer wraps in DDP
+        distributed.exclude_from_ddp(self.model)  # blocks grown or restored since, before the Trainer wraps in DDP
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_optimizer(self, model=None):
