@@ -66,7 +66,7 @@ class RankAllocator:
     @property
     def synced(self) -> bool:
         """Whether this step keeps replicas in agreement (see ``replicas``)."""
-        return distributed.is_distributed() if self.replicas is None else self.replicas and distributed.is_distributed()
+        return self.replicas is not False and distributed.is_distributed()
 
     # -- schedule ----------------------------------------------------------------------------
     @property
@@ -142,11 +142,10 @@ class RankAllocator:
 
     def _average_captured_gradients(self) -> None:
         """Every replica scores with the gradient of the whole global batch."""
-        for layer in self.layers.values():
-            if layer.grad_acc is None:
+        for layer in self.layers.values():  # one at a time: a coalesced copy would double this memory
+            if layer.grad_acc is None:  # no gradient reached it here: this replica contributes zeros
                 w = layer.base_layer.weight
                 layer.grad_acc = torch.zeros(layer.out_features, layer.in_features, device=w.device)
-        for layer in self.layers.values():  # one at a time: a coalesced copy would double this memory
             distributed.all_reduce_mean([layer.grad_acc])
 
     def choose(self) -> list[tuple[str, int]]:

@@ -41,20 +41,23 @@ def is_distributed() -> bool:
     return world_size() > 1
 
 
+def _adapter_tensors(model: nn.Module, buffers: bool = True):
+    """(name, tensor) of every IncreLoRA parameter (and buffer), named as the model names them."""
+    for prefix, layer in increlora_layers(model):
+        items = chain(layer.named_parameters(), layer.named_buffers()) if buffers else layer.named_parameters()
+        for name, t in items:
+            if not name.startswith("base_layer."):
+                yield (f"{prefix}.{name}" if prefix else name), t
+
+
 def adapter_tensor_names(model: nn.Module) -> list[str]:
     """Names (as model.named_parameters/named_buffers give them) of every IncreLoRA tensor."""
-    names = []
-    for prefix, layer in increlora_layers(model):
-        for name, _ in chain(layer.named_parameters(), layer.named_buffers()):
-            if not name.startswith("base_layer."):
-                names.append(f"{prefix}.{name}" if prefix else name)
-    return names
+    return [name for name, _ in _adapter_tensors(model)]
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable IncreLoRA parameters, in a fixed order (the same on every replica)."""
-    return [p for _, layer in increlora_layers(model) for name, p in layer.named_parameters()
-            if p.requires_grad and not name.startswith("base_layer.")]
+    return [p for _, p in _adapter_tensors(model, buffers=False) if p.requires_grad]
 
 
 def exclude_from_ddp(model: nn.Module) -> None:
@@ -73,6 +76,17 @@ def check_ddp_exclusion(model: nn.Module) -> None:
             "apply_increlora (and after restoring a checkpoint's structure), before wrapping the model")
 
 
+def _coalesced(tensors: list[torch.Tensor], collective) -> None:
+    """Run collective(flat) on the tensors flattened into one float32 buffer, then copy back."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.detach().copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
 def all_reduce_mean(tensors: list[torch.Tensor], group=None) -> None:
     """Average the tensors in place over the process group, in one coalesced float32 all-reduce."""
     if not tensors:
@@ -81,42 +95,34 @@ def all_reduce_mean(tensors: list[torch.Tensor], group=None) -> None:
         dist.all_reduce(tensors[0].detach(), group=group)  # no staging copy
         tensors[0].detach().div_(dist.get_world_size(group))
         return
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.detach().copy_(flat[offset:offset + n].view_as(t))
-        offset += n
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+
+    _coalesced(tensors, mean)
 
 
 def broadcast_from_first(tensors: list[torch.Tensor], group=None) -> None:
     """Give every replica the first rank's values of the tensors, in one coalesced broadcast."""
-    if not tensors:
-        return
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.detach().copy_(flat[offset:offset + n].view_as(t))
-        offset += n
+    if tensors:
+        _coalesced(tensors, lambda flat: dist.broadcast(flat, src=_first_rank(group), group=group))
+
+
+def _first_rank(group) -> int:
+    return dist.get_global_rank(group, 0) if group is not None else 0
 
 
 def broadcast_object(obj, group=None):
     """The first rank's value of a picklable object, on every replica."""
     box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast_object_list(box, src=_first_rank(group), group=group)
     return box[0]
 
 
 def broadcast_adapter(model: nn.Module, group=None) -> None:
     """Make every replica's adapter tensors equal to the first rank's (DDP does not, for ignored ones)."""
-    tensors = [t for _, layer in increlora_layers(model)
-               for name, t in chain(layer.named_parameters(), layer.named_buffers())
-               if not name.startswith("base_layer.")]
-    broadcast_from_first(tensors, group)
+    broadcast_from_first([t for _, t in _adapter_tensors(model)], group)
 
 
 def _grad_tensors(output) -> list[torch.Tensor]:

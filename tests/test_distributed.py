@@ -204,13 +204,20 @@ def torchrun_cli(argv: list[str], report: Path, interrupt_at: int = 0) -> subpro
     return subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes(tiny_base, tmp_path):
-    from tests.test_cli import FAST, write_csv  # the CLI tests' data and fast schedule
+def cli_argv(tiny_base, folder: Path, *extra: str) -> list[str]:
+    """increlora-train on the CLI tests' generated CSV files and fast schedule, into folder/adapter."""
+    from tests.test_cli import FAST, write_csv
 
-    csv = {s: write_csv(tmp_path / f"{s}.csv", n, i) for i, (s, n) in enumerate([("train", 320), ("dev", 48), ("test", 48)])}
+    csv = {s: write_csv(folder / f"{s}.csv", n, i) for i, (s, n) in enumerate([("train", 320), ("dev", 48), ("test", 48)])}
+    return ["--task", "toy", "--train", str(csv["train"]), "--validation", str(csv["dev"]), "--test", str(csv["test"]),
+            "--model", str(tiny_base), "--output", str(folder / "adapter"), *FAST, *extra]
+
+
+def test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes(tiny_base, tmp_path):
+    from tests.test_cli import FAST
+
     out, report = tmp_path / "adapter", tmp_path / "report.json"
-    argv = ["--task", "toy", "--train", str(csv["train"]), "--validation", str(csv["dev"]), "--test", str(csv["test"]),
-            "--model", str(tiny_base), "--output", str(out), *FAST, "--batch-size", "8"]
+    argv = cli_argv(tiny_base, tmp_path, "--batch-size", "8")
     steps = int(FAST[FAST.index("--steps") + 1])
 
     # Only one replica gets the Ctrl-C: both must stop after the same step and leave its checkpoint.
@@ -239,13 +246,8 @@ def test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes(tin
 
 
 def test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical(tiny_base, tmp_path):
-    from tests.test_cli import FAST, write_csv
-
-    csv = {s: write_csv(tmp_path / f"{s}.csv", n, i) for i, (s, n) in enumerate([("train", 320), ("dev", 48), ("test", 48)])}
-    out, report = tmp_path / "adapter", tmp_path / "report.json"
-    argv = ["--task", "toy", "--train", str(csv["train"]), "--validation", str(csv["dev"]), "--test", str(csv["test"]),
-            "--model", str(tiny_base), "--output", str(out), *FAST, "--batch-size", "4", "--grad-accum", "2",
-            "--steps", "12"]
+    report = tmp_path / "report.json"
+    argv = cli_argv(tiny_base, tmp_path, "--batch-size", "4", "--grad-accum", "2", "--steps", "12")
     done = torchrun_cli(argv, report)
     assert done.returncode == 0, done.stderr[-3000:]
     run = json.loads(report.read_text())

@@ -148,6 +148,12 @@ def test_torchrun_guards_raise_clear_errors(tiny_base):
         callback.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None)
 
 
+def checkpointing_args(folder) -> TrainingArguments:
+    """4 steps with a checkpoint every 2, on the CPU."""
+    return TrainingArguments(output_dir=str(folder), max_steps=4, save_steps=2, per_device_train_batch_size=BATCH,
+                             learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
+
+
 def test_allocator_state_is_in_a_checkpoint_before_it_is_marked_complete(tiny_base, tmp_path, monkeypatch):
     # trainer_state.json is the last file of a checkpoint; the allocator state must already be there.
     from transformers.trainer_callback import TrainerState
@@ -156,15 +162,13 @@ def test_allocator_state_is_in_a_checkpoint_before_it_is_marked_complete(tiny_ba
     real = TrainerState.save_to_json
     monkeypatch.setattr(TrainerState, "save_to_json", lambda self, path: seen.append(
         (Path(path).parent / "increlora_state.json").is_file()) or real(self, path))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=BATCH,
-                             learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
+    args = checkpointing_args(tmp_path)
     IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1)).train()
     assert seen == [True, True]
 
 
 def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tiny_base, tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=BATCH,
-                             learning_rate=LR, report_to="none", use_cpu=True, disable_tqdm=True)
+    args = checkpointing_args(tmp_path)
     IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1)).train()
     (tmp_path / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the save finished
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from increlora.distributed import is_distributed
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -48,7 +50,7 @@ class StopOnInterrupt(TrainerCallback):
             control.should_training_stop = True
 
     def _anyone_requested(self, device) -> bool:
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not is_distributed():
             return self.requested
         flag = torch.tensor([int(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

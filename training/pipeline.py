@@ -110,18 +110,23 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> None:
     raise ConfigError(f"output folder {output} already exists and is not empty{hint}")
 
 
+def launched_processes() -> int:
+    """Processes of this launch (torchrun sets WORLD_SIZE; a plain run is one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def total_steps(opts: TrainOptions, num_train: int) -> int:
     """Optimizer steps of the run, as the Trainer counts them (steps, or epochs x steps per epoch)."""
     if opts.steps:
         return opts.steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     per_epoch = max(1, math.ceil(math.ceil(num_train / (opts.batch_size * world)) / opts.grad_accum))
     return max(1, math.ceil(opts.epochs * per_epoch))
 
 
 def cpu_processes() -> bool:
     """A torchrun launch on a machine without CUDA: the Trainer must be told, or each process trains alone."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return launched_processes() > 1 and not torch.cuda.is_available()
 
 
 def load_backbone(opts: TrainOptions, data: TaskData):
@@ -167,7 +172,7 @@ def _check_resume_options(run_file: Path, opts: TrainOptions, checkpoint: str) -
 
 def _run_record(opts: TrainOptions) -> dict:
     """What run.json keeps: the options, and the number of processes (the global batch depends on it)."""
-    return {**_jsonable(opts), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    return {**_jsonable(opts), "processes": launched_processes()}
 
 
 def _jsonable(opts: TrainOptions) -> dict:
