@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="intra-op threads of the model (default: torch's, one per core); fewer leaves CPU to the "
                         "HTTP side when they share a small machine")
+    p.add_argument("--openmp-wait", default="passive", choices=["passive", "inherit"],
+                   help="passive (default): the model process starts with OMP_WAIT_POLICY=PASSIVE unless "
+                        "OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME is set, so idle OpenMP threads sleep "
+                        "instead of spinning on the cores the multi-adapter math and the HTTP side need; inherit: "
+                        "leave the environment as it is (spinning threads answer small batches faster on an idle "
+                        "machine)")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server process (default: a child process, so the model does not "
                         "fight the event loop for Python's GIL)")
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
                                args.torch_threads)
     if not args.in_process:
-        loader = functools.partial(ProcessBank.start, loader)
+        loader = functools.partial(ProcessBank.start, loader, passive_openmp=args.openmp_wait == "passive")
     app = create_app(loader, settings, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            access_log=args.log_level == "debug"))

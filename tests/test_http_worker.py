@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
 from serving.app import create_app
-from serving.http_worker import ProcessBank, WorkerDiedError
+from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError
 from tests.test_http_server import close_to
 from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
 
@@ -57,3 +58,33 @@ def test_a_load_error_in_the_model_process_reaches_the_caller(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BankLoadError):
         ProcessBank.start(functools.partial(AdapterBank.load, tmp_path / "empty"))
+
+
+class EnvBank:
+    """A stand-in bank that reports the model process's OpenMP settings."""
+
+    tasks = ("env",)
+    max_length = 8
+    tokenizer = None
+
+    def task_info(self, name: str) -> dict:
+        return {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}
+
+
+@pytest.mark.parametrize("preset, passive, want", [
+    ({}, True, "PASSIVE"),
+    ({}, False, None),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "ACTIVE"),  # the user's choice wins
+    ({"GOMP_SPINCOUNT": "1000"}, True, None),
+])
+def test_the_model_process_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, preset, passive, want):
+    for var in OPENMP_WAIT_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in preset.items():
+        monkeypatch.setenv(var, value)
+    bank = ProcessBank.start(EnvBank, passive_openmp=passive)
+    try:
+        assert bank.task_info("env")["OMP_WAIT_POLICY"] == want
+    finally:
+        bank.close()
+    assert {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES} == {v: preset.get(v) for v in OPENMP_WAIT_VARIABLES}

@@ -1,6 +1,9 @@
 """The batched multi-adapter matmul equals its dense one-adapter-at-a-time reference."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -70,3 +73,87 @@ def test_intra_op_threads_are_restored():
     with pytest.raises(RuntimeError):
         lora_segments(x, bounds, a_list, [b[:-1] for b in b_list], out)  # wrong shapes fail inside
     assert torch.get_num_threads() == threads
+
+
+lora_math = importlib.import_module("serving.lora_segments")
+
+
+@contextlib.contextmanager
+def shared_out():
+    """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
+    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
+    torch.set_num_threads(2)
+    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16),
+       segs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), min_size=1, max_size=8))
+def test_shared_out_over_threads_equals_reference(seed, segs):
+    rows, ranks = [n for n, _ in segs], [r for _, r in segs]
+    x, bounds, a_list, b_list, out = random_case(seed, rows, ranks)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    with shared_out():
+        got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_out_half_precision(dtype):
+    x, bounds, a_list, b_list, out = random_case(4, [50, 1, 80, 30], [4, 1, 9, 2], dtype=dtype)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    with shared_out():
+        got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.3, rtol=0.03)
+
+
+def test_sharing_out_follows_openmp_wait_policy(monkeypatch):
+    for value, want in [("PASSIVE", True), (" passive ", True), ("ACTIVE", False), (None, False)]:
+        if value is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", value)
+        assert lora_math.openmp_threads_sleep() is want
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 4), segs=st.lists(st.tuples(st.integers(1, 50), st.integers(1, 32)), min_size=1, max_size=12))
+def test_shares_cover_every_row_once_in_runs_of_about_equal_cost(n, segs):
+    work, start = [], 0
+    for rows, rank in segs:
+        work.append((start, start + rows, torch.zeros(rank, 1), None))
+        start += rows
+    pieces, bounds = lora_math._shares(work, n)
+    covered = [row for s, e, _, _ in pieces for row in range(s, e)]
+    assert covered == list(range(start))  # in order, each row once
+    for s, e, a, _ in pieces:  # a piece keeps its segment's factors
+        owner = next(w for w in work if w[0] <= s < w[1])
+        assert e <= owner[1] and a is owner[2]
+    assert bounds[0] == 0 and bounds[-1] == len(pieces) and len(bounds) - 1 <= n
+    assert all(lo < hi for lo, hi in zip(bounds, bounds[1:]))
+    total = sum((e - s) * a.shape[0] for s, e, a, _ in pieces)
+    largest_row = max(a.shape[0] for _, _, a, _ in work)
+    for lo, hi in zip(bounds, bounds[1:]):
+        cost = sum((e - s) * a.shape[0] for s, e, a, _ in pieces[lo:hi])
+        assert cost <= total / n + largest_row
+
+
+def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, caplog):
+    def no_script(fn):
+        raise RuntimeError("TorchScript removed")
+
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    with caplog.at_level("WARNING", logger="serving.lora_segments"):
+        assert lora_math._forked_runner.__wrapped__() is None
+    assert "TorchScript unavailable" in caplog.text
+    monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)
+    x, bounds, a_list, b_list, out = random_case(8, [30, 20], [3, 5])
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    with shared_out():
+        torch.testing.assert_close(lora_segments(x, bounds, a_list, b_list, out.clone()), want, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,8 @@
 """Property: in any mixed batch, every row's logits equal what its adapter gives alone (fp32, 1e-5)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 
 from increlora import read_adapter
 from serving import AdapterBank
+from tests.test_multi_lora_segments import shared_out as shared_out_over_threads
 from tests.test_serving_support import encode, make_adapter, reference_model
 from tests.tiny import WORDS
 
@@ -45,10 +48,17 @@ model_input = st.one_of(text, st.tuples(text, text))
 row = st.tuples(model_input, st.sampled_from(sorted(SPECS)))
 
 
+@pytest.mark.parametrize("shared_out", [False, True], ids=["one-thread", "shared-out"])
 @settings(max_examples=30, deadline=None)
 @given(rows=st.lists(row, min_size=1, max_size=12))
-def test_every_row_equals_its_adapter_alone(setup, rows):
+def test_every_row_equals_its_adapter_alone(setup, shared_out, rows):
+    """shared-out: the segments of every module are shared out over two threads (a tiny model's
+    modules are far below the size where that happens by itself)."""
     bank = setup[2]
     inputs, tasks = [x for x, _ in rows], [t for _, t in rows]
-    for x, t, got in zip(inputs, tasks, bank.logits(inputs, tasks)):
+    with contextlib.ExitStack() as stack:
+        if shared_out:
+            stack.enter_context(shared_out_over_threads())
+        logits = bank.logits(inputs, tasks)
+    for x, t, got in zip(inputs, tasks, logits):
         torch.testing.assert_close(got, alone(setup, t, x), atol=1e-5, rtol=1e-5)
