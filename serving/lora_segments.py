@@ -14,21 +14,25 @@ in a batch (BENCHMARKS.md):
   without the GIL; each small product runs on one thread. The bank took 1.18x the base model's
   time against 1.27x-1.37x for the loop on one thread, but only where idle OpenMP threads sleep
   (OMP_WAIT_POLICY=PASSIVE): by default one spins for milliseconds after each parallel region on
-  the core the forked share needs, and sharing out gained nothing (1.29x-1.38x). So it is used only
+  the core the forked share needs, and sharing out gained nothing (1.29x-1.38x against 1.22x-1.31x
+  for the one-thread loop). So it is used only
   under PASSIVE (SHARE_OUT). Every small product on both threads instead (a join per product) was
   faster on an idle machine but 2.8x-3.0x slower with a busy neighbour on the cores.
 - For ranks up to 8 and segments that fit in the L2 cache, (A_i x^T)^T rather than x A_i^T: MKL
-  runs the latter with N = r padded to 16 columns (1.5x-3x slower at ranks 2 to 8). B_i is kept as
-  the transpose of a contiguous [r, out] tensor (task_adapter.py), which makes the addmm ~10% faster.
+  runs the latter with N = r padded to 16 columns (1.5x-3x slower at ranks 2 to 8).
 
-Measured and not kept: writing bias + B_i h first and letting the base matmul accumulate onto it
-(the output written once, as nn.Linear writes it: no gain, 1.20x-1.36x against 1.22x-1.31x), the
-base matmul per row block with the update while the block is in cache (the base product alone got
-1.27x slower at 128-row blocks: MKL packs the weights again for every call), one matmul of
-[x | A x] by [W | B] per segment, merged weights W + B_i A_i for long segments, the loop as a C++
-extension on one thread, and Python threads (the GIL). One product with every task's A
-concatenated would cost K times the true rank. On a GPU the loop launches two kernels per task and
-module; a grouped-GEMM kernel is the next step there (no GPU was available to measure it).
+Measured and not kept:
+- B_i stored as the transpose of a contiguous [r, out] tensor: its addmm alone was ~10% faster,
+  but loading 1000 adapters took 0.6-1.2 s longer for the extra copies.
+- Writing bias + B_i h first and letting the base matmul accumulate onto it, so the output is
+  written once, as nn.Linear writes it: no gain (1.20x-1.36x against 1.22x-1.31x).
+- The base matmul per row block, with the update while the block is in cache: the base product
+  alone got 1.27x slower at 128-row blocks (MKL packs the weights again for every call).
+- One matmul of [x | A x] by [W | B] per segment; merged weights W + B_i A_i for long segments;
+  the loop as a C++ extension on one thread; Python threads (the GIL).
+- One product with every task's A concatenated would cost K times the true rank.
+On a GPU the loop launches two kernels per task and module; a grouped-GEMM kernel is the next step
+there (no GPU was available to measure it).
 """
 from __future__ import annotations
 

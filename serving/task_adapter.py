@@ -145,7 +145,7 @@ def build_task_adapter(adapter: Adapter, layout: BaseLayout, base_module: Callab
     lora = {}
     for name, f in adapter.modules.items():
         b = f.B.float() * (f.E.float() * f.scaling)  # [out, r]
-        lora[name] = (f.A.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).t().contiguous().t())
+        lora[name] = (f.A.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous())
     heads = {}
     for mod in adapter.modules_to_save:
         saved = {k: t for k, t in adapter.saved.items() if k.startswith(mod + ".")}

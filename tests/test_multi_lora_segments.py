@@ -12,8 +12,26 @@ from hypothesis import strategies as st
 from serving import lora_segments, lora_segments_reference
 
 
+lora_math = importlib.import_module("serving.lora_segments")
+
+
+@contextlib.contextmanager
+def shared_out():
+    """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
+    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
+    torch.set_num_threads(2)
+    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
+
+
 def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,
                 dtype: torch.dtype = torch.float32):
+    """Factors scaled so that an update is of the order of the activations, as in a trained adapter
+    (unit-variance factors would make updates of ~sqrt(in * r), beyond what a 1e-5 float32 check means)."""
     g = torch.Generator().manual_seed(seed)
     bounds, start = [], 0
     for n in rows:
@@ -21,19 +39,21 @@ def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, 
         start += n
     x = torch.randn(start, fan_in, generator=g).to(dtype)
     out = torch.randn(start, fan_out, generator=g).to(dtype)
-    a_list = [torch.randn(r, fan_in, generator=g).to(dtype) for r in ranks]
-    b_list = [torch.randn(fan_out, r, generator=g).to(dtype) for r in ranks]
+    a_list = [(torch.randn(r, fan_in, generator=g) / fan_in ** 0.5).to(dtype) for r in ranks]
+    b_list = [(torch.randn(fan_out, r, generator=g) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
     return x, bounds, a_list, b_list, out
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["one-thread", "shared-out"])
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16),
-       segs=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 9)), min_size=1, max_size=8))
-def test_fast_path_equals_reference_fp32(seed, segs):
+       segs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), min_size=1, max_size=8))
+def test_fast_path_equals_reference_fp32(shared, seed, segs):
     rows, ranks = [n for n, _ in segs], [r for _, r in segs]
     x, bounds, a_list, b_list, out = random_case(seed, rows, ranks)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    with shared_out() if shared else contextlib.nullcontext():
+        got = lora_segments(x, bounds, a_list, b_list, out.clone())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -75,34 +95,6 @@ def test_intra_op_threads_are_restored():
     assert torch.get_num_threads() == threads
 
 
-lora_math = importlib.import_module("serving.lora_segments")
-
-
-@contextlib.contextmanager
-def shared_out():
-    """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
-    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
-    torch.set_num_threads(2)
-    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**16),
-       segs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12)), min_size=1, max_size=8))
-def test_shared_out_over_threads_equals_reference(seed, segs):
-    rows, ranks = [n for n, _ in segs], [r for _, r in segs]
-    x, bounds, a_list, b_list, out = random_case(seed, rows, ranks)
-    want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    with shared_out():
-        got = lora_segments(x, bounds, a_list, b_list, out.clone())
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_shared_out_half_precision(dtype):
     x, bounds, a_list, b_list, out = random_case(4, [50, 1, 80, 30], [4, 1, 9, 2], dtype=dtype)
@@ -110,7 +102,7 @@ def test_shared_out_half_precision(dtype):
     with shared_out():
         got = lora_segments(x, bounds, a_list, b_list, out.clone())
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), want, atol=0.3, rtol=0.03)
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
 
 
 def test_sharing_out_follows_openmp_wait_policy(monkeypatch):
