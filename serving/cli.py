@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME is set, so idle OpenMP threads sleep "
                         "instead of spinning on the cores the multi-adapter math and the HTTP side need; inherit: "
                         "leave the environment as it is (spinning threads answer small batches faster on an idle "
-                        "machine)")
+                        "machine); no effect with --in-process")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server process (default: a child process, so the model does not "
                         "fight the event loop for Python's GIL)")

@@ -131,10 +131,13 @@ def _passive_openmp(on: bool) -> Iterator[None]:
     """Start the child with OMP_WAIT_POLICY=PASSIVE unless the user set how OpenMP threads wait.
 
     An idle OpenMP thread otherwise spins for milliseconds after each parallel region, on the core
-    where serving.lora_segments runs half of each module's updates: in MiniLM batches of 32 x 128
-    with 27 tasks that made the bank 1.21x-1.37x the base model's time against 1.11x-1.20x with
-    PASSIVE, and the base model alone was no slower (BENCHMARKS.md). OpenMP reads the variable when
-    it starts, so it is set for the child process only.
+    where serving.lora_segments would run half of each module's updates, so they stay on one thread
+    (lora_segments.SHARE_OUT). Measured on 2 cores (BENCHMARKS.md): MiniLM batches of 32 x 128 with
+    27 tasks took 1.19x the base model's time against 1.31x; in the HTTP benchmark, 95% of direct
+    throughput at concurrency 64 against 78%, but a median of 31 ms against 22 ms at concurrency 1
+    (sleeping threads must wake up). OpenMP reads the variable when it starts, so it is set in this
+    process's environment only while the child is started (other processes started in that moment
+    inherit it too).
     """
     with _ENV_LOCK:
         if not on or any(v in os.environ for v in OPENMP_WAIT_VARIABLES):

@@ -16,10 +16,12 @@ in a batch (BENCHMARKS.md):
   (OMP_WAIT_POLICY=PASSIVE): by default one spins for milliseconds after each parallel region on
   the core the forked share needs, and sharing out gained nothing (1.29x-1.38x against 1.22x-1.31x
   for the one-thread loop). So it is used only
-  under PASSIVE (SHARE_OUT). Every small product on both threads instead (a join per product) was
-  faster on an idle machine but 2.8x-3.0x slower with a busy neighbour on the cores.
-- For ranks up to 8 and segments that fit in the L2 cache, (A_i x^T)^T rather than x A_i^T: MKL
-  runs the latter with N = r padded to 16 columns (1.5x-3x slower at ranks 2 to 8).
+  under PASSIVE (SHARE_OUT). With a busy neighbour on the cores and PASSIVE, shared out or not
+  made no difference (1.10x-1.12x; the inter-op thread's products may use its own intra-op
+  threads, which did not show). Every small product on both threads instead (a join per product)
+  was faster on an idle machine but 2.8x-3.0x slower with a busy neighbour.
+- For small ranks, (A_i x^T)^T rather than x A_i^T: MKL runs the latter with N = r padded to 16
+  columns (1.5x-3x slower at ranks 2 to 8); _rank_first has the measured crossovers.
 
 Measured and not kept:
 - B_i stored as the transpose of a contiguous [r, out] tensor: its addmm alone was ~10% faster,
@@ -76,8 +78,9 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
     if not work:
         return out
     macs = (x.shape[1] + out.shape[1]) * sum((end - start) * a.shape[0] for start, end, a, _ in work)
-    cpu = x.device.type == "cpu"
-    run = _forked_runner() if SHARE_OUT and cpu and macs >= MIN_PARALLEL_MACS and torch.get_num_threads() > 1 else None
+    share = (SHARE_OUT and x.device.type == "cpu" and macs >= MIN_PARALLEL_MACS and torch.get_num_threads() > 1
+             and not _records_autograd(x, out, work))
+    run = _forked_runner() if share else None
     if run is None:
         with threads.one_thread(x.device, small=macs < threads.SMALL_MACS * len(work)):
             for start, end, a, b in work:
@@ -91,8 +94,15 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
     return out
 
 
+def _records_autograd(x: torch.Tensor, out: torch.Tensor, work: list) -> bool:
+    """In-place updates of views of one tensor from several threads would race in autograd."""
+    return torch.is_grad_enabled() and (x.requires_grad or out.requires_grad
+                                        or any(a.requires_grad or b.requires_grad for _, _, a, b in work))
+
+
 def _rank_first(rows: int, fan_in: int, a: torch.Tensor) -> bool:
-    """Whether (A x^T)^T beats x A^T on the CPU (float32): for ranks up to 8 and segments in L2."""
+    """Whether (A x^T)^T beats x A^T on the CPU (float32). The crossovers measured with MKL: rank 1-2
+    at any size, rank 3-4 up to 1M values of x, rank 5-8 up to 400k values (about 1.5 MB, in L2)."""
     rank, size = a.shape[0], rows * fan_in
     return rank <= 2 or (rank <= 4 and size <= 1 << 20) or (rank <= 8 and size <= 400_000)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import pytest
@@ -68,7 +69,8 @@ class EnvBank:
     tokenizer = None
 
     def task_info(self, name: str) -> dict:
-        return {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}
+        shares = importlib.import_module("serving.lora_segments").SHARE_OUT
+        return {**{v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}, "share_out": shares}
 
 
 @pytest.mark.parametrize("preset, passive, want", [
@@ -84,7 +86,9 @@ def test_the_model_process_lets_idle_openmp_threads_sleep_unless_told_otherwise(
         monkeypatch.setenv(var, value)
     bank = ProcessBank.start(EnvBank, passive_openmp=passive)
     try:
-        assert bank.task_info("env")["OMP_WAIT_POLICY"] == want
+        info = bank.task_info("env")
+        assert info["OMP_WAIT_POLICY"] == want
+        assert info["share_out"] is (want == "PASSIVE")  # the multi-adapter math shares out only then
     finally:
         bank.close()
     assert {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES} == {v: preset.get(v) for v in OPENMP_WAIT_VARIABLES}

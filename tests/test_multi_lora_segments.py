@@ -16,11 +16,13 @@ lora_math = importlib.import_module("serving.lora_segments")
 
 
 @contextlib.contextmanager
-def shared_out():
+def shared_out(require_torchscript: bool = True):
     """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
     threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
     torch.set_num_threads(2)
     lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
+    if require_torchscript:
+        assert lora_math._forked_runner() is not None, "TorchScript did not compile the shared-out loop"
     try:
         yield
     finally:
@@ -147,5 +149,21 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
     monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)
     x, bounds, a_list, b_list, out = random_case(8, [30, 20], [3, 5])
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    with shared_out():
+    with shared_out(require_torchscript=False):
         torch.testing.assert_close(lora_segments(x, bounds, a_list, b_list, out.clone()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_with_autograd_recording_the_updates_stay_on_one_thread(monkeypatch):
+    x, bounds, a_list, b_list, out = random_case(9, [30, 20], [3, 5])
+    a_list = [a.requires_grad_() for a in a_list]
+
+    def no_fork():
+        raise AssertionError("shared out while autograd records")
+
+    monkeypatch.setattr(lora_math, "_forked_runner", no_fork)
+    with shared_out(require_torchscript=False):
+        got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    got.sum().backward()
+    assert all(a.grad is not None for a in a_list)
+    torch.testing.assert_close(got.detach(), lora_segments_reference(x, bounds, a_list, b_list, out).detach(),
+                               atol=1e-5, rtol=1e-5)
