@@ -81,16 +81,15 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
     share = (SHARE_OUT and x.device.type == "cpu" and macs >= MIN_PARALLEL_MACS and torch.get_num_threads() > 1
              and not _records_autograd(x, out, work))
     run = _forked_runner() if share else None
-    if run is None:
-        with threads.one_thread(x.device, small=macs < threads.SMALL_MACS * len(work)):
-            for start, end, a, b in work:
-                out[start:end].addmm_(_down(x[start:end], a), b.t())
-        return out
-    pieces, bounds = _shares(work, torch.get_num_threads())
-    fp32 = x.dtype == torch.float32
-    with threads.one_thread(x.device):
-        run(x, [p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces], [p[3] for p in pieces],
-            [fp32 and _rank_first(p[1] - p[0], x.shape[1], p[2]) for p in pieces], out, bounds)
+    pieces, bounds = _shares(work, torch.get_num_threads()) if run is not None else (work, [])
+    starts, ends, A, B = (list(column) for column in zip(*pieces))
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+    rank_first = [cpu_fp32 and _rank_first(end - start, x.shape[1], a) for start, end, a in zip(starts, ends, A)]
+    with threads.one_thread(x.device, small=run is not None or macs < threads.SMALL_MACS * len(work)):
+        if run is None:
+            _segment_loop(x, starts, ends, A, B, rank_first, out, 0, len(pieces))
+        else:
+            run(x, starts, ends, A, B, rank_first, out, bounds)
     return out
 
 
@@ -105,13 +104,6 @@ def _rank_first(rows: int, fan_in: int, a: torch.Tensor) -> bool:
     at any size, rank 3-4 up to 1M values of x, rank 5-8 up to 400k values (about 1.5 MB, in L2)."""
     rank, size = a.shape[0], rows * fan_in
     return rank <= 2 or (rank <= 4 and size <= 1 << 20) or (rank <= 8 and size <= 400_000)
-
-
-def _down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x A^T, [rows, r]."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _rank_first(x.shape[0], x.shape[1], a):
-        return (a @ x.t()).t()
-    return x @ a.t()
 
 
 def _shares(work: list[tuple[int, int, torch.Tensor, torch.Tensor]], n: int) -> tuple[list, list[int]]:
@@ -137,7 +129,7 @@ def _shares(work: list[tuple[int, int, torch.Tensor, torch.Tensor]], n: int) -> 
 
 def _segment_loop(x: torch.Tensor, starts: list[int], ends: list[int], A: list[torch.Tensor],
                   B: list[torch.Tensor], rank_first: list[bool], out: torch.Tensor, lo: int, hi: int) -> int:
-    """Pieces lo..hi-1 (TorchScript)."""
+    """Pieces lo..hi-1: out[rows] += B (A x^T)^T or B (x A^T) (compiled by TorchScript inside _forked)."""
     for i in range(lo, hi):
         xs = x[starts[i]:ends[i]]
         h = torch.mm(A[i], xs.t()).t() if rank_first[i] else torch.mm(xs, A[i].t())
@@ -164,8 +156,7 @@ def _forked_runner() -> Callable[..., int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still shipped
-            torch.jit.script(_segment_loop)
-            return torch.jit.script(_forked)
+            return torch.jit.script(_forked)  # compiles _segment_loop with it
     except Exception as exc:  # noqa: BLE001 - any failure means: no parallel path
         logger.warning("TorchScript unavailable (%s); multi-adapter updates run on one thread", exc)
         return None

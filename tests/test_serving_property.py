@@ -56,9 +56,7 @@ def test_every_row_equals_its_adapter_alone(setup, shared_out, rows):
     modules are far below the size where that happens by itself)."""
     bank = setup[2]
     inputs, tasks = [x for x, _ in rows], [t for _, t in rows]
-    with contextlib.ExitStack() as stack:
-        if shared_out:
-            stack.enter_context(shared_out_over_threads())
+    with shared_out_over_threads() if shared_out else contextlib.nullcontext():
         logits = bank.logits(inputs, tasks)
     for x, t, got in zip(inputs, tasks, logits):
         torch.testing.assert_close(got, alone(setup, t, x), atol=1e-5, rtol=1e-5)
