@@ -133,8 +133,9 @@ def _passive_openmp(on: bool) -> Iterator[None]:
     An idle OpenMP thread otherwise spins for milliseconds after each parallel region, on the core
     where serving.lora_segments would run half of each module's updates, so they stay on one thread
     (lora_segments.SHARE_OUT). Measured on 2 cores (BENCHMARKS.md): MiniLM batches of 32 x 128 with
-    27 tasks took 1.19x the base model's time against 1.31x; in the HTTP benchmark, 95% of direct
-    throughput at concurrency 64 against 78%, but a median of 31 ms against 22 ms at concurrency 1
+    27 tasks took 1.16x the base model's time against 1.28x. In the HTTP benchmark at concurrency
+    64, p99 and the share of direct throughput were better in two rounds, but rows/s were +12% in
+    one round and -8% in the other. At concurrency 1 the median was 31 ms against 21-22 ms
     (sleeping threads must wake up). OpenMP reads the variable when it starts, so it is set in this
     process's environment only while the child is started (other processes started in that moment
     inherit it too).
