@@ -17,6 +17,7 @@ load N adapters (small ranks, MiniLM shape) from disk.
 
     flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
     python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
+    python benchmarks/serve_throughput.py --k                                    # loading 1000 only
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import logging
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -209,6 +212,24 @@ def timed(fns: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+_FRESH_LOAD = """
+import json, sys, time
+start = time.perf_counter()
+from serving import AdapterBank
+imported = time.perf_counter()
+bank = AdapterBank.load(json.loads(sys.argv[1]), base_model=sys.argv[2], device="cpu")
+assert not bank.load_errors, bank.load_errors
+print(json.dumps({"imports": imported - start, "load": time.perf_counter() - imported}))
+"""
+
+
+def load_in_fresh_process(paths: list[Path], base_dir: Path) -> dict[str, float]:
+    """Seconds of imports and of AdapterBank.load in a new interpreter, as when a server starts."""
+    done = subprocess.run([sys.executable, "-c", _FRESH_LOAD, json.dumps([str(p) for p in paths]), str(base_dir)],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tuple[float, float]:
     """Base FLOPs (encoder linears + attention) and true LoRA FLOPs of this batch."""
     cfg = base.config
@@ -222,7 +243,8 @@ def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tup
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="tasks in the bank")
+    p.add_argument("--k", type=int, nargs="*", default=[1, 4, 16, 64, 256],
+                   help="tasks in the bank (--k alone: only measure loading)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per method (median)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
@@ -242,6 +264,9 @@ def main() -> None:
     work = args.work or Path(tempfile.gettempdir()) / "increlora_serve_bench"
     work.mkdir(parents=True, exist_ok=True)
     base_dir, base_name = base_model_dir(work, args.random_weights)
+    if not args.k:  # --k with no values: loading only
+        measure_load(base_dir, work, args.load_n)
+        return
     kmax = max(args.k)
     print(f"# serve_throughput: {base_name}; batch {args.batch} x seq {args.seq}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average at start {os.getloadavg()[0]:.2f}")
@@ -303,14 +328,22 @@ def main() -> None:
           + (f"; B1 PEFT LoRA+heads {peft_bytes / 1e6:.3f} MB" if peft is not None else ""))
 
     if args.load_n:
-        load_paths = write_adapters(base_dir, work / "load_small", args.load_n, max_rank=4, mean_rank=2.0, seed=2)
-        start = time.perf_counter()
-        loaded = AdapterBank.load(load_paths, base_model=str(base_dir), device="cpu")
-        seconds = time.perf_counter() - start
-        assert len(loaded.tasks) == args.load_n, loaded.load_errors
-        print(f"load {args.load_n} adapters (MiniLM shape, ranks 1..4, classifier + pooler saved) from disk, "
-              f"base model included: {seconds:.2f} s ({seconds / args.load_n * 1000:.1f} ms per adapter)")
+        measure_load(base_dir, work, args.load_n)
     print(f"load average at the end {os.getloadavg()[0]:.2f} (2-core machine: above ~2 means other work competed)")
+
+
+def measure_load(base_dir: Path, work: Path, n: int) -> None:
+    paths = write_adapters(base_dir, work / "load_small", n, max_rank=4, mean_rank=2.0, seed=2)
+    fresh = load_in_fresh_process(paths, base_dir)
+    AdapterBank.load(paths[:1], base_model=str(base_dir), device="cpu")  # this process's first load pays imports
+    start = time.perf_counter()
+    loaded = AdapterBank.load(paths, base_model=str(base_dir), device="cpu")
+    seconds = time.perf_counter() - start
+    assert len(loaded.tasks) == n, loaded.load_errors
+    print(f"load {n} adapters (MiniLM shape, ranks 1..4, classifier + pooler saved) from disk, base model "
+          f"included: {seconds:.2f} s in this process ({seconds / n * 1000:.1f} ms per adapter); "
+          f"{fresh['load']:.2f} s as the first load of a fresh process, which also pays {fresh['imports']:.2f} s "
+          f"of imports before it (of the load, about 2 s is transformers' first from_pretrained)")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from increlora import (AdapterFormatError, BaseModelMismatchError, IncreLoraConfig, load_adapter, read_adapter,
                        save_adapter)
-from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME
+from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME, _first_non_finite
 from tests.loop import train
 from tests.tiny import tiny_classifier
 
@@ -92,6 +94,8 @@ def _edit_tensors(dst, fn):
     (lambda d: _edit_tensors(d, lambda t: t.__setitem__(next(k for k in t if k.endswith(".E")),
                                                         torch.ones(40))), "expected A"),
     (lambda d: _edit_tensors(d, lambda t: t[next(k for k in t if k.endswith(".E"))].fill_(float("inf"))), "NaN or inf"),
+    (lambda d: _edit_tensors(d, lambda t: t["saved.classifier.weight"].view(-1)[3].fill_(float("-inf"))),
+     "classifier.weight contains NaN or inf"),
     (lambda d: _edit_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("saved.classifier")]), "module_to_save"),
     (lambda d: _edit_config(d, labels=["a"]), "labels"),
     (lambda d: _edit_config(d, problem_type="ranking"), "problem_type"),
@@ -133,3 +137,30 @@ def test_load_model_builds_the_head_from_the_adapter(trained, tiny_base):
     torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-6)
     half = load_model(path, str(tiny_base), dtype="bfloat16")
     assert next(half.parameters()).dtype == torch.bfloat16
+
+
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@st.composite
+def _named_tensors(draw):
+    """Tensors of mixed float dtypes, some with a NaN or inf, some with values at their dtype's range."""
+    named = []
+    for i in range(draw(st.integers(0, 6))):
+        dtype = draw(st.sampled_from(_DTYPES))
+        t = torch.randn(draw(st.integers(1, 40)), generator=torch.Generator().manual_seed(i)).to(dtype)
+        for _ in range(draw(st.integers(0, 3))):
+            special = draw(st.sampled_from(["nan", "inf", "-inf", "max", "-max"]))
+            value = torch.finfo(dtype).max * (-1 if special.startswith("-") else 1) if special.endswith("max") \
+                else float(special)
+            t[draw(st.integers(0, t.numel() - 1))] = value
+        named.append((f"t{i}", t))
+    return named
+
+
+@settings(max_examples=150, deadline=None)
+@given(_named_tensors())
+def test_non_finite_screen_names_the_first_bad_tensor(named):
+    # the reference: every tensor checked on its own, in order
+    expected = next((name for name, t in named if not torch.isfinite(t).all()), None)
+    assert _first_non_finite(named) == expected

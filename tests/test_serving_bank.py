@@ -1,6 +1,7 @@
 """AdapterBank: loading, answers equal to each adapter alone, add/remove, refusals, input errors."""
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import shutil
@@ -164,6 +165,28 @@ def test_bad_adapters_are_reported_and_never_stop_the_others(tiny_base, other_ti
     assert isinstance(errors["stsb_copy"], DuplicateTaskError)
     with pytest.raises(BaseModelMismatchError, match="foreign"):
         bank.add(folder / "foreign")
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_loading_many_leaves_the_collector_and_threads_as_they_were(adapters, collecting, monkeypatch):
+    # loading pauses the garbage collector and runs on one intra-op thread; both come back, also
+    # when reading an adapter raises something unexpected
+    threads = torch.get_num_threads()
+    seen = []
+    def fail(folder):
+        seen.append((gc.isenabled(), torch.get_num_threads()))
+        raise RuntimeError("disk on fire")
+    (gc.enable if collecting else gc.disable)()
+    try:
+        assert len(AdapterBank.load(adapters).tasks) == len(TASKS)
+        assert gc.isenabled() is collecting and torch.get_num_threads() == threads
+        monkeypatch.setattr(AdapterBank, "_prepare", lambda self, folder: fail(folder))
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            AdapterBank.load(adapters)
+        assert seen == [(False, 1)]
+        assert gc.isenabled() is collecting and torch.get_num_threads() == threads
+    finally:
+        gc.enable()
 
 
 def _without_fingerprint(src, dst, **changes):
