@@ -219,11 +219,43 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFormatError(f"{cfg_file}: missing fields {missing}")
     if config["problem_type"] not in PROBLEM_TYPES:
         raise AdapterFormatError(f"{cfg_file}: unknown problem_type {config['problem_type']!r}")
-    if not isinstance(config["labels"], list) or len(config["labels"]) != config["num_labels"]:
-        raise AdapterFormatError(f"{cfg_file}: labels must be a list of num_labels={config['num_labels']} names")
-    if not isinstance(config["task"], str) or not config["task"]:
-        raise AdapterFormatError(f"{cfg_file}: task must be a non-empty string")
+    _check_config_types(config, cfg_file)
     return config
+
+
+def _check_config_types(config: dict[str, Any], cfg_file: Path) -> None:
+    """Valid JSON of the wrong shape is refused here, not met later as an AttributeError."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    num_labels, labels = config["num_labels"], config["labels"]
+    problems = []
+    if not isinstance(config["task"], str) or not config["task"]:
+        problems.append("task must be a non-empty string")
+    if not isinstance(config["base_model"], str):
+        problems.append("base_model must be a string")
+    if not is_int(num_labels) or num_labels < 1:
+        problems.append(f"num_labels must be a positive integer, got {num_labels!r}")
+    elif (not isinstance(labels, list) or len(labels) != num_labels or not all(isinstance(x, str) for x in labels)
+          or len(set(labels)) != len(labels)):
+        problems.append(f"labels must be a list of num_labels={num_labels} distinct names (strings)")
+    rank_pattern, scaling = config["rank_pattern"], config["scaling_pattern"]
+    if not isinstance(rank_pattern, dict) or not all(is_int(r) and r >= 0 for r in rank_pattern.values()):
+        problems.append("rank_pattern must map module names to ranks (integers >= 0)")
+    if not isinstance(scaling, dict) or not all(is_number(v) for v in scaling.values()):
+        problems.append("scaling_pattern must map module names to numbers")
+    saved = config["modules_to_save"]
+    if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
+        problems.append("modules_to_save must be a list of module names")
+    if not isinstance(config.get("base_model_fingerprint") or "", str):
+        problems.append("base_model_fingerprint must be a string")
+    if not isinstance(config.get("metadata") or {}, dict):
+        problems.append("metadata must be a JSON object")
+    if problems:
+        raise AdapterFormatError(f"{cfg_file}: {'; '.join(problems)}")
 
 
 def _first_non_finite(named: list[tuple[str, torch.Tensor]]) -> str | None:

@@ -162,6 +162,9 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     saved_modules = _saved_modules(sorted(tensors), list(pcfg.get("modules_to_save") or []))
     saved = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
     head = next((v for k, v in saved.items() if k.endswith(HEAD_WEIGHT_SUFFIXES)), None)
+    if labels and head is not None and head.shape[0] != len(labels):
+        raise AdapterFormatError(f"{wfile}: the saved head has {head.shape[0]} outputs but {len(labels)} labels "
+                                 f"were given ({list(labels)})")
     num_labels = len(labels) if labels else (int(head.shape[0]) if head is not None else 1)
     labels = [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(num_labels)]
     problem_type = problem_type or ("regression" if num_labels == 1 else "single_label_classification")

@@ -8,7 +8,8 @@ from increlora.errors import AdapterFormatError, BaseModelMismatchError, IncreLo
 
 from .adapter_bank import AdapterBank
 from .batch_context import BatchContext
-from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, ServingError, UnknownTaskError
+from .errors import (AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError, ServingError,
+                     UnknownTaskError)
 from .lora_segments import lora_segments, lora_segments_reference
 from .multi_head import MultiHead
 from .multi_lora_linear import MultiLoraLinear
@@ -18,6 +19,6 @@ from .task_adapter import TaskAdapter
 __all__ = [
     "AdapterBank", "AdapterFormatError", "AdapterShapeError", "BankLoadError", "BaseModelMismatchError",
     "BatchContext", "DuplicateTaskError", "IncreLoraError", "InputError",
-    "MultiHead", "MultiLoraLinear", "Prediction", "ServingError", "TaskAdapter", "UnknownTaskError",
+    "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter", "UnknownTaskError",
     "lora_segments", "lora_segments_reference",
 ]

@@ -37,7 +37,7 @@ from .adapter_folders import (
 from .base_layout import BaseLayout
 from .batch_context import BatchContext, using_batch
 from .batch_inputs import ModelInput, check_inputs, tokenize
-from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError
+from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
 from .multi_head import MultiHead
 from .multi_lora_linear import MultiLoraLinear
 from .predictions import Prediction, answer
@@ -101,8 +101,9 @@ def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], h
     clash += [h for h in saved if any(_inside(m, [h]) for m in loras)]
     clash += [h for h in saved if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
     if clash:
-        raise AdapterShapeError(f"{path}: modules {clash[:4]} overlap the adapted or saved modules of "
-                                f"loaded tasks; one bank cannot serve both")
+        raise AdapterShapeError(f"{path}: modules {clash[:4]} overlap the adapted or saved modules of tasks "
+                                f"this bank has loaded (removed tasks included: their modules stay wrapped); "
+                                f"one bank cannot serve both, load this adapter into a new bank")
 
 
 class AdapterBank:
@@ -117,6 +118,8 @@ class AdapterBank:
         missing_keys: parameters from_pretrained initialised at random (adapters must save them).
         fingerprint_sets: modules_to_save lists whose base fingerprint to take before casting dtype.
         """
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise BankLoadError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         self._lock = threading.RLock()  # serialises writers; readers only read self._registry
         self._tokenizer_lock = threading.Lock()
         self.base_model = base_model
@@ -160,6 +163,12 @@ class AdapterBank:
                 saved_sets.append(modules_to_save(folder))
             except AdapterFormatError as exc:
                 errors[str(folder)] = exc
+        for folder, exc in errors.items():
+            logger.error("adapter %s not loaded: %s", folder, exc)
+        if base_model is None and folders and len(errors) == len(folders):
+            shown = "; ".join(str(exc) for exc in list(errors.values())[:3])
+            raise BankLoadError(f"none of the {len(folders)} adapter folders in {adapters} could be read ({shown}); "
+                                f"fix them, or give base_model= to start a bank without them")
         if base_model is None:
             base_model = choose_base_model([f for f in folders if str(f) not in errors], adapters)
         path = resolve_base_model(base_model)
@@ -173,8 +182,6 @@ class AdapterBank:
                    max_batch_size=max_batch_size, missing_keys=info.get("missing_keys", ()),
                    fingerprint_sets=saved_sets)
         bank.load_errors.update(errors)
-        for folder, exc in errors.items():
-            logger.error("adapter %s not loaded: %s", folder, exc)
         bank._add_many([f for f in folders if str(f) not in errors])
         logger.info("adapter bank on %s (%s, %s): %d tasks loaded, %d failed", base_model, bank.device,
                     bank.dtype, len(bank.tasks), len(bank.load_errors))
@@ -318,11 +325,18 @@ class AdapterBank:
     def _logits(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[torch.Tensor]:
         order = sorted(range(len(items)), key=lambda i: adapters[i].name)  # rows of a task together
         rows: list[torch.Tensor | None] = [None] * len(items)
+        finite = True
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
             logits = self._forward([items[i] for i in chunk], [adapters[i] for i in chunk])
             for i, row in zip(chunk, logits):
                 rows[i] = row[:adapters[i].num_labels]
+            finite = finite and bool(torch.isfinite(logits).all())  # the padding of narrower heads is zeros
+        if not finite:
+            bad = sorted({adapters[i].name for i, row in enumerate(rows) if not bool(torch.isfinite(row).all())})
+            hint = " (float16 overflows easily: try dtype='bfloat16' or 'float32')" if self.dtype == torch.float16 else ""
+            raise NonFiniteOutputError(f"the model gave NaN or inf logits for tasks {bad} in {self.dtype}{hint}; "
+                                       f"no answers were made from them")
         return rows  # type: ignore[return-value]
 
     def _forward(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> torch.Tensor:

@@ -126,13 +126,14 @@ async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
 @router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="Loaded tasks",
             responses=_errors(503))
 async def list_tasks(bank: BankDep) -> TaskList:
-    return TaskList(tasks=http_service.task_infos(bank))
+    # off the event loop: the model process answers task_info between batches
+    return TaskList(tasks=await asyncio.to_thread(http_service.task_infos, bank))
 
 
 @router.get("/v1/tasks/{task}", response_model=TaskInfo, tags=["tasks"], summary="One loaded task",
             responses=_errors(404, 503))
 async def get_task(task: str, bank: BankDep) -> TaskInfo:
-    return http_service.task_info(bank, task)
+    return await asyncio.to_thread(http_service.task_info, bank, task)
 
 
 @router.post("/v1/tasks", response_model=TaskInfo, status_code=status.HTTP_201_CREATED, tags=["admin"],

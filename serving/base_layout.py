@@ -13,6 +13,7 @@ class BaseLayout:
     shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
     modules: frozenset[str]
     fresh: frozenset[str]  # parameters not in the pretrained checkpoint (the task head): an adapter must bring them
+    head_width: int | None = None  # the base model's default number of labels: the label dimension of fresh tensors
 
     @classmethod
     def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> BaseLayout:
@@ -25,4 +26,6 @@ class BaseLayout:
             fresh |= {n for n in shapes if not n.startswith(prefix + ".")
                       and n in dict(model.named_parameters())}
         linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh))
+        width = getattr(getattr(model, "config", None), "num_labels", None)
+        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh),
+                   width if isinstance(width, int) else None)

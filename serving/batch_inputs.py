@@ -12,8 +12,12 @@ ModelInput = str | tuple[str, str]
 
 
 def check_inputs(inputs: Any, tasks: Any) -> tuple[list[ModelInput], list[str]]:
-    """Inputs as a list of str / (str, str); tasks one name for all, or one per input."""
-    if isinstance(inputs, str):
+    """Inputs as a list of str / (str, str); tasks one name for all, or one per input.
+
+    A bare text or a bare tuple of two texts is one input (a pair); a list is always a list of inputs.
+    """
+    if isinstance(inputs, str) or (isinstance(inputs, tuple) and len(inputs) == 2
+                                   and all(isinstance(s, str) for s in inputs)):
         inputs = [inputs]
     if not isinstance(inputs, Sequence) or isinstance(inputs, (bytes, bytearray)) or len(inputs) == 0:
         raise InputError("predict: give a non-empty list of texts or (text, text_pair) pairs")

@@ -36,9 +36,13 @@ class InputError(ServingError, ValueError):
     """predict() was called with no inputs, inputs of a wrong type, or a task list of another length."""
 
 
+class NonFiniteOutputError(ServingError, ArithmeticError):
+    """The model gave NaN or inf logits for some rows (e.g. float16 overflow, or a broken head)."""
+
+
 class BankLoadError(ServingError, ValueError):
     """No base model could be chosen, or nothing could be loaded."""
 
 
-__all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "ServingError",
-           "UnknownTaskError"]
+__all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "NonFiniteOutputError",
+           "ServingError", "UnknownTaskError"]

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from increlora.adapter_file import read_adapter_config
 from increlora.errors import IncreLoraError
 
 from .errors import DuplicateTaskError
@@ -15,6 +14,7 @@ from .http_errors import (AdapterConflictError, AdapterLoadError, AdapterNameErr
 from .http_service import task_info
 from .http_settings import ServiceSettings
 from .schemas import RemovedTask, TaskInfo
+from .task_adapter import task_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def load_task(bank: Any, folder: Path | None, name: str) -> TaskInfo:
     """Add the adapter `folder/name` to the bank; its task must not be loaded already."""
     path = resolve_adapter_dir(folder, name)
     try:
-        task = read_adapter_config(path)["task"]
+        task = task_name(path)  # this project's folders and PEFT folders
     except IncreLoraError as exc:
         raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {exc}") from exc
     if task in bank.tasks:
         raise AdapterConflictError(f"task {task!r} is already loaded; DELETE /v1/tasks/{task} first to reload it")
     try:
-        bank.add(path)
+        task = bank.add(path)
     except DuplicateTaskError as exc:  # loaded by a concurrent call since the check
         raise AdapterConflictError(f"task {task!r} is already loaded; DELETE /v1/tasks/{task} first") from exc
     except IncreLoraError as exc:

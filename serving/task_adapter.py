@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from increlora.adapter_file import CONFIG_NAME, Adapter, read_adapter
+from increlora.adapter_file import CONFIG_NAME, Adapter, read_adapter, read_adapter_config
 
 from .base_layout import BaseLayout
 from .errors import AdapterShapeError
@@ -69,6 +69,13 @@ def is_peft_folder(path: Path) -> bool:
         return False
 
 
+def task_name(path: str | Path) -> str:
+    """The task an adapter folder serves, read from its config only: for a PEFT folder, the folder's
+    name (as read_any_adapter names it)."""
+    path = Path(path)
+    return path.resolve().name if is_peft_folder(path) else read_adapter_config(path)["task"]
+
+
 def read_any_adapter(path: str | Path) -> Adapter:
     """This project's adapter folder, or a PEFT LoRA/AdaLoRA folder converted on the fly."""
     path = Path(path)
@@ -108,8 +115,13 @@ def check_fits(adapter: Adapter, layout: BaseLayout) -> None:
         if want is None:
             raise AdapterShapeError(f"{where}: the base model has no parameter {key!r} for the saved tensor")
         got = tuple(t.shape)
-        label_dim_only = key in layout.fresh and got[1:] == want[1:] and got[:1] == (adapter.num_labels,)
-        if got != want and not label_dim_only:
+        if key in layout.fresh and want[:1] == (layout.head_width,):  # a label dimension: the task's own
+            if got != (adapter.num_labels, *want[1:]):
+                raise AdapterShapeError(
+                    f"{where}: saved tensor {key} has shape {got}, but the adapter has num_labels="
+                    f"{adapter.num_labels} (labels {list(adapter.labels)}), so it must be "
+                    f"{(adapter.num_labels, *want[1:])}")
+        elif got != want:
             raise AdapterShapeError(f"{where}: saved tensor {key} has shape {got}, the base model's is {want}")
     missing = sorted(k for k in layout.fresh if k not in adapter.saved)
     if missing:

@@ -5,8 +5,10 @@ gain little from a second OpenMP thread, and its synchronisation costs much more
 are shared with other work: on a busy 2-core machine a [128, 384] x [384, 8] product took 12 ms
 on two threads and 54 us on one, and a batch of 32 rows of 27 tasks went from 1.18x to 1.09x the
 base model's time. On an idle machine one thread costs about 3% on many-task batches, so segments
-averaging SMALL_MACS or more keep every thread. torch.set_num_threads acts on the calling thread
-only: forwards in other threads and the base model's large matmuls keep their threads.
+averaging SMALL_MACS or more keep every thread. torch.set_num_threads acts on the calling thread:
+forwards already running in other threads keep their threads, and the base model's large matmuls
+run after the block with every thread again. One leak: a thread that makes its first torch call
+while the block runs starts with (and keeps) one thread, which costs speed, never correctness.
 """
 from __future__ import annotations
 

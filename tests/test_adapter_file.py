@@ -99,6 +99,18 @@ def _edit_tensors(dst, fn):
     (lambda d: _edit_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("saved.classifier")]), "module_to_save"),
     (lambda d: _edit_config(d, labels=["a"]), "labels"),
     (lambda d: _edit_config(d, problem_type="ranking"), "problem_type"),
+    # valid JSON of the wrong shape: refused by name, never an AttributeError later
+    (lambda d: _edit_config(d, scaling_pattern=[1.0]), "scaling_pattern must map"),
+    (lambda d: _edit_config(d, rank_pattern=["bert.encoder.layer.0.attention.self.query"]), "rank_pattern must map"),
+    (lambda d: _edit_config(d, rank_pattern={"bert.encoder.layer.0.attention.self.query": 1.5}), "rank_pattern"),
+    (lambda d: _edit_config(d, modules_to_save=None), "modules_to_save must be a list"),
+    (lambda d: _edit_config(d, labels=[0, 1]), "distinct names"),
+    (lambda d: _edit_config(d, labels=["pos", "pos"]), "distinct names"),
+    (lambda d: _edit_config(d, num_labels=True), "num_labels must be a positive integer"),
+    (lambda d: _edit_config(d, num_labels=0, labels=[]), "num_labels must be a positive integer"),
+    (lambda d: _edit_config(d, task=7), "task must be a non-empty string"),
+    (lambda d: _edit_config(d, base_model=None), "base_model must be a string"),
+    (lambda d: _edit_config(d, metadata=[1]), "metadata must be a JSON object"),
 ])
 def test_refuses_damaged_folders(trained, tmp_path, damage, needle):
     _, path = trained

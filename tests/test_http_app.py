@@ -275,6 +275,30 @@ def test_tasks_list_and_one(client, bank):
     assert r.status_code == 404 and "sst2" in r.json()["known_tasks"]
 
 
+@pytest.mark.parametrize("path", ["/v1/tasks", "/v1/tasks/sst2"])
+def test_task_info_waiting_for_the_model_never_blocks_other_requests(path):
+    # with the model process busy, task_info waits for it; /health must still answer meanwhile
+    bank, released = FakeBank(), threading.Event()
+    slow_info = bank.task_info
+    bank.task_info = lambda task: (released.wait(5), slow_info(task))[1]
+    app = create_app(bank, ServiceSettings())
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                listing = asyncio.ensure_future(c.get(path))
+                await asyncio.sleep(0.05)
+                health = await c.get("/health")
+                waiting = not listing.done()
+                released.set()
+                return health, waiting, await listing
+
+    health, waiting, listing = asyncio.run(asyncio.wait_for(go(), 20))
+    assert health.status_code == 200 and waiting
+    assert listing.status_code == 200 and "sst2" in listing.text
+
+
 def test_metrics_count_requests_per_task_and_status_and_batch_shapes(client):
     client.post("/v1/predict", json={"task": "sst2", "inputs": ["a", "b"]})
     client.post("/v1/predict", json={"task": "nope", "inputs": "x"})
@@ -328,6 +352,19 @@ def test_admin_loads_by_name_and_unloads(client, bank):
     assert client.post("/v1/predict", json={"task": "extra", "inputs": "x"}).status_code == 404
     assert client.delete("/v1/tasks/extra", headers=ADMIN).status_code == 404
     assert 'increlora_tasks_loaded 3.0' in client.get("/metrics").text
+
+
+def test_admin_loads_a_peft_folder_under_its_folder_name(bank, adapter_dir, tmp_path):
+    from increlora import export_peft
+    folder = tmp_path / "adapters"
+    export_peft(adapter_dir / "extra", folder / "extra_peft")
+    with TestClient(create_app(bank, ServiceSettings(adapters=folder, admin_token=TOKEN, max_wait_ms=1))) as client:
+        r = client.post("/v1/tasks", json={"name": "extra_peft"}, headers=ADMIN)
+        assert r.status_code == 201 and r.json()["name"] == "extra_peft"
+        assert client.post("/v1/tasks", json={"name": "extra_peft"}, headers=ADMIN).status_code == 409
+        r = client.post("/v1/predict", json={"task": "extra_peft", "inputs": "good film"})
+    assert r.status_code == 200
+    assert_predictions(r.json()["predictions"], expected(bank, "extra_peft", ["good film"]))
 
 
 def test_admin_refuses_paths_and_links_out_of_the_folder(client, bank, adapter_dir, tmp_path):

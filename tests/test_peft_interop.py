@@ -92,6 +92,14 @@ def test_import_refuses_unsupported_adapters(tiny_base, tmp_path):
         import_peft(tmp_path / "ia3")
 
 
+def test_import_refuses_labels_that_do_not_match_the_saved_head(tiny_base, tmp_path):
+    model = get_peft_model(tiny_classifier(tiny_base, 2), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.save_pretrained(tmp_path / "two")
+    with pytest.raises(AdapterFormatError, match="2 outputs but 3 labels"):
+        import_peft(tmp_path / "two", labels=["negative", "neutral", "positive"])
+    assert import_peft(tmp_path / "two", labels=["negative", "positive"]).labels == ["negative", "positive"]
+
+
 def test_import_with_base_model_records_its_fingerprint_and_checks_shapes(tiny_base, other_tiny_base, tmp_path):
     peft_model = get_peft_model(tiny_classifier(tiny_base, 2), LoraConfig(r=2, target_modules=["query", "value"],
                                                                           modules_to_save=["classifier"]))

@@ -4,13 +4,15 @@ from __future__ import annotations
 import gc
 import json
 import pickle
+import re
 import shutil
 
 import pytest
 import torch
 
 from increlora import AdapterFormatError, BaseModelMismatchError, export_peft, model_fingerprint, read_adapter
-from serving import AdapterBank, AdapterShapeError, DuplicateTaskError, InputError, UnknownTaskError
+from serving import (AdapterBank, AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError,
+                     UnknownTaskError)
 from tests.test_serving_support import TASKS, adapter_set, encode, make_adapter, reference_model
 
 
@@ -106,6 +108,31 @@ def test_bad_inputs_give_clear_errors(bank):
     # It crosses from the model process to the service intact (pickled), message and fields.
     copy = pickle.loads(pickle.dumps(info.value))
     assert (type(copy), str(copy), copy.task, copy.known) == (UnknownTaskError, str(info.value), "nope", info.value.known)
+
+
+def test_a_bare_pair_is_one_input_and_a_list_is_many(bank):
+    (pair,) = bank.logits(("a good plot", "the story"), "mrpc")
+    (listed,) = bank.logits([("a good plot", "the story")], ["mrpc"])
+    torch.testing.assert_close(pair, listed)
+    assert len(bank.logits(["a good plot", "the story"], "mrpc")) == 2
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True, "8"])
+def test_a_bad_max_batch_size_is_refused(adapters, size):
+    with pytest.raises(BankLoadError, match="max_batch_size must be a positive integer"):
+        AdapterBank.load(adapters, max_batch_size=size)
+
+
+def test_non_finite_logits_are_an_error_naming_the_task(adapters):
+    bank = AdapterBank.load(adapters, max_batch_size=2)
+    with torch.no_grad():
+        bank._registry.get("topic").heads["classifier"].weight.fill_(float("inf"))
+    good = bank.predict(["great film", "bad film"], ["sst2", "stsb"])
+    with pytest.raises(NonFiniteOutputError, match=r"\['topic'\]"):
+        bank.predict(["great film", "bad film", "a plot"], ["sst2", "stsb", "topic"])
+    with pytest.raises(NonFiniteOutputError, match="topic"):
+        bank.logits(["a plot"], "topic")
+    assert bank.predict(["great film", "bad film"], ["sst2", "stsb"]) == good
 
 
 def test_long_inputs_are_truncated(bank):
@@ -218,6 +245,36 @@ def test_adapters_that_do_not_fit_the_base_model_are_refused(tiny_base, adapters
     assert bank.tasks == ["sst2"]
 
 
+def test_a_head_narrower_than_the_labels_is_refused(tiny_base, adapters, tmp_path):
+    # sst2 saves a 2-row classifier, the base model's default width; with 3 labels its third score
+    # would be made up by the zero padding of a mixed batch
+    folder = tmp_path / "folder"
+    shutil.copytree(adapters / "topic", folder / "topic")
+    narrow = folder / "narrow"
+    shutil.copytree(adapters / "sst2", narrow)
+    config = json.loads((narrow / "adapter_config.json").read_text())
+    config.update(task="narrow", num_labels=3, labels=["negative", "neutral", "positive"])
+    (narrow / "adapter_config.json").write_text(json.dumps(config))
+    bank = AdapterBank.load(folder, base_model=str(tiny_base))
+    assert bank.tasks == ["topic"]
+    (error,) = bank.load_errors.values()
+    assert isinstance(error, AdapterShapeError)
+    assert re.search(r"narrow: saved tensor classifier\.(weight|bias) has shape \(2,.*num_labels=3", str(error))
+
+
+def test_a_config_of_the_wrong_shape_is_reported_not_raised(tiny_base, adapters, tmp_path):
+    folder = tmp_path / "folder"
+    shutil.copytree(adapters / "sst2", folder / "sst2")
+    shutil.copytree(adapters / "topic", folder / "bad")
+    config = json.loads((folder / "bad" / "adapter_config.json").read_text())
+    config["scaling_pattern"] = list(config["scaling_pattern"].values())
+    (folder / "bad" / "adapter_config.json").write_text(json.dumps(config))
+    bank = AdapterBank.load(folder, base_model=str(tiny_base))
+    assert bank.tasks == ["sst2"]
+    (error,) = bank.load_errors.values()
+    assert isinstance(error, AdapterFormatError) and "scaling_pattern" in str(error)
+
+
 def test_an_adapter_without_the_task_head_is_refused(tiny_base, tmp_path):
     from increlora import IncreLoraConfig, apply_increlora, save_adapter
     from tests.tiny import tiny_classifier
@@ -261,6 +318,10 @@ def test_a_module_adapted_by_one_task_and_saved_by_another_is_refused(tiny_base,
     assert bank.tasks == ["pooler_lora"]
     with pytest.raises(AdapterShapeError, match="overlap"):
         bank.add(adapters / "sst2")  # saves bert.pooler, which holds the adapted bert.pooler.dense
+    # the wrapping stays after remove (a running batch may still use it), and the message says so
+    bank.remove("pooler_lora")
+    with pytest.raises(AdapterShapeError, match="removed tasks included.*new bank"):
+        bank.add(adapters / "sst2")
 
 
 def test_load_errors_for_missing_folders_and_unknown_base(tmp_path, adapters):
@@ -271,3 +332,14 @@ def test_load_errors_for_missing_folders_and_unknown_base(tmp_path, adapters):
     assert bank.tasks == ["sst2"]
     with pytest.raises(BankLoadError, match="base_model="):
         AdapterBank.load(adapters / "sst2", base_model=str(tmp_path / "no_model_here"))
+
+
+def test_when_every_folder_is_unreadable_the_error_says_why(tmp_path, adapters, tiny_base):
+    folder = tmp_path / "folder"
+    shutil.copytree(adapters / "sst2", folder / "sst2")
+    (folder / "sst2" / "adapter_config.json").write_text("{not json")
+    for where in (folder, folder / "sst2"):
+        with pytest.raises(BankLoadError, match=r"none of the 1 adapter folders.*sst2/adapter_config.json: unreadable"):
+            AdapterBank.load(where)
+    bank = AdapterBank.load(folder, base_model=str(tiny_base))  # with a base model: an empty bank, the error kept
+    assert bank.tasks == [] and list(bank.load_errors) == [str(folder / "sst2")]
