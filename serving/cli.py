@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import AdapterBank
 from .http_settings import ServiceSettings
-from .http_worker import ProcessBank
+from .http_worker import ProcessBankLoader
 
 logger = logging.getLogger("increlora.serve")
 
@@ -95,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
                                args.torch_threads)
     if not args.in_process:
-        loader = functools.partial(ProcessBank.start, loader, passive_openmp=args.openmp_wait == "passive")
+        loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive")
     app = create_app(loader, settings, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            access_log=args.log_level == "debug"))
     logger.info("serving %s on http://%s:%d (admin %s)", args.adapters, args.host, args.port,
                 "on" if settings.admin_token else "off")
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        logger.info("stopped by Ctrl-C")
+        return 130
     if failed:
         print(f"increlora-serve: loading the adapters failed: {failed[0]}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ class Service:
         self.batcher: DynamicBatcher | None = None
         self.load_error: BaseException | None = None
         self._loading: asyncio.Task | None = None
+        self._loader: Any = None
         self._owns_bank = False  # a bank this service loaded is closed with it (e.g. its model process)
         self._length_tokenizer: Any = None
         self._length_lock = threading.Lock()
@@ -41,6 +42,7 @@ class Service:
         if is_bank(bank_or_loader):
             self._attach(bank_or_loader)
         elif callable(bank_or_loader):
+            self._loader = bank_or_loader
             self._loading = asyncio.get_running_loop().create_task(self._load(bank_or_loader, on_load_error))
         else:
             raise TypeError(f"create_app: expected an AdapterBank or a function returning one, got {bank_or_loader!r}")
@@ -70,6 +72,9 @@ class Service:
     async def close(self) -> None:
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()  # the loading thread finishes on its own; its bank is dropped
+            cancel = getattr(self._loader, "cancel", None)
+            if cancel is not None:  # a ProcessBankLoader: stop the child so that the thread ends now
+                cancel()
         if self.batcher is not None:
             await self.batcher.close()
         close = getattr(self.bank, "close", None)

@@ -49,11 +49,12 @@ class ProcessBank:
         self.base_model: str = info.get("base_model", "unknown")
 
     @classmethod
-    def start(cls, loader: Callable[[], Any], timeout: float | None = None,
-              passive_openmp: bool = True) -> "ProcessBank":
+    def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
+              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> "ProcessBank":
         """Spawn the child, load the bank there with `loader` (picklable), wait until it is loaded.
 
         passive_openmp: start it with OMP_WAIT_POLICY=PASSIVE unless OpenMP's waiting is already set.
+        on_spawn: called with the child as soon as it runs (to be able to kill it while it loads).
         """
         ctx = mp.get_context("spawn")  # not fork: the parent may already run threads (torch, the event loop)
         parent, child = ctx.Pipe()
@@ -62,6 +63,8 @@ class ProcessBank:
         with _passive_openmp(passive_openmp):
             process.start()
         child.close()
+        if on_spawn is not None:
+            on_spawn(process)
         if timeout is not None and not parent.poll(timeout):
             process.kill()
             raise WorkerDiedError(f"the model process did not load the adapters within {timeout:g} s")
@@ -120,6 +123,37 @@ class ProcessBank:
         if status == "err":
             raise value
         return value
+
+
+class ProcessBankLoader:
+    """A loader for create_app that starts a ProcessBank and that the app can cancel while it loads.
+
+    Without it, stopping the server during a long load waits for the load to finish: the thread that
+    waits for the child cannot be interrupted, and the event loop joins it on exit.
+    """
+
+    def __init__(self, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True) -> None:
+        self._loader, self._timeout, self._passive_openmp = loader, timeout, passive_openmp
+        self._lock = threading.Lock()
+        self._process: mp.process.BaseProcess | None = None
+        self._cancelled = False
+
+    def __call__(self) -> ProcessBank:
+        return ProcessBank.start(self._loader, self._timeout, self._passive_openmp, on_spawn=self._spawned)
+
+    def _spawned(self, process: mp.process.BaseProcess) -> None:
+        with self._lock:
+            self._process = process
+            if self._cancelled:
+                process.kill()
+
+    def cancel(self) -> None:
+        """Kill the child being started; the waiting call then raises WorkerDiedError."""
+        with self._lock:
+            self._cancelled = True
+            if self._process is not None and self._process.is_alive():
+                logger.info("stopping the model process %d before it finished loading", self._process.pid)
+                self._process.kill()
 
 
 _ENV_LOCK = threading.Lock()

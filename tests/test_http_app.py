@@ -93,6 +93,28 @@ def test_ready_is_503_until_the_loader_returns():
         assert c.post("/v1/predict", json={"task": "sst2", "inputs": "x"}).status_code == 200
 
 
+def test_stopping_the_app_during_a_load_cancels_a_cancellable_loader():
+    released = threading.Event()
+
+    class SlowLoader:
+        def __call__(self):
+            assert released.wait(30), "never cancelled"
+            raise RuntimeError("cancelled")
+
+        def cancel(self):
+            released.set()
+
+    app = create_app(SlowLoader(), ServiceSettings())
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            await asyncio.sleep(0.05)
+
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(go(), 20))  # asyncio.run joins the loading thread before it returns
+    assert released.is_set() and time.monotonic() - started < 10
+
+
 def test_a_failed_load_is_reported_and_calls_back():
     failures = []
 

@@ -122,3 +122,17 @@ def test_the_command_exits_when_the_adapters_fail_to_load(tmp_path):
     r = subprocess.run([sys.executable, "-m", "serving.cli", "--adapters", str(tmp_path / "empty"), "--port", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "loading the adapters failed" in r.stderr, r.stderr[-3000:]
+
+
+def test_ctrl_c_stops_the_server_with_exit_code_130_and_no_traceback(adapters):
+    proc, base, lines = start_server(["--adapters", str(adapters)])
+    try:
+        wait_ready(base)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    time.sleep(0.2)  # the reader thread drains the last lines
+    log = "".join(lines.queue)
+    assert code == 130 and "Traceback" not in log, log[-3000:]

@@ -4,13 +4,15 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
 from serving.app import create_app
-from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError
+from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, ProcessBankLoader, WorkerDiedError
 from tests.test_http_server import close_to
 from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
 
@@ -59,6 +61,33 @@ def test_a_load_error_in_the_model_process_reaches_the_caller(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BankLoadError):
         ProcessBank.start(functools.partial(AdapterBank.load, tmp_path / "empty"))
+
+
+def test_a_cancelled_loader_stops_the_model_process_while_it_loads():
+    loader = ProcessBankLoader(functools.partial(time.sleep, 120))  # a load that would take two minutes
+    outcome: list[BaseException] = []
+    waiting = threading.Thread(target=lambda: outcome.extend(_raised(loader)))
+    started = time.monotonic()
+    waiting.start()
+    while loader._process is None and time.monotonic() - started < 30:
+        time.sleep(0.05)
+    loader.cancel()
+    waiting.join(30)
+    assert not waiting.is_alive() and time.monotonic() - started < 40
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkerDiedError)
+    assert not loader._process.is_alive()
+    with pytest.raises(WorkerDiedError):  # cancelled before the child runs: it is killed at once too
+        cancelled = ProcessBankLoader(functools.partial(time.sleep, 120))
+        cancelled.cancel()
+        cancelled()
+
+
+def _raised(fn) -> list[BaseException]:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test
+        return [exc]
+    return []
 
 
 class EnvBank:
