@@ -62,8 +62,13 @@ def base_model_dir(work: Path, random_weights: bool) -> tuple[Path, str]:
         BertModel(cfg).save_pretrained(folder)
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(cfg.vocab_size - 5)]
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+        BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     return folder, "MiniLM-L6 shape (random weights)"
+
+
+def _tag(base_dir: Path) -> str:
+    """Adapters made for the random-weight model live apart from those for the real one (fingerprints)."""
+    return "_random" if base_dir.name == "random_minilm" else ""
 
 
 def sample_rank(rng: random.Random, max_rank: int, mean: float) -> int:
@@ -109,7 +114,7 @@ def token_batch(tokenizer, batch: int, seq: int, seed: int) -> dict[str, torch.T
 def run_ours(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
     """Sort rows by task, one forward with the batch context, rows back in input order."""
     order = sorted(range(len(tasks)), key=tasks.__getitem__)
-    idx = torch.tensor(order)
+    idx = torch.tensor(order, device=bank.device)
     sorted_enc = {k: v.index_select(0, idx) for k, v in enc.items()}
     snapshot = bank._registry
     ctx = BatchContext([snapshot.get(tasks[i]) for i in order])
@@ -121,7 +126,7 @@ def run_ours(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
 def run_per_task(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
     out = None
     for task in sorted(set(tasks)):
-        rows = torch.tensor([i for i, t in enumerate(tasks) if t == task])
+        rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=bank.device)
         with using_batch(BatchContext([bank._registry.get(task)] * len(rows))):
             logits = bank.model(**{k: v.index_select(0, rows) for k, v in enc.items()}).logits
         if out is None:
@@ -154,8 +159,8 @@ def padded_model(bank: AdapterBank, task_names: list[str]) -> tuple[nn.Module, i
         if not isinstance(module, MultiLoraLinear):
             continue
         R = max(t.lora[name][0].shape[0] for t in tasks if name in t.lora)
-        A = torch.zeros(len(tasks), R, module.in_features)
-        B = torch.zeros(len(tasks), module.out_features, R)
+        A = torch.zeros(len(tasks), R, module.in_features, device=bank.device, dtype=bank.dtype)
+        B = torch.zeros(len(tasks), module.out_features, R, device=bank.device, dtype=bank.dtype)
         for i, t in enumerate(tasks):
             if name in t.lora:
                 a, b = t.lora[name]
@@ -168,14 +173,14 @@ def padded_model(bank: AdapterBank, task_names: list[str]) -> tuple[nn.Module, i
 
 def run_padded(model: nn.Module, bank: AdapterBank, enc: dict, tasks: list[str], index: dict[str, int]) -> torch.Tensor:
     order = sorted(range(len(tasks)), key=tasks.__getitem__)  # heads still use the batch context
-    idx = torch.tensor(order)
-    PaddedGatherLinear.row_tasks = torch.tensor([index[tasks[i]] for i in order])
+    idx = torch.tensor(order, device=bank.device)
+    PaddedGatherLinear.row_tasks = torch.tensor([index[tasks[i]] for i in order], device=bank.device)
     with using_batch(BatchContext([bank._registry.get(tasks[i]) for i in order])):
         logits = model(**{k: v.index_select(0, idx) for k, v in enc.items()}).logits
     return logits[torch.argsort(idx)]
 
 
-def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path):
+def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path, device: torch.device):
     from peft import PeftModel
     peft_dirs = []
     for path in adapter_dirs:
@@ -191,23 +196,34 @@ def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path):
     model = PeftModel.from_pretrained(base, str(peft_dirs[0]), adapter_name=peft_dirs[0].name)
     for path in peft_dirs[1:]:
         model.load_adapter(str(path), adapter_name=path.name)
-    model.eval()
+    model.eval().to(device)
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if peft_dirs[0].name in n)
     return model, lora
 
 
 # --- measuring ---------------------------------------------------------------------------------------
 
-def timed(fns: dict, reps: int) -> dict[str, float]:
+def close(a: torch.Tensor, b: torch.Tensor, fp32_atol: float) -> bool:
+    """Equal to fp32_atol in float32; to 5% of the logits' scale in bfloat16 / float16."""
+    if a.dtype == torch.float32:
+        return torch.allclose(a, b, atol=fp32_atol)
+    return bool((a.float() - b.float()).abs().max() <= 0.05 * max(1.0, b.float().abs().max().item()))
+
+
+def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
     """Median wall time in ms per method; the methods take turns (one call each per round), after a
-    warm-up call each, so drift of a shared machine hits them alike."""
+    warm-up call each, so drift of a shared machine hits them alike. On a GPU each call is timed to
+    the end of its kernels."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -255,6 +271,8 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where the models run, e.g. cuda (loading is always timed on the CPU)")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,22 +286,29 @@ def main() -> None:
         measure_load(base_dir, work, args.load_n)
         return
     kmax = max(args.k)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"# serve_throughput: {base_name}; batch {args.batch} x seq {args.seq}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; load average at start {os.getloadavg()[0]:.2f}")
+          f"{torch.get_num_threads()} threads, {where}, {args.dtype or 'float32'}; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
 
-    paths = write_adapters(base_dir, work / f"adapters_r{args.max_rank}_m{args.mean_rank}", kmax,
+    paths = write_adapters(base_dir, work / f"adapters{_tag(base_dir)}_r{args.max_rank}_m{args.mean_rank}", kmax,
                            args.max_rank, args.mean_rank, seed=1)
-    bank = AdapterBank.load(paths, base_model=str(base_dir), device="cpu")
+    bank = AdapterBank.load(paths, base_model=str(base_dir), device=args.device, dtype=args.dtype)
+    assert not bank.load_errors, bank.load_errors
+    device = bank.device
     names = [p.name for p in paths]
     ranks = [a.shape[0] for t in names for a, _ in bank._registry.get(t).lora.values()]
     print(f"adapters: {kmax}, per-module ranks {min(ranks)}..{max(ranks)}, mean {statistics.mean(ranks):.2f}")
     base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).eval()
+    base = base.to(device=device, dtype=bank.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    enc = token_batch(tokenizer, args.batch, args.seq, seed=0)
+    enc = {k: v.to(device) for k, v in token_batch(tokenizer, args.batch, args.seq, seed=0).items()}
     padded, padded_bytes = padded_model(bank, names)
     index = {t: i for i, t in enumerate(names)}
     start = time.perf_counter()
-    peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work)
+    peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work, device)
+    if peft is not None:
+        peft = peft.to(dtype=bank.dtype)
     if peft is not None:
         print(f"PEFT: {kmax} adapters loaded in {time.perf_counter() - start:.1f} s")
 
@@ -293,10 +318,10 @@ def main() -> None:
         tasks = [names[rng.randrange(k)] for _ in range(args.batch)]
         ours = run_ours(bank, enc, tasks)
         ref = run_per_task(bank, enc, tasks)
-        assert torch.allclose(ours, ref, atol=1e-4), "ours and one-forward-per-task disagree"
-        assert torch.allclose(run_padded(padded, bank, enc, tasks, index), ours, atol=1e-3), "B3 disagrees"
+        assert close(ours, ref, 1e-4), "ours and one-forward-per-task disagree"
+        assert close(run_padded(padded, bank, enc, tasks, index), ours, 1e-3), "B3 disagrees"
         if peft is not None:
-            assert torch.allclose(peft(**enc, adapter_names=tasks).logits, ours, atol=1e-3), "PEFT disagrees"
+            assert close(peft(**enc, adapter_names=tasks).logits, ours, 1e-3), "PEFT disagrees"
         fns = {"B0": lambda: base(**enc),
                "B1": lambda tasks=tasks: peft(**enc, adapter_names=tasks),
                "B2": lambda tasks=tasks: run_per_task(bank, enc, tasks),
@@ -304,7 +329,7 @@ def main() -> None:
                "ours": lambda tasks=tasks: run_ours(bank, enc, tasks)}
         if peft is None:
             del fns["B1"]
-        t = {"B1": float("nan"), **timed(fns, args.reps)}
+        t = {"B1": float("nan"), **timed(fns, args.reps, device)}
         fb, fl = flops(base, bank, tasks, args.seq)
         rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
 
@@ -322,8 +347,10 @@ def main() -> None:
     true_params = statistics.mean(i["parameter_count"] for i in infos)
     lora_true = statistics.mean(sum(a.numel() + b.numel() for a, b in bank._registry.get(t).lora.values()) for t in names)
     print()
-    print(f"memory per adapter (fp32): ours {served / 1e6:.3f} MB served = {served / 4:,.0f} values; adapter file "
-          f"parameters {true_params:,.0f} (incl. E, which ours folds into B); LoRA part {lora_true * 4 / 1e6:.3f} MB; "
+    size = torch.empty((), dtype=bank.dtype).element_size()
+    print(f"memory per adapter ({str(bank.dtype).removeprefix('torch.')}): ours {served / 1e6:.3f} MB served = "
+          f"{served / size:,.0f} values; adapter file parameters {true_params:,.0f} (incl. E, which ours folds into "
+          f"B); LoRA part {lora_true * size / 1e6:.3f} MB; "
           f"B3 padded LoRA {padded_bytes / 1e6:.3f} MB"
           + (f"; B1 PEFT LoRA+heads {peft_bytes / 1e6:.3f} MB" if peft is not None else ""))
 
@@ -333,7 +360,7 @@ def main() -> None:
 
 
 def measure_load(base_dir: Path, work: Path, n: int) -> None:
-    paths = write_adapters(base_dir, work / "load_small", n, max_rank=4, mean_rank=2.0, seed=2)
+    paths = write_adapters(base_dir, work / f"load_small{_tag(base_dir)}", n, max_rank=4, mean_rank=2.0, seed=2)
     fresh = load_in_fresh_process(paths, base_dir)
     AdapterBank.load(paths[:1], base_model=str(base_dir), device="cpu")  # this process's first load pays imports
     start = time.perf_counter()

@@ -59,6 +59,23 @@ def test_fast_path_equals_reference_fp32(shared, seed, segs):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # benchmarks/gpu_check.sh runs the latter
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.15), (torch.float16, 0.15)])
+def test_every_device_and_dtype_matches_the_reference(device, dtype, tol):
+    x, bounds, a_list, b_list, out = random_case(11, [37, 0, 128, 5, 300], [3, 7, 16, 0, 1], fan_in=96, fan_out=64,
+                                                 dtype=dtype)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    moved = [t.to(device) for t in (x, *a_list, *b_list, out)]
+    x_d, out_d = moved[0], moved[-1]
+    a_d, b_d = moved[1:1 + len(a_list)], moved[1 + len(a_list):-1]
+    got = lora_segments(x_d, bounds, a_d, b_d, out_d)
+    assert got is out_d and got.device.type == device and got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol / 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_path_equals_reference_half_precision(dtype):
     x, bounds, a_list, b_list, out = random_case(3, [5, 1, 8, 3], [4, 1, 9, 2], dtype=dtype)
