@@ -94,6 +94,20 @@ class IncreLoraConfig:
             if not cond:
                 raise ConfigError(f"IncreLoraConfig: {msg}")
 
+        ints = ("init_rank", "add_rank", "top_h", "init_warmup", "interval", "warmup_steps", "target_total_rank",
+                "score_window")
+        optional = ("target_total_rank", "score_window", "target_avg_rank")
+        for name in ints:  # bool is an int to Python, never a rank or a step count here
+            v = getattr(self, name)
+            need(v is None and name in optional or (isinstance(v, int) and not isinstance(v, bool)),
+                 f"{name} must be an int, got {v!r}")
+        for name in ("beta1", "beta2", "lora_dropout", "lora_alpha", "orth_reg_weight", "reserve_e", "init_std",
+                     "target_avg_rank"):
+            v = getattr(self, name)
+            need(v is None and name in optional
+                 or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+                 f"{name} must be a finite number, got {v!r}")
+
         need(isinstance(self.init_rank, int) and self.init_rank >= 1, f"init_rank must be an int >= 1, got {self.init_rank!r}")
         need(isinstance(self.add_rank, int) and self.add_rank >= 1, f"add_rank must be an int >= 1, got {self.add_rank!r}")
         need(isinstance(self.top_h, int) and self.top_h >= 1, f"top_h must be an int >= 1, got {self.top_h!r}")

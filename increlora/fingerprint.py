@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 SAMPLES_PER_TENSOR = 4096
-_ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_E", "reserve_A", "reserve_B", "reserve_E")
+_ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_E", "reserve_A", "reserve_B", "reserve_E", "ranknum")  # ranknum: PEFT AdaLoRA
 
 
 def _canonical(name: str) -> str:

@@ -102,6 +102,11 @@ class IncreLoraLinear(nn.Module):
             # their optimizer state, which RankAllocator slices to match) stay the same objects.
             a.data = a.data[:k].clone()
             b.data = b.data[:, :k].clone()
+            # this step's gradients, about to be used by the optimizer step, shrink with them
+            if a.grad is not None:
+                a.grad = a.grad[:k].clone()
+            if b.grad is not None:
+                b.grad = b.grad[:, :k].clone()
         e = nn.Parameter(self.reserve_E[:k].clone())
         self.lora_A.append(a)
         self.lora_E.append(e)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-from increlora import IncreLoraConfig, load_adapter, read_adapter
+from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
+from tests.tiny import tiny_classifier
 from training.cli import build_parser, main, options_from
 
 FAST = ["--steps", "28", "--batch-size", "16", "--max-length", "24", "--init-warmup", "4", "--interval", "2",
@@ -141,13 +142,26 @@ def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_baselines_write_peft_and_servable_adapters(tiny_base, files, tmp_path, method):
+def test_baselines_write_peft_and_servable_adapters(tiny_base, other_tiny_base, files, tmp_path, method):
     out = tmp_path / method
     assert cli(tiny_base, files, out, "--method", method) == 0
     assert (out / "peft" / "adapter_config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["final_total_rank"] <= 24
     assert test_accuracy(tiny_base, out, files["test"]) == pytest.approx(metrics["test"]["accuracy"])
+    # the base model is fingerprinted like an IncreLoRA adapter's: another base model is refused
+    adapter = read_adapter(out)
+    assert adapter.fingerprint == model_fingerprint(tiny_classifier(tiny_base, 2), adapter.modules_to_save)
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(tiny_classifier(other_tiny_base, 2), out)
+
+
+def test_overwrite_keeps_the_old_adapter_when_the_new_run_cannot_start(tiny_base, files, tmp_path):
+    out = tmp_path / "kept"
+    assert cli(tiny_base, files, out) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert cli(tmp_path / "no_such_model", files, out, "--overwrite") == 1
+    assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_every_config_field_is_an_option_with_the_paper_default():
@@ -169,6 +183,7 @@ def _bad_files(d: Path) -> dict[str, list[str]]:
     (d / "label.csv").write_text("text,label\nhello,pos\nbye,maybe\n")
     (d / "empty.csv").write_text("text,label\n")
     (d / "broken.csv").write_text("text,label\nhello,pos\nhello,pos,extra\n")
+    (d / "one_class.csv").write_text("text,label\nhello,pos\nbye,pos\n")
     (d / "used").mkdir()
     (d / "used" / "x").write_text("")
     return {
@@ -184,6 +199,9 @@ def _bad_files(d: Path) -> dict[str, list[str]]:
         "no nn.Linear module matches": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
                                         "--target-modules", "nothing_here"],
         "init_rank must be": ["--task", "t", "--train", "{train}", "--output", str(d / "o"), "--init-rank", "0"],
+        "single class": ["--task", "t", "--train", str(d / "one_class.csv"), "--output", str(d / "o")],
+        "--max-length 100 is more than model": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
+                                                 "--max-length", "100"],  # the tiny model has 64 positions
         "no checkpoint there to resume": ["--task", "t", "--train", "{train}", "--output", str(d / "used"),
                                           "--resume"],
     }
@@ -191,7 +209,7 @@ def _bad_files(d: Path) -> dict[str, list[str]]:
 
 def test_bad_input_gives_one_line_error_and_nonzero_exit(tiny_base, files, tmp_path, capsys):
     for expected, argv in _bad_files(tmp_path).items():
-        argv = [a.replace("{train}", str(files["train"])) for a in argv] + ["--model", str(tiny_base), *FAST]
+        argv = ["--model", str(tiny_base), *FAST] + [a.replace("{train}", str(files["train"])) for a in argv]
         assert main(argv) == 1, expected
         err = capsys.readouterr().err.strip()
         assert err.startswith("increlora-train: error: ") and "\n" not in err, (expected, err)

@@ -19,6 +19,12 @@ from tests.tiny import tiny_classifier
     ({"target_modules": []}, "target_modules"),
     ({"interval": 0}, "interval"),
     ({"lora_alpha": -1}, "lora_alpha"),
+    # wrong types: a clear ConfigError, never a bare TypeError or OverflowError later
+    ({"beta1": "0.5"}, "beta1 must be a finite number"),
+    ({"lora_alpha": None}, "lora_alpha must be a finite number"),
+    ({"target_avg_rank": float("inf")}, "target_avg_rank must be a finite number"),
+    ({"init_rank": True}, "init_rank must be an int"),
+    ({"interval": 2.0}, "interval must be an int"),
 ])
 def test_config_rejects_bad_values(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -64,6 +64,17 @@ def test_partial_promotion_shrinks_reserves_in_place():
     assert layer.active_rank == 3
 
 
+def test_partial_promotion_shrinks_this_steps_gradients_with_the_reserves():
+    # growth runs between backward and the optimizer step: the gradients must keep their entries
+    layer = make_layer(add_rank=3)
+    a, b = layer.reserve_A, layer.reserve_B
+    layer(torch.randn(4, 6)).pow(2).sum().backward()
+    grad_a, grad_b = a.grad.clone(), b.grad.clone()
+    layer.grow(2)
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+    assert torch.equal(a.grad, grad_a[:2]) and torch.equal(b.grad, grad_b[:, :2])
+
+
 def test_growth_without_advance_learning_starts_at_zero():
     layer = make_layer(advance_learning=False)
     x = torch.randn(2, 6)

@@ -1,6 +1,7 @@
 """The Trainer integration against a plain loop: same ranks, same parameters after the same steps."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,90 @@ def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tiny_base, tmp_
     trainer = IncreLoraTrainer(model=model_for(tiny_base), args=args, train_dataset=Examples(1), callbacks=[Steps()])
     trainer.train(resume_from_checkpoint=True)
     assert Steps.done == [3, 4]  # continued from checkpoint-2
+
+
+def test_resume_after_the_budget_is_spent_ends_with_the_same_adapter(tiny_base, tmp_path):
+    # the budget is spent at step 37 and the reserves are dropped; resume from step 38
+    full = model_for(tiny_base)
+    IncreLoraTrainer(model=full, args=args(tmp_path / "full", 1), train_dataset=Examples(1),
+                     callbacks=[SeedBeforeGrowth()]).train()
+    saving = dataclasses.replace(args(tmp_path / "part", 1), save_strategy="steps", save_steps=38)
+    IncreLoraTrainer(model=model_for(tiny_base), args=saving, train_dataset=Examples(1),
+                     callbacks=[SeedBeforeGrowth()]).train()
+    resumed = model_for(tiny_base)
+    trainer = IncreLoraTrainer(model=resumed, args=saving, train_dataset=Examples(1), callbacks=[SeedBeforeGrowth()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "run" / "checkpoint-38"))
+    assert trainer.allocator.total_rank == trainer.allocator.budget
+    got, want = trainable_state(resumed), trainable_state(full)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_ranks(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from increlora import rank_pattern
+
+    scores = iter(range(100, 0, -1))  # each evaluation scores worse: the first checkpoint is the best
+    run = dataclasses.replace(
+        args(tmp_path, 1), eval_strategy="steps", eval_steps=8, save_strategy="steps", save_steps=8,
+        load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    model = model_for(tiny_base)
+    trainer = IncreLoraTrainer(model=model, args=run, train_dataset=Examples(1), eval_dataset=Examples(1),
+                               compute_metrics=lambda _: {"score": next(scores)})
+    trainer.train()
+    best = tmp_path / "run" / "checkpoint-8"
+    assert trainer.state.best_model_checkpoint == str(best)
+    saved = load_file(str(best / "model.safetensors"))
+    assert trainer.allocator.total_rank < trainer.allocator.budget  # as at step 8, before the budget was spent
+    assert rank_pattern(model) == trainer.allocator.rank_pattern()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p.detach(), saved[name], msg=name)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_regulariser_is_added_to_any_training_loss(tiny_base, tmp_path, smoothing, monkeypatch):
+    # with label smoothing the Trainer computes the loss itself and the model returns none
+    import training.callback
+    import training.trainer
+
+    terms = []
+    real = training.callback.orth_loss
+    spy = lambda model: terms.append(real(model)) or terms[-1]  # noqa: E731
+    monkeypatch.setattr(training.callback, "orth_loss", spy)
+    monkeypatch.setattr(training.trainer, "orth_loss", spy)
+    run = dataclasses.replace(args(tmp_path, 1), max_steps=3, label_smoothing_factor=smoothing)
+    IncreLoraTrainer(model=model_for(tiny_base), args=run, train_dataset=Examples(1)).train()
+    assert len(terms) == 3 and all(t.requires_grad for t in terms)
+
+
+def test_a_plain_trainer_warns_when_it_cannot_add_the_regulariser(tiny_base, tmp_path, caplog):
+    run = dataclasses.replace(args(tmp_path, 1), max_steps=2, label_smoothing_factor=0.1)
+    Trainer(model=model_for(tiny_base), args=run, train_dataset=Examples(1), callbacks=[IncreLoraCallback()]).train()
+    warnings = [r for r in caplog.records if "regulariser was not added" in r.getMessage()]
+    assert len(warnings) == 1 and "IncreLoraTrainer" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("changes, warned", [
+    ({}, None),  # the arguments of args(): linear, warmup_steps == config().warmup_steps
+    ({"lr_scheduler_type": "constant"}, "lr_scheduler_type='constant'"),
+    ({"warmup_steps": 10}, "warmup_steps=10"),
+])
+def test_scheduler_arguments_it_ignores_are_named_in_a_warning(tiny_base, tmp_path, caplog, changes, warned):
+    IncreLoraTrainer(model=model_for(tiny_base), args=dataclasses.replace(args(tmp_path, 1), **changes),
+                     train_dataset=Examples(1))
+    messages = [r.getMessage() for r in caplog.records if "schedules the learning rate itself" in r.getMessage()]
+    assert (messages == []) if warned is None else (len(messages) == 1 and warned in messages[0])
+
+
+def test_a_plain_trainer_refuses_load_best_model_at_end(tiny_base, tmp_path):
+    from increlora.errors import ConfigError
+
+    run = dataclasses.replace(args(tmp_path, 1), max_steps=4, eval_strategy="steps", eval_steps=2,
+                              save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    trainer = Trainer(model=model_for(tiny_base), args=run, train_dataset=Examples(1), eval_dataset=Examples(1),
+                      callbacks=[IncreLoraCallback()])
+    with pytest.raises(ConfigError, match="load_best_model_at_end needs IncreLoraTrainer"):
+        trainer.train()

@@ -52,6 +52,11 @@ class IncreLoraCallback(TrainerCallback):
         self._hook = None
         self._grad_sync: distributed.GradientSync | None = None
         self._syncs_seen = 0
+        # a training forward whose model returned no loss (the Trainer computes it: label smoothing,
+        # compute_loss_func): the regulariser could not be added there; IncreLoraTrainer adds it after
+        self.orth_pending = False
+        self._warned_no_loss = False
+        self.in_increlora_trainer = False  # set by IncreLoraTrainer, which rebuilds ranks before loading
 
     # -- training ----------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -67,6 +72,10 @@ class IncreLoraCallback(TrainerCallback):
         if config is None:
             raise ConfigError("IncreLoraCallback: the model has no IncreLoRA layers; call apply_increlora first")
         self.config = config
+        if args.load_best_model_at_end and not self.in_increlora_trainer:
+            raise ConfigError("load_best_model_at_end needs IncreLoraTrainer: the best checkpoint may have other "
+                              "ranks than the model at the end, and a plain Trainer would load its weights into "
+                              "the wrong structure")
         if args.n_gpu > 1:
             # DataParallel copies the layers on every forward; growth and scores live on the copies.
             raise ConfigError("IncreLoRA does not support torch.nn.DataParallel (several GPUs driven by one "
@@ -114,10 +123,23 @@ class IncreLoraCallback(TrainerCallback):
 
     # -- pieces ------------------------------------------------------------------------------
     def _add_orth_loss(self, module: nn.Module, inputs, output):
+        if not module.training:
+            return output
         loss = getattr(output, "loss", None)
-        if module.training and loss is not None:
+        if loss is not None:
             output.loss = loss + self.config.orth_reg_weight * orth_loss(module)
+        else:
+            self.orth_pending = True
         return output
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.orth_pending and not self._warned_no_loss:
+            # only a plain Trainer gets here with it set: IncreLoraTrainer clears it as it adds the term
+            logger.warning("the model returned no loss (the Trainer computes it: label smoothing or "
+                           "compute_loss_func?), so the orthogonality regulariser was not added; use "
+                           "IncreLoraTrainer, which adds it to any loss")
+            self._warned_no_loss = True
+        self.orth_pending = False
 
     def _schedule_new_groups(self, optimizer, scheduler) -> None:
         """Give groups a stock LambdaLR does not know yet their own warmup (RestartWarmupScheduler needs none)."""
@@ -197,8 +219,10 @@ def arrange_param_groups(optimizer, model: nn.Module, layout: list[dict]) -> Non
     params = dict(model.named_parameters())
     wanted = [n for g in layout for n in g["names"]]
     have = {n for n, p in params.items() if p.requires_grad}
-    if set(wanted) != have:
-        diff = sorted(set(wanted) ^ have)[:5]
+    # the groups may hold frozen parameters (reserves dropped once the budget is spent), no unknown
+    # one, and every trainable one
+    diff = sorted((set(wanted) - set(params)) | (have - set(wanted)))[:5]
+    if diff:
         raise CheckpointError(f"the checkpoint's optimizer groups do not match the model's trainable parameters (e.g. {diff})")
     template = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr", START_KEY)}
     optimizer.param_groups = []

@@ -121,7 +121,9 @@ def save(prepared: Prepared, folder: Path, *, task: str, base_model: str, labels
     prepared.model.peft_config["default"].base_model_name_or_path = base_model
     prepared.model.save_pretrained(str(peft_dir), safe_serialization=True)
     tmp = folder / ".imported"
-    import_peft(peft_dir, tmp, task=task, labels=labels, problem_type=problem_type)
+    # the trained model's own backbone gives the base-model fingerprint (adapter and head weights are left out)
+    import_peft(peft_dir, tmp, task=task, labels=labels, problem_type=problem_type,
+                base_model=prepared.model.get_base_model())
     for f in tmp.iterdir():
         shutil.move(str(f), folder / f.name)
     tmp.rmdir()

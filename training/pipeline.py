@@ -141,7 +141,18 @@ def load_backbone(opts: TrainOptions, data: TaskData):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"could not load model {opts.model or 'default'!r} from {path}: {first}") from exc
+    limit = position_limit(tokenizer, model)
+    if limit is not None and opts.max_length > limit:
+        raise ConfigError(f"--max-length {opts.max_length} is more than model {opts.model or 'default'!r} takes "
+                          f"({limit} tokens); use --max-length {limit} or less")
     return tokenizer, model
+
+
+def position_limit(tokenizer, model) -> int | None:
+    """The most tokens the model takes: its position embeddings, or its tokenizer's limit if lower."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers without one say 1e30
+    return min(limits) if limits else None
 
 
 def training_arguments(opts: TrainOptions, output: Path, steps: int) -> TrainingArguments:
@@ -179,8 +190,8 @@ def _jsonable(opts: TrainOptions) -> dict:
     return json.loads(json.dumps(asdict(opts), default=str))
 
 
-def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to continue from (None: start afresh, clearing the folder if overwriting)."""
+def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> str | None:
+    """The checkpoint to continue from (None: start afresh)."""
     folder = output / CHECKPOINTS
     checkpoint = last_complete_checkpoint(folder, opts.method) if resume and folder.is_dir() else None
     if checkpoint is not None:
@@ -190,8 +201,6 @@ def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool, over
         raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")
     if resume:
         logger.info("%s: nothing to resume in %s; starting", task, output)
-    if output.exists() and overwrite:
-        shutil.rmtree(output)
     return None
 
 
@@ -212,9 +221,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if resume and is_finished(output):
         logger.info("%s: already trained in %s; skipping", task, output)
         return TaskResult(task, output, True, -1, json.loads((output / "metrics.json").read_text()))
-    procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
-    checkpoint = resume_point(task, output, opts, resume, overwrite and procs.is_main_process)
-    procs.wait_for_everyone()
+    checkpoint = resume_point(task, output, opts, resume)
 
     with procs.main_process_first():  # downloads and caches once
         data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
@@ -223,6 +230,12 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
     steps = total_steps(opts, len(datasets["train"]))
     prepared = methods.prepare(opts.method, model, opts.increlora, steps)
+    # --overwrite clears the folder only now that data and model loaded: a rerun that fails on its
+    # inputs keeps the adapter that was there
+    procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
+    if checkpoint is None and overwrite and output.exists() and procs.is_main_process:
+        shutil.rmtree(output)
+    procs.wait_for_everyone()
 
     folder = output / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)

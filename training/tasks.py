@@ -361,6 +361,9 @@ def _read_local(path: str | Path, columns: list[str], label_column: str) -> list
 
 def _infer_label_names(rows: list[Row], label_column: str) -> tuple[str, ...]:
     names = {str(r.values[label_column]).strip() for r in rows}
+    if len(names) < 2 and rows:
+        raise DataError(f"{rows[0].where.rsplit(':', 1)[0]}: column {label_column!r} has a single class "
+                        f"{sorted(names)}; a classifier needs at least two (wrong --label-column?)")
     if all(n.lstrip("-").isdigit() for n in names):
         return tuple(sorted(names, key=int))
     try:

@@ -2,11 +2,14 @@
 
 - It adds an IncreLoraCallback itself (growth, param groups, regulariser).
 - Its scheduler is RestartWarmupScheduler (warmup ``config.warmup_steps``, then linear decay, per group).
+- The orthogonality regulariser is added to every training loss, also one the Trainer computes outside
+  the model (label smoothing, compute_loss_func).
 - Each micro-batch's loss is the model's mean loss; the Trainer divides it by the accumulation steps.
   (transformers 5.x skips that division when it passes ``num_items_in_batch`` to a model that
   accepts ``**kwargs``, which sequence classifiers then ignore.)
 - Resume: before the Trainer loads a checkpoint's weights and optimizer, the layers are grown to the
   checkpoint's ranks and the optimizer is regrouped as it was, so both load as saved.
+- load_best_model_at_end: the layers are rebuilt to the best checkpoint's ranks before its weights load.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import logging
 
 from transformers import Trainer
 
-from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed
+from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, orth_loss
 from increlora.errors import CheckpointError, ConfigError
 
 from .callback import IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure, write_state
@@ -29,7 +32,9 @@ class IncreLoraTrainer(Trainer):
         if config is None:
             raise ConfigError("IncreLoraTrainer: call apply_increlora(model, config) before building the trainer")
         self.increlora_config = config
+        _warn_ignored_schedule(self.args, config)
         self.increlora = IncreLoraCallback(config)
+        self.increlora.in_increlora_trainer = True
         self.add_callback(self.increlora)
         self.loss_is_scaled_for_ga = False
         self._group_layout: list[dict] | None = None
@@ -48,6 +53,14 @@ class IncreLoraTrainer(Trainer):
                 self.model, self.increlora_config, resume_from_checkpoint)
         distributed.exclude_from_ddp(self.model)  # blocks grown or restored since, before the Trainer wraps in DDP
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_best_model(self):
+        # The best checkpoint may be from before some growth rounds: rebuild the layers to its
+        # structure first, or its weights would load (non-strictly) into a model of other ranks.
+        best = self.state.best_model_checkpoint
+        if best:
+            self.increlora.allocator, _ = restore_structure(self.model, self.increlora_config, best)
+        super()._load_best_model()
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -71,4 +84,24 @@ class IncreLoraTrainer(Trainer):
             write_state(output_dir, self.model, self.optimizer, self.allocator, self.state.global_step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        self.increlora.orth_pending = False
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        if self.increlora.orth_pending:  # the loss was computed outside the model: add the regulariser here
+            self.increlora.orth_pending = False
+            term = self.increlora_config.orth_reg_weight * orth_loss(self.model)
+            result = (result[0] + term, result[1]) if return_outputs else result + term
+        return result
+
+
+def _warn_ignored_schedule(args, config: IncreLoraConfig) -> None:
+    """IncreLoraTrainer's schedule is its own: say so when the arguments ask for another one."""
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    ignored = [f"lr_scheduler_type={kind!r}"] if kind != "linear" else []
+    if args.lr_scheduler_kwargs:
+        ignored.append(f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}")
+    if args.warmup_steps and args.warmup_steps != config.warmup_steps:
+        ignored.append(f"warmup_steps={args.warmup_steps!r}")
+    if ignored:
+        logger.warning("IncreLoraTrainer schedules the learning rate itself: a warmup of IncreLoraConfig.warmup_steps="
+                       "%d steps for each parameter group as it joins, then linear decay to 0; ignoring %s",
+                       config.warmup_steps, ", ".join(ignored))
