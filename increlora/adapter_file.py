@@ -128,6 +128,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, task: str, **meta
     labels = [str(x) for x in metadata.pop("labels", None) or _labels(mcfg, num_labels)]
     if len(labels) != num_labels:
         raise AdapterFormatError(f"save_adapter: {len(labels)} labels given for num_labels={num_labels}")
+    if len(set(labels)) != len(labels):
+        raise AdapterFormatError(f"save_adapter: labels must be distinct, got {labels}")
     problem_type = metadata.pop("problem_type", None) or _problem_type(mcfg, num_labels)
     if problem_type not in PROBLEM_TYPES:
         raise AdapterFormatError(f"save_adapter: problem_type must be one of {PROBLEM_TYPES}, got {problem_type!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -97,16 +98,22 @@ class IncreLoraConfig:
         ints = ("init_rank", "add_rank", "top_h", "init_warmup", "interval", "warmup_steps", "target_total_rank",
                 "score_window")
         optional = ("target_total_rank", "score_window", "target_avg_rank")
-        for name in ints:  # bool is an int to Python, never a rank or a step count here
+        # numpy numbers are taken and stored as Python ones (the config is written as JSON); bool is
+        # an int to Python, never a rank, a step count or a rate here
+        for name in ints:
             v = getattr(self, name)
-            need(v is None and name in optional or (isinstance(v, int) and not isinstance(v, bool)),
-                 f"{name} must be an int, got {v!r}")
+            if v is None and name in optional:
+                continue
+            need(isinstance(v, numbers.Integral) and not isinstance(v, bool), f"{name} must be an int, got {v!r}")
+            setattr(self, name, int(v))
         for name in ("beta1", "beta2", "lora_dropout", "lora_alpha", "orth_reg_weight", "reserve_e", "init_std",
                      "target_avg_rank"):
             v = getattr(self, name)
-            need(v is None and name in optional
-                 or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+            if v is None and name in optional:
+                continue
+            need(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
                  f"{name} must be a finite number, got {v!r}")
+            setattr(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))
 
         need(isinstance(self.init_rank, int) and self.init_rank >= 1, f"init_rank must be an int >= 1, got {self.init_rank!r}")
         need(isinstance(self.add_rank, int) and self.add_rank >= 1, f"add_rank must be an int >= 1, got {self.add_rank!r}")

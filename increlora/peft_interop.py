@@ -162,6 +162,8 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     saved_modules = _saved_modules(sorted(tensors), list(pcfg.get("modules_to_save") or []))
     saved = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
     head = next((v for k, v in saved.items() if k.endswith(HEAD_WEIGHT_SUFFIXES)), None)
+    if labels and len(set(map(str, labels))) != len(labels):
+        raise AdapterFormatError(f"import_peft: labels must be distinct, got {list(labels)}")
     if labels and head is not None and head.shape[0] != len(labels):
         raise AdapterFormatError(f"{wfile}: the saved head has {head.shape[0]} outputs but {len(labels)} labels "
                                  f"were given ({list(labels)})")

@@ -64,6 +64,11 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return value
 
 
+_BULK_LOCK = threading.Lock()
+_bulk_depth = 0
+_bulk_saved = (1, True)  # the process's intra-op threads and collector state before the outermost entry
+
+
 @contextlib.contextmanager
 def _bulk_reading() -> Iterator[None]:
     """While many adapters are read: one intra-op thread and no cyclic garbage collection.
@@ -72,16 +77,25 @@ def _bulk_reading() -> Iterator[None]:
     collector on, 5.3-5.5 s with it paused (its passes walk the growing heap of head copies); two
     or four reader threads were slower than one (7.1-7.5 s and 8.5-9.4 s, the GIL), page cache
     cold or warm. Tiny tensor ops are slower with several intra-op threads.
+    Both settings are process-wide defaults: loads that overlap (two threads) share one depth
+    count, and only the outermost entry saves and restores them.
     """
-    threads, collecting = torch.get_num_threads(), gc.isenabled()
-    torch.set_num_threads(1)  # this thread only
-    gc.disable()
+    global _bulk_depth, _bulk_saved
+    with _BULK_LOCK:
+        if _bulk_depth == 0:
+            _bulk_saved = (torch.get_num_threads(), gc.isenabled())
+            gc.disable()
+        _bulk_depth += 1
+        threads = _bulk_saved[0]
+    torch.set_num_threads(1)  # this thread, and threads that first use torch meanwhile
     try:
         yield
     finally:
-        if collecting:
-            gc.enable()
         torch.set_num_threads(threads)
+        with _BULK_LOCK:
+            _bulk_depth -= 1
+            if _bulk_depth == 0 and _bulk_saved[1]:
+                gc.enable()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

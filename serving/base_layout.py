@@ -13,7 +13,7 @@ class BaseLayout:
     shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
     modules: frozenset[str]
     fresh: frozenset[str]  # parameters not in the pretrained checkpoint (the task head): an adapter must bring them
-    head_width: int | None = None  # the base model's default number of labels: the label dimension of fresh tensors
+    label_keys: frozenset[str] = frozenset()  # weight and bias of the head's output layer: one row per label
 
     @classmethod
     def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> BaseLayout:
@@ -26,6 +26,10 @@ class BaseLayout:
             fresh |= {n for n in shapes if not n.startswith(prefix + ".")
                       and n in dict(model.named_parameters())}
         linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        width = getattr(getattr(model, "config", None), "num_labels", None)
-        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh),
-                   width if isinstance(width, int) else None)
+        # the head's output layer: the last nn.Linear whose parameters are all fresh (BERT's classifier,
+        # RoBERTa's classifier.out_proj after classifier.dense, DistilBERT's classifier after pre_classifier)
+        heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and all(f"{n}.{p}" in fresh for p, _ in m.named_parameters())]
+        labels = frozenset(f"{heads[-1]}.{p}" for p in ("weight", "bias") if f"{heads[-1]}.{p}" in shapes) \
+            if heads else frozenset()
+        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh), labels)

@@ -115,7 +115,7 @@ def check_fits(adapter: Adapter, layout: BaseLayout) -> None:
         if want is None:
             raise AdapterShapeError(f"{where}: the base model has no parameter {key!r} for the saved tensor")
         got = tuple(t.shape)
-        if key in layout.fresh and want[:1] == (layout.head_width,):  # a label dimension: the task's own
+        if key in layout.label_keys:  # one row per label: the task's own number
             if got != (adapter.num_labels, *want[1:]):
                 raise AdapterShapeError(
                     f"{where}: saved tensor {key} has shape {got}, but the adapter has num_labels="

@@ -136,6 +136,13 @@ def test_not_a_folder(tmp_path):
         read_adapter(tmp_path / "nope")
 
 
+def test_save_refuses_duplicate_labels_before_writing(trained, tmp_path):
+    model, _ = trained
+    with pytest.raises(AdapterFormatError, match="distinct"):
+        save_adapter(model, tmp_path / "dup", task="t", labels=["yes", "yes"])
+    assert not (tmp_path / "dup").exists()
+
+
 def test_save_needs_an_increlora_model(tiny_base, tmp_path):
     with pytest.raises(AdapterFormatError, match="apply_increlora"):
         save_adapter(tiny_classifier(tiny_base), tmp_path / "x", task="t")

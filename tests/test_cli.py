@@ -265,3 +265,19 @@ def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path):
     assert last_complete_checkpoint(tmp_path, "increlora") == str(tmp_path / "checkpoint-4")
     assert last_complete_checkpoint(tmp_path, "lora") == str(tmp_path / "checkpoint-12")
     assert last_complete_checkpoint(tmp_path / "checkpoint-8", "lora") is None
+
+
+@pytest.mark.parametrize("config, tokenizer_limit, want", [
+    ({"max_position_embeddings": 512}, 512, 512),
+    ({"max_position_embeddings": 514}, 512, 512),  # RoBERTa: the tokenizer's limit is the lower one
+    ({"max_position_embeddings": 64}, int(1e30), 64),  # a tokenizer without a limit
+    ({"max_position_embeddings": 512, "position_biased_input": False}, int(1e30), None),  # DeBERTa-v3: relative
+    ({"max_position_embeddings": 512, "position_biased_input": False}, 1024, 1024),
+    ({"max_position_embeddings": 512, "position_embedding_type": "rotary"}, int(1e30), None),
+])
+def test_position_limit_counts_absolute_positions_only(config, tokenizer_limit, want):
+    from types import SimpleNamespace
+
+    from training.pipeline import position_limit
+    model = SimpleNamespace(config=SimpleNamespace(**config))
+    assert position_limit(SimpleNamespace(model_max_length=tokenizer_limit), model) == want

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +7,14 @@ from torch import nn
 from increlora import (ConfigError, IncreLoraConfig, IncreLoraLinear, TargetModulesError, apply_increlora,
                        orth_loss, rank_pattern, trainable_parameter_count)
 from tests.tiny import tiny_classifier
+
+
+def test_config_takes_numpy_numbers_as_python_ones():
+    import numpy as np
+    cfg = IncreLoraConfig(beta1=np.float32(0.5), lora_alpha=np.int64(16), interval=np.int64(10))
+    assert (cfg.beta1, cfg.lora_alpha, cfg.interval) == (0.5, 16, 10)
+    assert type(cfg.beta1) is float and type(cfg.interval) is int and type(cfg.lora_alpha) is int
+    assert IncreLoraConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -98,6 +98,9 @@ def test_import_refuses_labels_that_do_not_match_the_saved_head(tiny_base, tmp_p
     with pytest.raises(AdapterFormatError, match="2 outputs but 3 labels"):
         import_peft(tmp_path / "two", labels=["negative", "neutral", "positive"])
     assert import_peft(tmp_path / "two", labels=["negative", "positive"]).labels == ["negative", "positive"]
+    with pytest.raises(AdapterFormatError, match="distinct"):
+        import_peft(tmp_path / "two", tmp_path / "out", labels=["same", "same"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_import_with_base_model_records_its_fingerprint_and_checks_shapes(tiny_base, other_tiny_base, tmp_path):

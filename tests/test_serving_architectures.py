@@ -18,7 +18,7 @@ from tests.test_serving_support import encode
 from tests.tiny import _vocab
 
 
-def make_base(folder, family: str):
+def make_base(folder, family: str, num_labels: int = 2):
     torch.manual_seed(0)
     if family == "distilbert":
         model = DistilBertModel(DistilBertConfig(vocab_size=len(_vocab()), dim=32, n_layers=2, n_heads=4,
@@ -27,6 +27,7 @@ def make_base(folder, family: str):
         model = RobertaModel(RobertaConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
                                            type_vocab_size=2, pad_token_id=0), add_pooling_layer=False)
+    model.config.num_labels = num_labels  # the default head from_pretrained builds for the bank
     model.save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_max_length=64).save_pretrained(folder)
@@ -48,9 +49,11 @@ def make_adapter(base, folder, task, num_labels, seed):
     return save_adapter(model.eval(), folder / task, task=task)
 
 
-@pytest.mark.parametrize("family", ["distilbert", "roberta"])
-def test_mixed_batch_equals_each_adapter_alone(family, tmp_path):
-    base = make_base(tmp_path / "base", family)
+@pytest.mark.parametrize("family, base_labels", [("distilbert", 2), ("roberta", 2), ("roberta", 32)])
+def test_mixed_batch_equals_each_adapter_alone(family, base_labels, tmp_path):
+    # base_labels 32 = the hidden size: only the head's output layer has one row per label, not
+    # RoBERTa's classifier.dense of the same shape
+    base = make_base(tmp_path / "base", family, base_labels)
     make_adapter(base, tmp_path / "adapters", "two", 2, seed=1)
     make_adapter(base, tmp_path / "adapters", "three", 3, seed=2)
     bank = AdapterBank.load(tmp_path / "adapters")

@@ -343,3 +343,39 @@ def test_when_every_folder_is_unreadable_the_error_says_why(tmp_path, adapters, 
             AdapterBank.load(where)
     bank = AdapterBank.load(folder, base_model=str(tiny_base))  # with a base model: an empty bank, the error kept
     assert bank.tasks == [] and list(bank.load_errors) == [str(folder / "sst2")]
+
+
+def test_overlapping_loads_leave_the_collector_and_threads_as_they_were(adapters, monkeypatch):
+    # two loads in two threads: the second starts while the first reads and ends after it; the
+    # collector comes back on and the thread count back to what it was
+    import threading
+
+    threads = torch.get_num_threads()
+    first_inside, second_inside, release_second = threading.Event(), threading.Event(), threading.Event()
+    real = AdapterBank._prepare
+
+    def slow(self, folder):
+        if threading.current_thread().name == "first":
+            first_inside.set()
+            assert second_inside.wait(20)
+        else:
+            second_inside.set()
+            assert release_second.wait(20)
+        return real(self, folder)
+
+    monkeypatch.setattr(AdapterBank, "_prepare", slow)
+    first = threading.Thread(target=AdapterBank.load, args=(adapters,), name="first")
+    first.start()
+    assert first_inside.wait(20)
+    second = threading.Thread(target=AdapterBank.load, args=(adapters,))
+    second.start()
+    first.join(30)
+    release_second.set()
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive()
+    assert gc.isenabled() and torch.get_num_threads() == threads
+    seen = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a thread started afterwards
+    probe.start()
+    probe.join()
+    assert seen == [threads]

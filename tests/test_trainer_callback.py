@@ -236,9 +236,30 @@ def test_the_regulariser_is_added_to_any_training_loss(tiny_base, tmp_path, smoo
     spy = lambda model: terms.append(real(model)) or terms[-1]  # noqa: E731
     monkeypatch.setattr(training.callback, "orth_loss", spy)
     monkeypatch.setattr(training.trainer, "orth_loss", spy)
+    losses = []  # (the Trainer's loss, IncreLoraTrainer's) per step
+    stock = Trainer.compute_loss
+
+    def stock_spy(self, *a, **kw):
+        losses.append([stock(self, *a, **kw)])
+        return losses[-1][0]
+
+    def ours_spy(self, *a, **kw):
+        out = ours(self, *a, **kw)
+        losses[-1].append(out)
+        return out
+
+    ours = IncreLoraTrainer.compute_loss
+    monkeypatch.setattr(Trainer, "compute_loss", stock_spy)
+    monkeypatch.setattr(IncreLoraTrainer, "compute_loss", ours_spy)
     run = dataclasses.replace(args(tmp_path, 1), max_steps=3, label_smoothing_factor=smoothing)
     IncreLoraTrainer(model=model_for(tiny_base), args=run, train_dataset=Examples(1)).train()
-    assert len(terms) == 3 and all(t.requires_grad for t in terms)
+    assert len(terms) == 3 and len(losses) == 3 and all(t.requires_grad for t in terms)
+    weight = config().orth_reg_weight
+    for (stock_loss, our_loss), term in zip(losses, terms):
+        # without smoothing the model's own loss already holds the term (the callback's hook)
+        want = stock_loss + weight * term if smoothing else stock_loss
+        torch.testing.assert_close(our_loss.detach(), want.detach())
+        assert smoothing == 0 or not torch.allclose(our_loss, stock_loss)
 
 
 def test_a_plain_trainer_warns_when_it_cannot_add_the_regulariser(tiny_base, tmp_path, caplog):
@@ -269,3 +290,25 @@ def test_a_plain_trainer_refuses_load_best_model_at_end(tiny_base, tmp_path):
                       callbacks=[IncreLoraCallback()])
     with pytest.raises(ConfigError, match="load_best_model_at_end needs IncreLoraTrainer"):
         trainer.train()
+
+
+def test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_state(tiny_base, tmp_path, caplog):
+    # e.g. a node without shared storage: the weights cannot load into the right ranks, so none load
+
+    class DropState(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            for path in Path(args.output_dir).glob("checkpoint-8/increlora_state.json"):
+                if state.global_step > 8:
+                    path.unlink()
+
+    scores = iter(range(100, 0, -1))
+    run = dataclasses.replace(
+        args(tmp_path, 1), eval_strategy="steps", eval_steps=8, save_strategy="steps", save_steps=8,
+        load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    model = model_for(tiny_base)
+    trainer = IncreLoraTrainer(model=model, args=run, train_dataset=Examples(1), eval_dataset=Examples(1),
+                               compute_metrics=lambda _: {"score": next(scores)}, callbacks=[DropState()])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-8")
+    assert trainer.allocator.total_rank == trainer.allocator.budget  # the model as it ended
+    assert any("keeping the model as it ended" in r.getMessage() for r in caplog.records)

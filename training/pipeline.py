@@ -149,8 +149,16 @@ def load_backbone(opts: TrainOptions, data: TaskData):
 
 
 def position_limit(tokenizer, model) -> int | None:
-    """The most tokens the model takes: its position embeddings, or its tokenizer's limit if lower."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    """The most tokens the model takes: its absolute position embeddings, or its tokenizer's limit if lower.
+
+    Models with relative or rotary positions only (DeBERTa-v2/v3) take longer inputs than
+    max_position_embeddings; only their tokenizer's limit counts.
+    """
+    config = model.config
+    relative = (getattr(config, "position_biased_input", True) is False
+                or any(k in str(getattr(config, "position_embedding_type", "absolute")) for k in ("relative", "rotary")))
+    limits = [None if relative else getattr(config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers without one say 1e30
     return min(limits) if limits else None
 

@@ -14,13 +14,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import Trainer
 
 from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, orth_loss
 from increlora.errors import CheckpointError, ConfigError
 
-from .callback import IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure, write_state
+from .callback import (STATE_NAME, IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure,
+                       write_state)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ class IncreLoraTrainer(Trainer):
         # The best checkpoint may be from before some growth rounds: rebuild the layers to its
         # structure first, or its weights would load (non-strictly) into a model of other ranks.
         best = self.state.best_model_checkpoint
+        if best and not (Path(best) / STATE_NAME).is_file():
+            # e.g. a node without shared storage: its weights could not load into the right ranks either
+            logger.warning("%s has no %s here; keeping the model as it ended instead of the best one",
+                           best, STATE_NAME)
+            return
         if best:
             self.increlora.allocator, _ = restore_structure(self.model, self.increlora_config, best)
         super()._load_best_model()
