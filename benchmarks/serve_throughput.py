@@ -180,7 +180,7 @@ def run_padded(model: nn.Module, bank: AdapterBank, enc: dict, tasks: list[str],
     return logits[torch.argsort(idx)]
 
 
-def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path, device: torch.device):
+def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path, device: torch.device, dtype: torch.dtype):
     from peft import PeftModel
     peft_dirs = []
     for path in adapter_dirs:
@@ -196,7 +196,7 @@ def peft_model(base_dir: Path, adapter_dirs: list[Path], work: Path, device: tor
     model = PeftModel.from_pretrained(base, str(peft_dirs[0]), adapter_name=peft_dirs[0].name)
     for path in peft_dirs[1:]:
         model.load_adapter(str(path), adapter_name=path.name)
-    model.eval().to(device)
+    model.eval().to(device=device, dtype=dtype)
     lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if peft_dirs[0].name in n)
     return model, lora
 
@@ -306,9 +306,7 @@ def main() -> None:
     padded, padded_bytes = padded_model(bank, names)
     index = {t: i for i, t in enumerate(names)}
     start = time.perf_counter()
-    peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work, device)
-    if peft is not None:
-        peft = peft.to(dtype=bank.dtype)
+    peft, peft_bytes = (None, 0) if args.skip_peft else peft_model(base_dir, paths, work, device, bank.dtype)
     if peft is not None:
         print(f"PEFT: {kmax} adapters loaded in {time.perf_counter() - start:.1f} s")
 

@@ -95,16 +95,18 @@ class IncreLoraConfig:
             if not cond:
                 raise ConfigError(f"IncreLoraConfig: {msg}")
 
-        ints = ("init_rank", "add_rank", "top_h", "init_warmup", "interval", "warmup_steps", "target_total_rank",
-                "score_window")
-        optional = ("target_total_rank", "score_window", "target_avg_rank")
+        # the smallest value of each integer field
+        int_minimums = {"init_rank": 1, "add_rank": 1, "top_h": 1, "init_warmup": 0, "interval": 1, "warmup_steps": 0,
+                        "target_total_rank": 1, "score_window": 1}
+        optional = ("target_total_rank", "score_window", "target_avg_rank")  # may be None
         # numpy numbers are taken and stored as Python ones (the config is written as JSON); bool is
         # an int to Python, never a rank, a step count or a rate here
-        for name in ints:
+        for name, low in int_minimums.items():
             v = getattr(self, name)
             if v is None and name in optional:
                 continue
-            need(isinstance(v, numbers.Integral) and not isinstance(v, bool), f"{name} must be an int, got {v!r}")
+            need(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low,
+                 f"{name} must be an int >= {low}, got {v!r}")
             setattr(self, name, int(v))
         for name in ("beta1", "beta2", "lora_dropout", "lora_alpha", "orth_reg_weight", "reserve_e", "init_std",
                      "target_avg_rank"):
@@ -115,12 +117,6 @@ class IncreLoraConfig:
                  f"{name} must be a finite number, got {v!r}")
             setattr(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))
 
-        need(isinstance(self.init_rank, int) and self.init_rank >= 1, f"init_rank must be an int >= 1, got {self.init_rank!r}")
-        need(isinstance(self.add_rank, int) and self.add_rank >= 1, f"add_rank must be an int >= 1, got {self.add_rank!r}")
-        need(isinstance(self.top_h, int) and self.top_h >= 1, f"top_h must be an int >= 1, got {self.top_h!r}")
-        need(isinstance(self.init_warmup, int) and self.init_warmup >= 0, f"init_warmup must be an int >= 0, got {self.init_warmup!r}")
-        need(isinstance(self.interval, int) and self.interval >= 1, f"interval must be an int >= 1, got {self.interval!r}")
-        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             need(0.0 <= v < 1.0, f"{name} must be in [0, 1), got {v!r}")
@@ -132,13 +128,8 @@ class IncreLoraConfig:
         need(self.rank_scaling in RANK_SCALINGS, f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
         need(self.target_total_rank is not None or self.target_avg_rank is not None,
              "set target_avg_rank or target_total_rank (the rank budget)")
-        if self.target_total_rank is not None:
-            need(isinstance(self.target_total_rank, int) and self.target_total_rank >= 1,
-                 f"target_total_rank must be an int >= 1, got {self.target_total_rank!r}")
         if self.target_avg_rank is not None:
             need(self.target_avg_rank > 0, f"target_avg_rank must be > 0, got {self.target_avg_rank!r}")
-        if self.score_window is not None:
-            need(isinstance(self.score_window, int) and self.score_window >= 1, f"score_window must be an int >= 1, got {self.score_window!r}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)

@@ -28,12 +28,7 @@ from increlora.adapter_file import check_base_model
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
 
-from .adapter_folders import (
-    adapter_folders,
-    choose_base_model,
-    modules_to_save,
-    resolve_base_model,
-)
+from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
 from .batch_context import BatchContext, using_batch
 from .batch_inputs import ModelInput, check_inputs, tokenize
