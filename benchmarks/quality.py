@@ -1,95 +1,299 @@
-"""Quality at a matched budget: LoRA (r=2), AdaLoRA (target avg rank 2) and IncreLoRA (avg rank 2).
+"""Quality at a matched budget (average rank 2): LoRA r=2, AdaLoRA and IncreLoRA on MiniLM-L6.
 
-Every run goes through `increlora-train` (same data, splits, head, loop and step budget); only
---method and --seed change. Finished runs are reused, so an interrupted benchmark continues.
+For each task variant (the three offline tasks, and each on 1,000 training examples):
+1. every method's learning rate is chosen on validation from --lrs at seed 0 (the grid is printed);
+2. the chosen rate is run with two more seeds;
+3. the table reports test mean ± std, the paired test difference IncreLoRA - LoRA per seed, trainable
+   parameters, and the step at which growth ended.
+Ablations of IncreLoRA (3 seeds, its chosen rate) run on one low-resource variant; the run scored on
+every step also measures how often windowed scoring would have made the same growth decision.
 
-    python benchmarks/quality.py                          # 3 tasks x 3 methods x 3 seeds, MiniLM-L6
-    python benchmarks/quality.py --tasks sms_spam --seeds 0 --steps 20 --work /tmp/q
+Every run is a subprocess of `python -m training.cli` (or of this file with --one, for the scoring
+comparison); its result is written to --results as JSON and reused on the next start, so the
+benchmark continues where it stopped. Training checkpoints in --work let a killed run resume.
+
+    python benchmarks/quality.py                      # everything, in order; resumable
+    python benchmarks/quality.py --report             # tables from the results so far
+    python benchmarks/quality.py --variants sms_spam-1k --methods lora --lrs 1e-3 --seeds 0 --steps 20
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from training.cli import main as train
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("lora", "increlora", "adalora")
+VARIANTS = ("rotten_tomatoes-1k", "sms_spam-1k", "bbc_news-1k", "rotten_tomatoes", "sms_spam", "bbc_news")
+LOW_RESOURCE = 1000
+ABLATIONS = {  # name -> IncreLoRA options changed
+    "no_orth": ["--orth-reg-weight", "0"],
+    "no_advance_learning": ["--no-advance-learning"],
+    "no_restart_warmup": ["--no-restart-warmup"],
+    "fixed_scaling": ["--rank-scaling", "fixed"],
+    "score_every_step": ["--score-every-step"],
+}
 
-METHODS = ("lora", "adalora", "increlora")
 
-
-def run_args(args, task: str, method: str, seed: int, out: Path) -> list[str]:
-    return ["--task", task, "--method", method, "--seed", str(seed), "--output", str(out), "--overwrite",
+# -- one run ------------------------------------------------------------------------------------
+def train_args(args, variant: str, method: str, lr: float, seed: int, out: Path, extra: list[str]) -> list[str]:
+    task, _, size = variant.partition("-")
+    argv = ["--task", task, "--method", method, "--seed", str(seed), "--lr", repr(lr), "--output", str(out),
             "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--lr", str(args.lr), "--no-progress",
-            "--save-steps", str(args.steps + 1), "--logging-steps", str(args.steps), "--eval-batch-size", "128",
-            "--target-avg-rank", "2", "--init-warmup", str(args.init_warmup), "--interval", str(args.interval),
-            "--top-h", str(args.top_h), "--warmup-steps", str(args.warmup_steps)]
+            "--max-length", str(args.max_length), "--eval-batch-size", "128", "--target-avg-rank", "2",
+            "--save-steps", "200", "--logging-steps", "25", "--no-progress", "--resume"]
+    if size:
+        argv += ["--max-train-examples", str(LOW_RESOURCE)]
+    return argv + extra
 
 
+def result_path(args, variant: str, name: str, lr: float, seed: int) -> Path:
+    return args.results / variant / name / f"lr{lr:g}_seed{seed}.json"
+
+
+def run(args, variant: str, name: str, method: str, lr: float, seed: int, extra: list[str] = ()) -> dict:
+    """The result of one run, from --results if it is there, else trained now (resuming its checkpoint)."""
+    path = result_path(args, variant, name, lr, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = args.work / variant / name / f"lr{lr:g}_seed{seed}"
+    argv = train_args(args, variant, method, lr, seed, out, list(extra))
+    one = name == "score_every_step"  # in-process, with the windowed-scoring shadow
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", *argv] if one else \
+        [sys.executable, "-m", "training.cli", *argv]
+    started = time.perf_counter()
+    print(f"[{time.strftime('%H:%M:%S')}] {variant} {name} lr {lr:g} seed {seed} ...", flush=True)
+    # this checkout's code (also where another is installed); idle OpenMP threads sleep, so a run sharing
+    # the cores with other work does not spin against it
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], flush=True)
+        raise SystemExit(f"{variant}/{name}/lr{lr:g}/seed{seed} failed with exit code {proc.returncode}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())
+    result = {
+        "variant": variant, "name": name, "method": method, "lr": lr, "seed": seed,
+        "main_metric": metrics["main_metric"],
+        "validation": metrics["validation"]["main"], "test": metrics["test"]["main"],
+        "trainable_parameters": metrics["trainable_parameters"], "final_total_rank": metrics["final_total_rank"],
+        "growth_ended_at": (metrics.get("growth") or {}).get("ended_at_step"),
+        "plan": (metrics.get("growth") or {}).get("plan"),
+        "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
+        "loss_curve": [[e["step"], e["loss"]] for e in log if "loss" in e],
+        "code": _code_version(), "argv": argv,
+    }
+    agreement = out / "scoring_agreement.json"
+    if agreement.is_file():
+        result["scoring_agreement"] = json.loads(agreement.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"    validation {result['validation']:.4f}, test {result['test']:.4f}, "
+          f"{result['train_seconds']:.0f} s train, growth ended at {result['growth_ended_at']}", flush=True)
+    return result
+
+
+def _code_version() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "increlora", "training"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return proc.stdout.strip() + ("+changes" if dirty else "")
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def chosen_lr(grid: dict[float, dict]) -> float:
+    """Best validation score; a tie goes to the smaller rate."""
+    return max(sorted(grid), key=lambda lr: grid[lr]["validation"])
+
+
+def variant_runs(args, variant: str) -> dict[str, dict]:
+    """Every method's grid and seeds on one variant: {method: {"grid": {lr: r}, "lr": lr, "runs": [r...]}}."""
+    out = {}
+    for method in args.methods:  # the grid of every method first, then the seeds
+        out[method] = {"grid": {lr: run(args, variant, method, method, lr, args.seeds[0]) for lr in args.lrs}}
+        out[method]["lr"] = chosen_lr(out[method]["grid"])
+    for method in args.methods:
+        lr = out[method]["lr"]
+        out[method]["runs"] = [out[method]["grid"][lr]] + [run(args, variant, method, method, lr, s)
+                                                            for s in args.seeds[1:]]
+    return out
+
+
+def ablation_runs(args, variant: str, lr: float) -> dict[str, list[dict]]:
+    return {name: [run(args, variant, name, "increlora", lr, s, extra) for s in args.seeds]
+            for name, extra in ABLATIONS.items()}
+
+
+# -- tables ---------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
+    if len(values) < 2:
+        return f"{values[0]:.4f}" if values else "-"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def table(results: dict) -> str:
-    rows = ["| task (test metric) | method | test | validation | trainable params | final total rank | "
-            "train time (s) | run time (s) |", "|---|---|---|---|---|---|---|---|"]
-    for task, by_method in results.items():
-        for method, runs in by_method.items():
-            if not runs:
-                continue
-            m0 = runs[0]
-            rows.append(
-                f"| {task} ({m0['main_metric']}) | {method} | {mean_std([r['test']['main'] for r in runs])} | "
-                f"{mean_std([r['validation']['main'] for r in runs])} | {m0['trainable_parameters']:,} | "
-                f"{m0['final_total_rank']} | {statistics.mean(r['train_seconds'] for r in runs):.0f} | "
-                f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} |")
+def grid_table(results: dict[str, dict]) -> str:
+    rows = ["| variant | method | " + " | ".join(f"val @ {lr:g}" for lr in _lrs(results)) + " | chosen |",
+            "|---|---|" + "---|" * (len(_lrs(results)) + 1)]
+    for variant, by_method in results.items():
+        for method, r in by_method.items():
+            cells = [f"{r['grid'][lr]['validation']:.4f}" if lr in r["grid"] else "-" for lr in _lrs(results)]
+            rows.append(f"| {variant} | {method} | " + " | ".join(cells) + f" | {r.get('lr', '-')} |")
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default="rotten_tomatoes,sms_spam,bbc_news")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--init-warmup", type=int, default=16)
-    ap.add_argument("--interval", type=int, default=3)
-    ap.add_argument("--top-h", type=int, default=2)
-    ap.add_argument("--warmup-steps", type=int, default=8)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/increlora_quality"), help="run folders")
-    args = ap.parse_args()
+def _lrs(results: dict) -> list[float]:
+    return sorted({lr for by_method in results.values() for r in by_method.values() for lr in r["grid"]})
 
-    results: dict[str, dict[str, list[dict]]] = {}
-    started = time.perf_counter()
-    for task in args.tasks.split(","):
-        results[task] = {m: [] for m in args.methods.split(",")}
-        for seed in map(int, args.seeds.split(",")):
-            for method in args.methods.split(","):
-                out = args.work / task / method / f"seed{seed}"
-                done = out / "metrics.json"
-                t0 = time.perf_counter()
-                if not done.is_file():
-                    code = train(run_args(args, task, method, seed, out))
-                    if code != 0:
-                        raise SystemExit(f"{task}/{method}/seed{seed} failed with exit code {code}")
-                metrics = json.loads(done.read_text())
-                metrics.setdefault("wall_seconds", time.perf_counter() - t0)
-                done.write_text(json.dumps(metrics, indent=1))
-                results[task][method].append(metrics)
-                print(f"{task} {method} seed {seed}: test {metrics['main_metric']} {metrics['test']['main']:.4f}, "
-                      f"{metrics['train_seconds']:.0f} s train, {metrics['wall_seconds']:.0f} s total", flush=True)
-    print(f"\n{args.steps} steps x batch {args.batch_size} x max {args.max_length} tokens, lr {args.lr}, "
-          f"model {args.model}; IncreLoRA init_warmup {args.init_warmup}, interval {args.interval}, "
-          f"top_h {args.top_h}, warmup {args.warmup_steps}; total {time.perf_counter() - started:.0f} s\n")
-    print(table(results))
+
+def paired(inc: list[dict], base: list[dict]) -> tuple[float, int, int] | None:
+    base_by_seed = {r["seed"]: r["test"] for r in base}
+    diffs = [r["test"] - base_by_seed[r["seed"]] for r in inc if r["seed"] in base_by_seed]
+    return (statistics.mean(diffs), sum(d > 0 for d in diffs), len(diffs)) if diffs else None
+
+
+def main_table(results: dict[str, dict]) -> str:
+    rows = ["| variant (test metric) | method | lr | test (mean ± std) | validation | seeds | "
+            "IncreLoRA - LoRA (test, paired) | trainable params | growth ended at step |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for variant, by_method in results.items():
+        for method, r in by_method.items():
+            runs = r.get("runs") or []
+            if not runs:
+                continue
+            diff = ""
+            if method == "increlora" and by_method.get("lora", {}).get("runs"):
+                p = paired(runs, by_method["lora"]["runs"])
+                diff = f"{p[0]:+.4f} ({p[1]} of {p[2]} seeds > 0)" if p else ""
+            ended = ", ".join(str(x["growth_ended_at"]) for x in runs) if method == "increlora" else ""
+            rows.append(f"| {variant} ({runs[0]['main_metric']}) | {method} | {r['lr']:g} | "
+                        f"{mean_std([x['test'] for x in runs])} | {mean_std([x['validation'] for x in runs])} | "
+                        f"{len(runs)} | {diff} | {runs[0]['trainable_parameters']:,} | {ended} |")
+    return "\n".join(rows)
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """Mean test score over the variants every method finished, and the paired differences."""
+    done = [v for v, by in results.items() if all(len(by.get(m, {}).get("runs") or []) == 3 for m in by)]
+    if not done:
+        return "(no variant finished for every method yet)"
+    methods = list(results[done[0]])
+    rows = ["| method | mean test over " + ", ".join(done) + " |", "|---|---|"]
+    for m in methods:
+        rows.append(f"| {m} | {statistics.mean(statistics.mean(x['test'] for x in results[v][m]['runs']) for v in done):.4f} |")
+    return "\n".join(rows)
+
+
+def ablation_table(variant: str, base: list[dict], ablations: dict[str, list[dict]]) -> str:
+    rows = [f"| IncreLoRA on {variant} | test (mean ± std) | validation | test - default (paired) |", "|---|---|---|---|"]
+    rows.append(f"| default | {mean_std([r['test'] for r in base])} | {mean_std([r['validation'] for r in base])} | |")
+    for name, runs in ablations.items():
+        if not runs:
+            continue
+        p = paired(runs, base)
+        diff = f"{p[0]:+.4f} ({p[1]} of {p[2]} > 0)" if p else ""
+        rows.append(f"| {name} | {mean_std([r['test'] for r in runs])} | {mean_std([r['validation'] for r in runs])} "
+                    f"| {diff} |")
+    agreements = [r["scoring_agreement"] for r in ablations.get("score_every_step", []) if "scoring_agreement" in r]
+    if agreements:
+        same = sum(a["identical"] for a in agreements)
+        total = sum(a["decisions"] for a in agreements)
+        rows.append(f"\nWindowed scoring made the same growth decision as every-step scoring at {same} of {total} "
+                    f"growth steps ({same / max(total, 1):.1%}) over {len(agreements)} runs scored on every step.")
+    return "\n".join(rows)
+
+
+def load_results(args) -> tuple[dict, dict]:
+    """What --results holds, arranged like variant_runs / ablation_runs (partial where runs are missing)."""
+    results, ablations = {}, {}
+    for variant in args.variants:
+        by_method = {}
+        for method in args.methods:
+            grid = {lr: json.loads(p.read_text()) for lr in args.lrs
+                    if (p := result_path(args, variant, method, lr, args.seeds[0])).is_file()}
+            if not grid:
+                continue
+            entry = {"grid": grid}
+            if len(grid) == len(args.lrs):
+                lr = entry["lr"] = chosen_lr(grid)
+                entry["runs"] = [json.loads(p.read_text()) for s in args.seeds
+                                 if (p := result_path(args, variant, method, lr, s)).is_file()]
+            by_method[method] = entry
+        if by_method:
+            results[variant] = by_method
+        inc = by_method.get("increlora", {})
+        if variant == args.ablation_variant and "lr" in inc:
+            ablations = {name: [json.loads(p.read_text()) for s in args.seeds
+                                if (p := result_path(args, variant, name, inc["lr"], s)).is_file()]
+                         for name in ABLATIONS}
+            ablations["_base"] = inc.get("runs", [])
+    return results, ablations
+
+
+def report(args) -> str:
+    results, ablations = load_results(args)
+    parts = [f"Setup: {args.model} backbone, {args.steps} steps, batch {args.batch_size}, max {args.max_length} "
+             f"tokens, average rank 2, learning rate chosen on validation from {', '.join(f'{lr:g}' for lr in args.lrs)} "
+             f"at seed {args.seeds[0]}, then seeds {', '.join(map(str, args.seeds))}.",
+             "### Learning-rate grid (validation, seed 0)", grid_table(results),
+             "### Test at the chosen rate", main_table(results), "### Mean over finished variants",
+             summary_table(results)]
+    if ablations:
+        base = ablations.pop("_base")
+        parts += ["### Ablations", ablation_table(args.ablation_variant, base, ablations)]
+    return "\n\n".join(parts)
+
+
+# -- the scoring comparison, in-process -------------------------------------------------------------
+def one(argv: list[str]) -> int:
+    """One training run with a callback that replays windowed scoring next to every-step scoring."""
+    from scoring_shadow import WindowedShadow  # beside this file
+    from training.cli import main as train
+
+    out = Path(argv[argv.index("--output") + 1])
+    shadow = WindowedShadow()
+    code = train(argv, callbacks=[shadow])
+    if code == 0:
+        (out / "scoring_agreement.json").write_text(json.dumps(shadow.summary(), indent=1))
+    return code
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        sys.exit(one(sys.argv[2:]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="TASK or TASK-1k (1,000 training examples)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lrs", default="5e-4,1e-3,2e-3")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ablation-variant", default="rotten_tomatoes-1k")
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "quality",
+                    help="one JSON per finished run (committed; reused on the next start)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="run folders and checkpoints")
+    ap.add_argument("--report", action="store_true", help="print the tables from the results so far and stop")
+    args = ap.parse_args()
+    args.variants = args.variants.split(",")
+    args.methods = args.methods.split(",")
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    if args.report:
+        print(report(args))
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for variant in args.variants:
+        runs = variant_runs(args, variant)
+        if variant == args.ablation_variant and not args.no_ablations and "increlora" in runs:
+            ablation_runs(args, variant, runs["increlora"]["lr"])
+        print(report(args), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Call ``step(global_step, optimizer, scheduler)`` once per optimizer step, after backward (and
 gradient clipping) and before ``optimizer.step()``. ``global_step`` is the 0-based index of the
-optimizer step about to be taken. The allocator arms the layers' gradient capture only on the
-steps whose score can still matter: the last ``score_window`` steps before each growth step.
+optimizer step about to be taken. The growth steps come from the run's ``GrowthPlan`` (schedule
+fields left unset in the config are derived from ``total_steps``). The allocator arms the layers'
+gradient capture only on the steps whose score can still matter: the last ``score_window`` steps
+before each growth step.
 Under torch.distributed it keeps the replicas in agreement (see ``increlora.distributed``).
 """
 from __future__ import annotations
@@ -18,11 +20,11 @@ from torch.optim import Optimizer
 
 from . import distributed
 from .config import IncreLoraConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, TargetModulesError
 from .importance import ImportanceTracker, sensitivity
 from .layer import IncreLoraLinear
 from .model import increlora_layers
-from .schedule import START_KEY
+from .schedule import START_KEY, GrowthPlan, growth_steps, is_growth_step, plan_growth
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +47,22 @@ class RankAllocator:
         each process trains a model of its own."""
         config = config or getattr(model, "increlora_config", None)
         if config is None:
-            raise ValueError("RankAllocator: pass the IncreLoraConfig or call apply_increlora(model, config) first")
+            raise ConfigError("RankAllocator: pass the IncreLoraConfig or call apply_increlora(model, config) first")
         if total_steps < 1:
-            raise ValueError(f"RankAllocator: total_steps must be >= 1, got {total_steps}")
+            raise ConfigError(f"RankAllocator: total_steps must be >= 1, got {total_steps}")
         self.model = model
         self.config = config
         self.total_steps = total_steps
         self.replicas = replicas
         self.layers: dict[str, IncreLoraLinear] = dict(increlora_layers(model))
         if not self.layers:
-            raise ValueError("RankAllocator: the model has no IncreLoRA layers; call apply_increlora first")
+            raise TargetModulesError("RankAllocator: the model has no IncreLoRA layers; call apply_increlora first")
         self.names = list(self.layers)
-        self.budget = config.rank_budget(len(self.names))
+        self.plan: GrowthPlan = plan_growth(config, len(self.names), total_steps)
+        # the run's config, schedule filled in; the model records it so a saved adapter says how it grew
+        self.config = config = self.plan.config(config)
+        model.increlora_config = config
+        self.budget = self.plan.budget
         self.tracker = ImportanceTracker(self.names, config.beta1, config.beta2)
         self.history: list[GrowthEvent] = []
         self.scored_steps = 0
@@ -78,16 +84,14 @@ class RankAllocator:
         return self.total_rank >= self.budget
 
     def is_growth_step(self, step: int) -> bool:
-        c = self.config
-        return c.init_warmup <= step < self.total_steps and (step - c.init_warmup) % c.interval == 0
+        return step < self.total_steps and is_growth_step(step, self.config.init_warmup, self.config.interval)
 
     def next_growth_step(self, step: int) -> int | None:
-        c = self.config
-        if step <= c.init_warmup:
-            nxt = c.init_warmup
-        else:
-            nxt = c.init_warmup + -(-(step - c.init_warmup) // c.interval) * c.interval
-        return nxt if nxt < self.total_steps else None
+        """The first growth step at or after `step` (None: none left in the run)."""
+        steps = growth_steps(self.config.init_warmup, self.config.interval, self.total_steps)
+        if not steps or step > steps[-1]:
+            return None
+        return steps[0] if step <= steps[0] else steps[0] + -(-(step - steps[0]) // steps.step) * steps.step
 
     def is_scoring_step(self, step: int) -> bool:
         if self.finished or step >= self.total_steps:
@@ -98,14 +102,14 @@ class RankAllocator:
         return nxt is not None and nxt - step < self.config.effective_score_window
 
     def _warn_if_budget_unreachable(self) -> None:
-        c = self.config
-        rounds = len(range(c.init_warmup, self.total_steps, c.interval))
-        reachable = self.total_rank + rounds * c.top_h * c.add_rank
+        c, plan = self.config, self.plan
+        reachable = self.total_rank + plan.rounds * plan.per_round
         if reachable < self.budget:
             logger.warning(
                 "IncreLoRA: %d growth steps x top_h %d x add_rank %d reach total rank %d, below the "
-                "budget %d; lower init_warmup/interval or raise top_h/add_rank",
-                rounds, c.top_h, c.add_rank, reachable, self.budget)
+                "budget %d in a run of %d steps; lower init_warmup/interval, raise top_h/add_rank, or leave "
+                "them unset to derive them from the run",
+                plan.rounds, c.top_h, c.add_rank, reachable, self.budget, self.total_steps)
 
     def _arm(self, step: int) -> None:
         armed = self.is_scoring_step(step)
@@ -150,17 +154,8 @@ class RankAllocator:
 
     def choose(self) -> list[tuple[str, int]]:
         """Modules to grow now and by how much: top_h by score, never past the budget."""
-        scores = self.tracker.scores()
-        order = sorted(range(len(self.names)), key=lambda i: (-scores[self.names[i]], i))
-        left = self.budget - self.total_rank
-        chosen = []
-        for i in order[: self.config.top_h]:
-            if left <= 0:
-                break
-            k = min(self.config.add_rank, left)
-            chosen.append((self.names[i], k))
-            left -= k
-        return chosen
+        return choose_modules(self.tracker.scores(), self.names, self.config.top_h, self.config.add_rank,
+                              self.budget - self.total_rank)
 
     def _grow(self, step: int, optimizer: Optimizer | None, scheduler) -> list[GrowthEvent]:
         scores = self.tracker.scores()
@@ -196,6 +191,8 @@ class RankAllocator:
         return {
             "total_steps": self.total_steps,
             "budget": self.budget,
+            "plan": {"init_warmup": self.plan.init_warmup, "interval": self.plan.interval, "top_h": self.plan.top_h,
+                     "warmup_steps": self.plan.warmup_steps, "steps": list(self.plan.steps)},
             "tracker": self.tracker.state_dict(),
             "history": [asdict(e) for e in self.history],
             "scored_steps": self.scored_steps,
@@ -220,6 +217,20 @@ class RankAllocator:
             if s["reserves"] and not s["reserves_enabled"]:
                 layer.drop_reserves()
         self._arm(next_step)
+
+
+def choose_modules(scores: dict[str, float], names: list[str], top_h: int, add_rank: int,
+                   left: int) -> list[tuple[str, int]]:
+    """The top_h modules by score (ties to the earlier module), add_rank each, `left` components at most."""
+    order = sorted(range(len(names)), key=lambda i: (-scores[names[i]], i))
+    chosen = []
+    for i in order[:top_h]:
+        if left <= 0:
+            break
+        k = min(add_rank, left)
+        chosen.append((names[i], k))
+        left -= k
+    return chosen
 
 
 def add_param_group(optimizer: Optimizer, params: list[nn.Parameter], start: int, scheduler=None) -> dict:

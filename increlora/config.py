@@ -1,6 +1,7 @@
 """IncreLoraConfig: every knob of the method, with the paper's defaults and a help text."""
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
@@ -8,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Linear layers adapted by default, per model family (HF `config.model_type`).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -40,6 +43,9 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
 }
 
 RANK_SCALINGS = ("active", "fixed")
+# 2: orth_reg_weight divides the regulariser by 2 x modules (version 1: by modules), and growth fires at
+# s > init_warmup with s % interval == 0 (version 1: at init_warmup + k x interval).
+CONFIG_VERSION = 2
 
 
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
@@ -64,9 +70,15 @@ class IncreLoraConfig:
         "Rank budget as an average per module: budget = target_avg_rank * number of modules.", 2.0)
     target_total_rank: int | None = _help(
         "Rank budget as a total over modules; overrides target_avg_rank when set.", None)
-    top_h: int = _help("Modules that grow at each growth step.", 1)
-    init_warmup: int = _help("Optimizer steps before the first growth step.", 200)
-    interval: int = _help("Optimizer steps between growth steps.", 10)
+    top_h: int | None = _help(
+        "Modules that grow at each growth step. None: derived from the run (see init_warmup).", None)
+    init_warmup: int | None = _help(
+        "Growth happens at steps s > init_warmup with s a multiple of interval (the authors' rule). "
+        "None: derived from the run's total steps and the budget, as in the official GLUE scripts "
+        "(init_warmup = interval = warmup_steps, growth over up to 15 rounds, ending at about a third "
+        "of the run; top_h the fewest modules per round that spend the budget). Values given always win.",
+        None)
+    interval: int | None = _help("Optimizer steps between growth steps. None: derived (see init_warmup).", None)
     beta1: float = _help("Smoothing of the importance score (EMA of the sensitivity).", 0.85)
     beta2: float = _help("Smoothing of the uncertainty |S - I|.", 0.85)
     score_window: int | None = _help(
@@ -86,8 +98,11 @@ class IncreLoraConfig:
     reserve_e: float = _help("Frozen e of reserve components.", 1e-5)
     restart_warmup: bool = _help(
         "Give each group of parameters added at a growth step its own LR warmup then decay.", True)
-    warmup_steps: int = _help("Warmup length of the first and of every restarted group.", 100)
-    orth_reg_weight: float = _help("Weight of the orthogonality regulariser on A and B.", 0.1)
+    warmup_steps: int | None = _help(
+        "Warmup length of the first and of every restarted group. None: the interval (see init_warmup).", None)
+    orth_reg_weight: float = _help(
+        "Weight of the orthogonality regulariser: the loss gains weight x (sum over modules of "
+        "||A A^T - I||_F + ||B^T B - I||_F) / (2 x modules), as in the authors' code and PEFT's AdaLoRA.", 0.1)
     init_std: float = _help("Std of the normal init of A and B.", 0.02)
 
     def __post_init__(self) -> None:
@@ -98,7 +113,8 @@ class IncreLoraConfig:
         # the smallest value of each integer field
         int_minimums = {"init_rank": 1, "add_rank": 1, "top_h": 1, "init_warmup": 0, "interval": 1, "warmup_steps": 0,
                         "target_total_rank": 1, "score_window": 1}
-        optional = ("target_total_rank", "score_window", "target_avg_rank")  # may be None
+        optional = ("target_total_rank", "score_window", "target_avg_rank",  # may be None
+                    "top_h", "init_warmup", "interval", "warmup_steps")
         # numpy numbers are taken and stored as Python ones (the config is written as JSON); bool is
         # an int to Python, never a rank, a step count or a rate here
         for name, low in int_minimums.items():
@@ -174,16 +190,41 @@ class IncreLoraConfig:
         return self.lora_alpha / max(denom, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "config_version": CONFIG_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IncreLoraConfig":
+        """Read a config written by to_dict; one written before version 2 is converted to keep its meaning."""
+        data = dict(data)
+        version = data.pop("config_version", 1)
+        if version not in (1, CONFIG_VERSION):
+            raise ConfigError(f"IncreLoraConfig: config_version {version!r} is newer than this library reads "
+                              f"({CONFIG_VERSION}); upgrade the library")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"IncreLoraConfig: unknown fields {unknown}")
+        if version == 1:
+            data = _from_version_1(data)
         return cls(**data)
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 config in version-2 terms: the same regulariser, and the same growth steps where the
+    new rule can express them (an init_warmup that is a multiple of interval)."""
+    data = dict(data)
+    if isinstance(data.get("orth_reg_weight"), numbers.Real):
+        data["orth_reg_weight"] = 2 * data["orth_reg_weight"]
+    warmup, interval = data.get("init_warmup"), data.get("interval")
+    if isinstance(warmup, int) and isinstance(interval, int) and interval > 0 and warmup > 0:
+        if warmup % interval == 0:
+            data["init_warmup"] = warmup - 1
+        else:
+            logger.warning("IncreLoraConfig version 1 with init_warmup %d, interval %d: growth now fires at the "
+                           "multiples of interval after init_warmup, not at init_warmup + k x interval",
+                           warmup, interval)
+    return data

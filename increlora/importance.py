@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .errors import CheckpointError
 from .layer import IncreLoraLinear
 
 
@@ -48,6 +49,6 @@ class ImportanceTracker:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["ipt"]) != set(self.ipt):
-            raise ValueError("importance state is for other modules")
+            raise CheckpointError("importance state is for other modules")
         self.ipt = {n: float(v) for n, v in state["ipt"].items()}
         self.unc = {n: float(v) for n, v in state["unc"].items()}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IncreLoraConfig
+from .errors import ConfigError
 
 
 class IncreLoraLinear(nn.Module):
@@ -91,11 +92,11 @@ class IncreLoraLinear(nn.Module):
         start with e = 0.
         """
         if k < 1:
-            raise ValueError(f"grow: k must be >= 1, got {k}")
+            raise ConfigError(f"grow: k must be >= 1, got {k}")
         if self.reserve_A is None or not self.reserves_enabled:
             return self.add_block(k)
         if k > self.config.add_rank:
-            raise ValueError(f"grow: k={k} exceeds the {self.config.add_rank} reserves of this module")
+            raise ConfigError(f"grow: k={k} exceeds the {self.config.add_rank} reserves of this module")
         a, b = self.reserve_A, self.reserve_B
         if k < a.shape[0]:
             # A partial last round: shrink the reserve tensors in place so the parameters (and

@@ -122,7 +122,8 @@ def rank_pattern(model: nn.Module) -> dict[str, int]:
 
 
 def orth_loss(model: nn.Module) -> torch.Tensor:
-    """Mean over modules of ||A A^T - I||_F + ||B^T B - I||_F, reserves included (unweighted)."""
+    """(sum over modules of ||A A^T - I||_F + ||B^T B - I||_F) / (2 x modules), reserves included
+    (unweighted): the authors' normalisation, one term per A and per B."""
     terms = []
     for _, layer in increlora_layers(model):
         f = layer.factors(include_reserves=layer.reserve_A is not None and layer.reserves_enabled)
@@ -133,7 +134,7 @@ def orth_loss(model: nn.Module) -> torch.Tensor:
         terms.append(torch.linalg.matrix_norm(a @ a.t() - eye) + torch.linalg.matrix_norm(b.t() @ b - eye))
     if not terms:
         raise TargetModulesError("orth_loss: the model has no IncreLoRA layers; call apply_increlora first")
-    return torch.stack(terms).mean()
+    return torch.stack(terms).sum() / (2 * len(terms))
 
 
 def trainable_parameter_count(model: nn.Module, include_reserves: bool = False) -> int:

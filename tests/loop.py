@@ -28,8 +28,8 @@ def build(base_dir, config: IncreLoraConfig, total_steps: int, lr: float = 5e-3,
     torch.manual_seed(seed)
     apply_increlora(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    sched = RestartWarmupScheduler(opt, config.warmup_steps, total_steps)
-    alloc = RankAllocator(model, config, total_steps)
+    alloc = RankAllocator(model, config, total_steps)  # its plan fills in the schedule fields left unset
+    sched = RestartWarmupScheduler(opt, alloc.plan.warmup_steps, total_steps)
     return model, opt, sched, alloc
 
 

@@ -10,7 +10,7 @@ from increlora.schedule import restart_warmup_factor
 from tests.loop import build, synthetic_batches, train
 from tests.tiny import tiny_classifier
 
-QUICK = dict(init_warmup=4, interval=2, warmup_steps=2, lora_dropout=0.0)
+QUICK = dict(init_warmup=3, interval=2, warmup_steps=2, lora_dropout=0.0)  # growth at 4, 6, ...
 
 
 def test_sensitivity_matches_autograd_on_dense_update():
@@ -134,7 +134,7 @@ def test_sparse_scoring_picks_the_same_modules_as_every_step(tiny_base):
 
 
 def test_no_dense_update_outside_scoring_steps(tiny_base, monkeypatch):
-    cfg = IncreLoraConfig(target_total_rank=14, init_warmup=50, interval=10, lora_dropout=0.0)
+    cfg = IncreLoraConfig(target_total_rank=14, init_warmup=49, interval=10, lora_dropout=0.0)  # growth at 50
     model, opt, sched, alloc = build(tiny_base, cfg, total_steps=100)
     calls = []
     monkeypatch.setattr(IncreLoraLinear, "delta_weight", lambda self, *a, **k: calls.append(1))

@@ -116,10 +116,16 @@ def test_orth_loss_on_known_matrices():
     eye = torch.eye(3)
     model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]))
     assert orth_loss(model).item() == pytest.approx(0.0, abs=1e-7)
-    # A = [2, 0, 0] (||AA^T - I|| = 3), B = 0 (||B^T B - I|| = 1): 4; mean with the first module: 2.
+    # A = [2, 0, 0] (||AA^T - I|| = 3), B = 0 (||B^T B - I|| = 1), the first module 0 + 0: the four
+    # terms sum to 4, divided by 2 x 2 modules as in the authors' code: 1.
     model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]),
                           _layer_with(torch.tensor([[2.0, 0.0, 0.0]]), torch.zeros(3, 1)))
-    assert orth_loss(model).item() == pytest.approx(2.0, abs=1e-6)
+    assert orth_loss(model).item() == pytest.approx(1.0, abs=1e-6)
+    # A = [[1, 1, 0], [0, 1, 0]]: AA^T - I = [[1, 1], [1, 0]], norm sqrt(3); B = 2 I: B^T B - I = 3 I, norm
+    # 3 sqrt(2); with the orthonormal module: (sqrt(3) + 3 sqrt(2)) / 4
+    model = nn.Sequential(_layer_with(eye[:2], eye[:, :2]),
+                          _layer_with(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]), 2 * eye[:, :2]))
+    assert orth_loss(model).item() == pytest.approx((3 ** 0.5 + 3 * 2 ** 0.5) / 4, rel=1e-6)
 
 
 @pytest.mark.parametrize("family, per_layer, saved", [

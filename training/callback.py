@@ -3,7 +3,8 @@
 Add it to a Trainer whose model went through ``apply_increlora``; nothing else is called by hand:
 
 - on_init_end: excludes the adapter's tensors from the DDP wrapper the Trainer builds later.
-- on_train_begin: creates the RankAllocator for ``state.max_steps`` and hooks the orthogonality
+- on_train_begin: creates the RankAllocator for ``state.max_steps`` (its GrowthPlan derives the
+  schedule fields left unset in the config from that, and is logged) and hooks the orthogonality
   regulariser into the model's forward (training mode only, so evaluation losses stay pure). Under
   torchrun it also starts the replicas from rank 0's adapter and averages adapter gradients after
   every backward pass (``increlora.distributed``), so N processes train like one with N times the batch.
@@ -89,10 +90,13 @@ class IncreLoraCallback(TrainerCallback):
                 self._syncs_seen = 0
         if self.allocator is None:
             self.allocator = RankAllocator(model, config, state.max_steps)
+            log = logger.info if self.allocator.plan.derived else logger.debug
+            log("%s", self.allocator.plan.describe())
         elif self.allocator.total_steps != state.max_steps:
             raise CheckpointError(
                 f"the checkpoint was for a run of {self.allocator.total_steps} steps, this run has "
                 f"{state.max_steps}; resume with the same steps/epochs, batch size and data")
+        self.config = config = self.allocator.config  # the schedule filled in
         if self._hook is None and config.orth_reg_weight > 0:
             self._hook = model.register_forward_hook(self._add_orth_loss)
         self._schedule_new_groups(optimizer, lr_scheduler)

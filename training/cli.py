@@ -30,7 +30,7 @@ PROG = "increlora-train"
 EXIT_INTERRUPTED = 130
 
 
-class CliError(Exception):
+class CliError(IncreLoraError):
     """A bad command line the parser could not catch (printed as one line)."""
 
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--glue-dir", help="folder in the official GLUE layout (else GLUE comes through `datasets`)")
     data.add_argument("--cache-dir", help="cache of the embedded model and data; without it, $INCRELORA_HOME or ~/.cache/increlora")
     data.add_argument("--max-length", type=int, default=128, help="max tokens per example (longer ones are cut)")
+    data.add_argument("--max-train-examples", type=int, default=None, metavar="N",
+                      help="train on N training examples only (a low-resource run: the first N in a fixed shuffle, the same "
+                           "for every seed and method); validation and test stay whole")
 
     run = p.add_argument_group("training")
     run.add_argument("--seed", type=int, default=42, help="seed of the head, adapter init, data order, dropout")
@@ -119,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args: argparse.Namespace) -> TrainOptions:
     cfg = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
-    for name in ("steps", "batch_size", "eval_batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+    for name in ("steps", "batch_size", "eval_batch_size", "grad_accum", "max_length", "save_steps", "logging_steps",
+                 "max_train_examples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -136,6 +140,7 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         raise CliError("--validation/--test need --train")
     return TrainOptions(
         model=args.model, method=args.method, seed=args.seed, max_length=args.max_length,
+        max_train_examples=args.max_train_examples,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
         epochs=args.epochs, steps=args.steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, eval_steps=args.eval_steps, save_steps=args.save_steps,

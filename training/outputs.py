@@ -21,7 +21,12 @@ def write_outputs(output: Path, prepared: methods.Prepared, trainer, results: di
         history = [asdict(e) for e in allocator.history]
         initial = {n: allocator.config.init_rank for n in ranks}
         plot_rank_growth(initial, history, allocator.total_steps, allocator.budget, output / "rank_growth.png")
-        growth = {"budget": allocator.budget, "events": history, "scored_steps": allocator.scored_steps}
+        plan = allocator.plan
+        growth = {"budget": allocator.budget, "events": history, "scored_steps": allocator.scored_steps,
+                  "ended_at_step": history[-1]["step"] if history else None,
+                  "plan": {"init_warmup": plan.init_warmup, "interval": plan.interval, "top_h": plan.top_h,
+                           "warmup_steps": plan.warmup_steps, "steps": list(plan.steps),
+                           "derived": list(plan.derived)}}
     (output / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     metrics = {
         "task": task,

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 from increlora import IncreLoraConfig
 from increlora.assets import resolve_model
 from increlora.errors import CheckpointError, ConfigError
+from increlora.schedule import plan_growth
 
 from . import methods
 from .callback import last_complete_checkpoint
@@ -41,10 +43,11 @@ from .tasks import load_task
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+SUBSET_SEED = 0  # the shuffle that picks --max-train-examples, independent of --seed
 RUN_FILE = "run.json"
 ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
-SAME_ON_RESUME = ("method", "model", "seed", "max_length", "batch_size", "grad_accum", "epochs", "steps",
+SAME_ON_RESUME = ("method", "model", "seed", "max_length", "max_train_examples", "batch_size", "grad_accum", "epochs", "steps",
                   "learning_rate", "weight_decay", "increlora", "processes")
 
 
@@ -54,6 +57,7 @@ class TrainOptions:
     method: str = "increlora"
     seed: int = 42
     max_length: int = 128
+    max_train_examples: int | None = None
     batch_size: int = 32
     eval_batch_size: int = 64
     grad_accum: int = 1
@@ -163,12 +167,12 @@ def position_limit(tokenizer, model) -> int | None:
     return min(limits) if limits else None
 
 
-def training_arguments(opts: TrainOptions, output: Path, steps: int) -> TrainingArguments:
+def training_arguments(opts: TrainOptions, output: Path, steps: int, warmup_steps: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output / CHECKPOINTS), max_steps=steps, per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.eval_batch_size, gradient_accumulation_steps=opts.grad_accum,
         learning_rate=opts.learning_rate, weight_decay=opts.weight_decay, max_grad_norm=opts.max_grad_norm,
-        lr_scheduler_type="linear", warmup_steps=opts.increlora.warmup_steps,
+        lr_scheduler_type="linear", warmup_steps=warmup_steps,
         eval_strategy="steps" if opts.eval_steps else "no", eval_steps=opts.eval_steps,
         save_strategy="steps", save_steps=opts.save_steps, save_total_limit=1,
         logging_strategy="steps", logging_steps=opts.logging_steps,
@@ -212,6 +216,20 @@ def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> s
     return None
 
 
+def limit_training_examples(data: TaskData, n: int) -> None:
+    """Keep n training examples (a low-resource run): the first n in a fixed shuffle, the same for every
+    seed and method (a split stored by class, like bbc_news's, would lose whole classes to a plain cut)."""
+    rows = data.splits["train"]
+    if n < len(rows):
+        keep = sorted(random.Random(SUBSET_SEED).sample(range(len(rows)), n))
+        rows = [rows[i] for i in keep]
+    d = data.definition
+    if d.problem_type != "regression" and len({e.label for e in rows}) < 2:
+        raise DataError(f"task {d.name!r}: the first {n} training examples hold a single class; "
+                        f"raise --max-train-examples")
+    data.splits["train"] = rows
+
+
 def evaluate(trainer, data: TaskData, datasets: dict) -> dict[str, dict]:
     """Metrics of the final model on validation and the task's test splits."""
     d = data.definition
@@ -235,9 +253,20 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
         tokenizer, model = load_backbone(opts, data)
     d = data.definition
+    if opts.max_train_examples is not None:
+        limit_training_examples(data, opts.max_train_examples)
     datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
     steps = total_steps(opts, len(datasets["train"]))
-    prepared = methods.prepare(opts.method, model, opts.increlora, steps)
+    # the schedule fields left unset are derived from the run; every method gets the same LR warmup
+    targets, _ = methods.targets_of(model, opts.increlora)
+    plan = plan_growth(opts.increlora, len(targets), steps)
+    config = plan.config(opts.increlora)
+    if opts.method == "increlora" and procs.is_main_process:
+        logger.info("%s", plan.describe())
+        if not plan.reaches_budget:
+            logger.warning("%s: this schedule does not reach the rank budget %d; lower --init-warmup/--interval, "
+                           "raise --top-h, or leave them unset", task, plan.budget)
+    prepared = methods.prepare(opts.method, model, config, steps)
     # --overwrite clears the folder only now that data and model loaded: a rerun that fails on its
     # inputs keeps the adapter that was there
     procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
@@ -250,9 +279,10 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if procs.is_main_process:
         (folder / RUN_FILE).write_text(json.dumps(_run_record(opts), indent=1))
     stop = StopOnInterrupt()
-    trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
+    trainer_kwargs = {"increlora_config": config} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
-        model=prepared.model, args=training_arguments(opts, output, steps), train_dataset=datasets["train"],
+        model=prepared.model, args=training_arguments(opts, output, steps, plan.warmup_steps),
+        train_dataset=datasets["train"],
         eval_dataset=datasets["validation"], data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
         callbacks=[*(callbacks or []), *prepared.callbacks, stop], **trainer_kwargs)

@@ -1,7 +1,8 @@
 """IncreLoraTrainer: a thin ``Trainer`` subclass that adds what a callback alone cannot do.
 
 - It adds an IncreLoraCallback itself (growth, param groups, regulariser).
-- Its scheduler is RestartWarmupScheduler (warmup ``config.warmup_steps``, then linear decay, per group).
+- Its scheduler is RestartWarmupScheduler (warmup ``GrowthPlan.warmup_steps``: the config's
+  ``warmup_steps``, or derived from the run's length when unset; then linear decay, per group).
 - The orthogonality regulariser is added to every training loss, also one the Trainer computes outside
   the model (label smoothing, compute_loss_func).
 - Each micro-batch's loss is the model's mean loss; the Trainer divides it by the accumulation steps.
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from transformers import Trainer
 
-from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, orth_loss
+from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, increlora_layers, orth_loss
 from increlora.errors import CheckpointError, ConfigError
+from increlora.schedule import plan_growth
 
 from .callback import (STATE_NAME, IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure,
                        write_state)
@@ -78,8 +80,9 @@ class IncreLoraTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = RestartWarmupScheduler(
-                optimizer or self.optimizer, self.increlora_config.warmup_steps, num_training_steps)
+            num_modules = sum(1 for _ in increlora_layers(self.model))
+            plan = plan_growth(self.increlora_config, num_modules, num_training_steps)
+            self.lr_scheduler = RestartWarmupScheduler(optimizer or self.optimizer, plan.warmup_steps, num_training_steps)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -109,6 +112,7 @@ def _warn_ignored_schedule(args, config: IncreLoraConfig) -> None:
     if args.warmup_steps and args.warmup_steps != config.warmup_steps:
         ignored.append(f"warmup_steps={args.warmup_steps!r}")
     if ignored:
-        logger.warning("IncreLoraTrainer schedules the learning rate itself: a warmup of IncreLoraConfig.warmup_steps="
-                       "%d steps for each parameter group as it joins, then linear decay to 0; ignoring %s",
-                       config.warmup_steps, ", ".join(ignored))
+        warmup = "derived from the run" if config.warmup_steps is None else f"{config.warmup_steps} steps"
+        logger.warning("IncreLoraTrainer schedules the learning rate itself: a warmup of IncreLoraConfig.warmup_steps "
+                       "(%s) for each parameter group as it joins, then linear decay to 0; ignoring %s",
+                       warmup, ", ".join(ignored))
