@@ -58,7 +58,8 @@ class WindowedShadow(TrainerCallback):
         if self._pending is None:
             return
         d, self._pending = self._pending, None
-        grown = sorted(n for n, layer in self.layers.items() if layer.active_rank > d.pop("ranks")[n])
+        before = d.pop("ranks")
+        grown = sorted(n for n, layer in self.layers.items() if layer.active_rank > before[n])
         self.replay_mismatches += grown != d["every"]
         d["identical"] = d["every"] == d["windowed"]
         self.decisions.append(d)

@@ -73,7 +73,8 @@ class GrowthPlan:
             growth = "no growth step falls inside the run"
         else:
             first, last = self.steps[0], self.steps[-1]
-            growth = (f"{self.rounds} rounds of up to {self.per_round} components at steps {first}..{last} "
+            rounds = f"{self.rounds} round{'s' if self.rounds > 1 else ''}"
+            growth = (f"{rounds} of up to {self.per_round} components at steps {first}..{last} "
                       f"(every {self.interval}; growth ends at {last / self.total_steps:.0%} of the run)")
         derived = f"; derived from the run: {', '.join(self.derived)}" if self.derived else ""
         return (f"IncreLoRA schedule over {self.total_steps} steps: total rank {self.start_rank} -> {self.budget} "

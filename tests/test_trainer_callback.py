@@ -16,13 +16,14 @@ from increlora.schedule import RestartWarmupScheduler
 from tests.loop import synthetic_batches
 from tests.tiny import tiny_classifier
 from training import IncreLoraCallback, IncreLoraTrainer
+from training.callback import RestartWarmupLambda
 
 STEPS, BATCH, LR = 40, 8, 5e-3
 
 
 def config() -> IncreLoraConfig:
-    # 12 modules, budget 24: 12 growth rounds at steps 4, 7, ..., 37 spend it and drop the reserves.
-    return IncreLoraConfig(init_warmup=4, interval=3, warmup_steps=3, lora_dropout=0.0, orth_reg_weight=0.1)
+    # 12 modules, budget 24: 12 growth rounds at steps 3, 6, ..., 36 spend it and drop the reserves.
+    return IncreLoraConfig(init_warmup=2, interval=3, top_h=1, warmup_steps=3, lora_dropout=0.0, orth_reg_weight=0.1)
 
 
 def model_for(base):
@@ -73,8 +74,9 @@ def reference(base, micro: int):
 
 
 def args(tmp_path, micro: int, **kw) -> TrainingArguments:
+    kw.setdefault("max_steps", STEPS)
     return TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=micro, learning_rate=LR, weight_decay=0.0, warmup_steps=3,
         lr_scheduler_type="linear", max_grad_norm=1.0, train_sampling_strategy="sequential",
         save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, **kw)
@@ -185,7 +187,7 @@ def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tiny_base, tmp_
 
 
 def test_resume_after_the_budget_is_spent_ends_with_the_same_adapter(tiny_base, tmp_path):
-    # the budget is spent at step 37 and the reserves are dropped; resume from step 38
+    # the budget is spent at step 36 and the reserves are dropped; resume from step 38
     full = model_for(tiny_base)
     IncreLoraTrainer(model=full, args=args(tmp_path / "full", 1), train_dataset=Examples(1),
                      callbacks=[SeedBeforeGrowth()]).train()
@@ -312,3 +314,32 @@ def test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_stat
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-8")
     assert trainer.allocator.total_rank == trainer.allocator.budget  # the model as it ended
     assert any("keeping the model as it ended" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("run", [{"max_steps": 60}, {"max_steps": -1, "num_train_epochs": 2}])
+def test_the_trainer_derives_the_schedule_from_the_run(tiny_base, tmp_path, run):
+    model = tiny_classifier(tiny_base, 2, seed=0)
+    apply_increlora(model, IncreLoraConfig(lora_dropout=0.0))  # schedule fields unset: derived
+    trainer = IncreLoraTrainer(model=model, args=args(tmp_path, 1, **run), train_dataset=Examples(1))
+    trainer.train()
+    steps = trainer.state.max_steps
+    assert steps == (60 if run["max_steps"] > 0 else 2 * STEPS)
+    plan = trainer.allocator.plan
+    assert plan.total_steps == steps and len(plan.derived) == 4
+    assert trainer.allocator.total_rank == trainer.allocator.budget == 24
+    assert trainer.allocator.history[-1].step <= 0.4 * steps
+    assert trainer.lr_scheduler.warmup_steps == plan.warmup_steps
+    # the adapter records the schedule it was trained with
+    assert model.increlora_config.interval == plan.interval and model.increlora_config.top_h == plan.top_h
+
+
+def test_a_plain_trainer_restarts_warmup_with_the_derived_length(tiny_base, tmp_path):
+    model = tiny_classifier(tiny_base, 2, seed=0)
+    apply_increlora(model, IncreLoraConfig(lora_dropout=0.0))
+    callback = IncreLoraCallback()
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Examples(1), callbacks=[callback])
+    trainer.train()
+    plan = callback.allocator.plan
+    restarted = [fn for fn in trainer.lr_scheduler.lr_lambdas if isinstance(fn, RestartWarmupLambda)]
+    assert restarted and all(fn.warmup_steps == plan.warmup_steps != 3 for fn in restarted)
+    assert callback.allocator.total_rank == callback.allocator.budget
