@@ -204,6 +204,8 @@ def _bad_files(d: Path) -> dict[str, list[str]]:
                                                  "--max-length", "100"],  # the tiny model has 64 positions
         "no checkpoint there to resume": ["--task", "t", "--train", "{train}", "--output", str(d / "used"),
                                           "--resume"],
+        "--max-train-examples must be >= 1": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
+                                              "--max-train-examples", "0"],
     }
 
 
@@ -281,3 +283,41 @@ def test_position_limit_counts_absolute_positions_only(config, tokenizer_limit, 
     from training.pipeline import position_limit
     model = SimpleNamespace(config=SimpleNamespace(**config))
     assert position_limit(SimpleNamespace(model_max_length=tokenizer_limit), model) == want
+
+
+DERIVED = [a for i, a in enumerate(FAST) if a not in ("--init-warmup", "--interval", "--warmup-steps")
+           and FAST[i - 1] not in ("--init-warmup", "--interval", "--warmup-steps")]
+
+
+def test_the_cli_derives_and_prints_the_schedule(tiny_base, files, tmp_path, caplog):
+    argv = ["--task", "toy", "--train", str(files["train"]), "--validation", str(files["validation"]),
+            "--test", str(files["test"]), "--model", str(tiny_base), "--output", str(tmp_path / "a"), *DERIVED,
+            "--max-train-examples", "100"]
+    with caplog.at_level("INFO", logger="training.callback"):
+        assert main(argv) == 0
+    assert "IncreLoRA schedule over 28 steps: total rank 12 -> 24" in caplog.text
+    assert "derived from the run: init_warmup, interval, top_h, warmup_steps" in caplog.text
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    growth = metrics["growth"]
+    assert metrics["final_total_rank"] == 24 and growth["ended_at_step"] <= 0.4 * 28
+    assert growth["plan"]["derived"] == ["init_warmup", "interval", "top_h", "warmup_steps"]
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log[-1]["epoch"] == pytest.approx(4.0)  # 100 examples, batch 16: 7 steps an epoch, 28 steps
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["increlora_config"]
+    assert saved["interval"] == growth["plan"]["interval"] and saved["config_version"] == 2
+
+
+def test_max_train_examples_keeps_every_class_of_a_split_stored_by_class():
+    from training.data import Example, TaskData, TaskDefinition
+    from training.pipeline import limit_training_examples
+
+    def data():
+        rows = [Example(f"t{i}", None, i // 100) for i in range(500)]  # 5 classes, 100 each, in class order
+        return TaskData(TaskDefinition(name="toy", text_fields=("text",), label_names=("a", "b", "c", "d", "e")), {"train": rows})
+    first, second = data(), data()
+    limit_training_examples(first, 200)
+    limit_training_examples(second, 200)
+    assert len(first.splits["train"]) == 200 and first.splits["train"] == second.splits["train"]  # fixed
+    assert {e.label for e in first.splits["train"]} == {0, 1, 2, 3, 4}
+    texts = [e.text for e in first.splits["train"]]
+    assert texts == sorted(texts, key=lambda t: int(t[1:]))  # the split's own order is kept

@@ -257,16 +257,11 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         limit_training_examples(data, opts.max_train_examples)
     datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
     steps = total_steps(opts, len(datasets["train"]))
-    # the schedule fields left unset are derived from the run; every method gets the same LR warmup
+    # the schedule fields left unset are derived from the run (IncreLoRA's allocator logs the plan as
+    # training starts); every method gets the same learning-rate warmup (IncreLoraTrainer schedules its own)
     targets, _ = methods.targets_of(model, opts.increlora)
     plan = plan_growth(opts.increlora, len(targets), steps)
-    config = plan.config(opts.increlora)
-    if opts.method == "increlora" and procs.is_main_process:
-        logger.info("%s", plan.describe())
-        if not plan.reaches_budget:
-            logger.warning("%s: this schedule does not reach the rank budget %d; lower --init-warmup/--interval, "
-                           "raise --top-h, or leave them unset", task, plan.budget)
-    prepared = methods.prepare(opts.method, model, config, steps)
+    prepared = methods.prepare(opts.method, model, opts.increlora, steps)
     # --overwrite clears the folder only now that data and model loaded: a rerun that fails on its
     # inputs keeps the adapter that was there
     procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
@@ -279,9 +274,9 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if procs.is_main_process:
         (folder / RUN_FILE).write_text(json.dumps(_run_record(opts), indent=1))
     stop = StopOnInterrupt()
-    trainer_kwargs = {"increlora_config": config} if opts.method == "increlora" else {}
+    trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
-        model=prepared.model, args=training_arguments(opts, output, steps, plan.warmup_steps),
+        model=prepared.model, args=training_arguments(opts, output, steps, 0 if opts.method == "increlora" else plan.warmup_steps),
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"], data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
