@@ -23,7 +23,7 @@ from .config import IncreLoraConfig
 from .errors import CheckpointError, ConfigError, TargetModulesError
 from .importance import ImportanceTracker, sensitivity
 from .layer import IncreLoraLinear
-from .model import increlora_layers
+from .model import config_of, increlora_layers
 from .schedule import START_KEY, GrowthPlan, growth_steps, is_growth_step, plan_growth
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ class RankAllocator:
         of this model on shares of each batch (data parallel), so they must score and grow as one.
         None (the default) says yes whenever such a group has more than one process; pass False when
         each process trains a model of its own."""
-        config = config or getattr(model, "increlora_config", None)
-        if config is None:
-            raise ConfigError("RankAllocator: pass the IncreLoraConfig or call apply_increlora(model, config) first")
+        config = config_of(model, config, "RankAllocator")
         if total_steps < 1:
             raise ConfigError(f"RankAllocator: total_steps must be >= 1, got {total_steps}")
         self.model = model

@@ -18,15 +18,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IncreLoraError
+from .errors import AssetError
 
 logger = logging.getLogger(__name__)
 
 HOME_ENV = "INCRELORA_HOME"
-
-
-class AssetError(IncreLoraError, RuntimeError):
-    """A pinned asset could not be downloaded, verified or extracted."""
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,7 @@ class BaseModelMismatchError(IncreLoraError, ValueError):
 
 class CheckpointError(IncreLoraError, ValueError):
     """A training checkpoint cannot be restored into this model/optimizer."""
+
+
+class AssetError(IncreLoraError, RuntimeError):
+    """A pinned asset (the default backbone, an offline dataset) could not be downloaded, verified or extracted."""

@@ -116,6 +116,14 @@ def apply_increlora(model: nn.Module, config: IncreLoraConfig) -> nn.Module:
     return model
 
 
+def config_of(model: nn.Module, config: IncreLoraConfig | None = None, who: str = "IncreLoRA") -> IncreLoraConfig:
+    """`config` if given, else the config apply_increlora recorded on the model."""
+    config = config or getattr(model, "increlora_config", None)
+    if config is None:
+        raise ConfigError(f"{who}: the model has no IncreLoRA config; call apply_increlora(model, config) first")
+    return config
+
+
 def rank_pattern(model: nn.Module) -> dict[str, int]:
     """Module name -> active rank."""
     return {name: layer.active_rank for name, layer in increlora_layers(model)}

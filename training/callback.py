@@ -12,14 +12,11 @@ Add it to a Trainer whose model went through ``apply_increlora``; nothing else i
   ``RankAllocator.step`` scores and grows; grown parameters join the Trainer's own optimizer as new
   param groups, and a stock ``LambdaLR`` gets a restart-warmup factor for each of them.
 - on_save: writes the allocator state and the optimizer's groups by parameter name into the
-  checkpoint folder, which ``IncreLoraTrainer`` reads back to resume.
+  checkpoint folder (``training.checkpoints``), which ``IncreLoraTrainer`` reads back to resume.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
 from pathlib import Path
 
 from accelerate.state import GradientState
@@ -29,12 +26,12 @@ from transformers import TrainerCallback
 from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, orth_loss
 from increlora.allocator import RankAllocator
 from increlora.errors import CheckpointError, ConfigError
+from increlora.model import config_of
 from increlora.schedule import START_KEY, restart_warmup_factor
 
+from .checkpoints import write_state
+
 logger = logging.getLogger(__name__)
-
-STATE_NAME = "increlora_state.json"
-
 
 class RestartWarmupLambda:
     """LambdaLR factor of a group added at `start`; a callable object so LambdaLR can save it."""
@@ -69,10 +66,7 @@ class IncreLoraCallback(TrainerCallback):
                                   "this model has none")
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        config = self.config or getattr(model, "increlora_config", None)
-        if config is None:
-            raise ConfigError("IncreLoraCallback: the model has no IncreLoRA layers; call apply_increlora first")
-        self.config = config
+        self.config = config = config_of(model, self.config, "IncreLoraCallback")
         if args.load_best_model_at_end and not self.in_increlora_trainer:
             raise ConfigError("load_best_model_at_end needs IncreLoraTrainer: the best checkpoint may have other "
                               "ranks than the model at the end, and a plain Trainer would load its weights into "
@@ -171,65 +165,3 @@ def loss_scale(optimizer) -> float:
 def _ddp_owned_parameters(model: nn.Module) -> list[str]:
     ignored = set(getattr(model, distributed.IGNORE_ATTR, ()))
     return [n for n, p in model.named_parameters() if p.requires_grad and n not in ignored]
-
-
-# -- the state next to a Hugging Face checkpoint ---------------------------------------------
-def write_state(folder: str | os.PathLike, model: nn.Module, optimizer, allocator: RankAllocator, step: int) -> Path:
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [{"names": [names[id(p)] for p in g["params"]], START_KEY: g.get(START_KEY, 0),
-               "weight_decay": g.get("weight_decay", 0.0)} for g in optimizer.param_groups]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / STATE_NAME
-    partial = folder / (STATE_NAME + ".partial")  # a process killed while writing leaves no half file
-    partial.write_text(json.dumps({"step": step, "allocator": allocator.state_dict(), "optimizer_groups": groups}))
-    os.replace(partial, path)
-    return path
-
-
-def last_complete_checkpoint(folder: str | os.PathLike, method: str = "increlora") -> str | None:
-    """The newest checkpoint whose last files were written: a process killed while saving one
-    (e.g. by torchrun's shutdown timeout) leaves it partial, and the one before it is still there."""
-    steps = sorted((int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*")
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    needed = ["trainer_state.json"] + ([STATE_NAME] if method == "increlora" else [])
-    for _, path in reversed(steps):
-        if all((path / name).is_file() for name in needed):
-            return str(path)
-        logger.warning("%s is incomplete (a save was interrupted); skipping it", path)
-    return None
-
-
-def read_state(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / STATE_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: missing; this checkpoint was not written with IncreLoraCallback") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
-
-
-def restore_structure(model: nn.Module, config: IncreLoraConfig, folder: str | os.PathLike) -> tuple[RankAllocator, list[dict]]:
-    """Grow the model's layers to the checkpoint's structure (values are loaded after) and rebuild the allocator."""
-    state = read_state(folder)
-    allocator = RankAllocator(model, config, state["allocator"]["total_steps"])
-    allocator.load_state_dict(state["allocator"], next_step=state["step"])
-    return allocator, state["optimizer_groups"]
-
-
-def arrange_param_groups(optimizer, model: nn.Module, layout: list[dict]) -> None:
-    """Regroup a freshly created optimizer's parameters as in the checkpoint, so its state loads by index."""
-    params = dict(model.named_parameters())
-    wanted = [n for g in layout for n in g["names"]]
-    have = {n for n, p in params.items() if p.requires_grad}
-    # the groups may hold frozen parameters (reserves dropped once the budget is spent), no unknown
-    # one, and every trainable one
-    diff = sorted((set(wanted) - set(params)) | (have - set(wanted)))[:5]
-    if diff:
-        raise CheckpointError(f"the checkpoint's optimizer groups do not match the model's trainable parameters (e.g. {diff})")
-    template = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr", START_KEY)}
-    optimizer.param_groups = []
-    for g in layout:
-        optimizer.add_param_group({**template, "weight_decay": g["weight_decay"], START_KEY: g[START_KEY],
-                                   "params": [params[n] for n in g["names"]]})

@@ -33,7 +33,7 @@ from increlora.errors import CheckpointError, ConfigError
 from increlora.schedule import plan_growth
 
 from . import methods
-from .callback import last_complete_checkpoint
+from .checkpoints import last_complete_checkpoint
 from .data import DataError, TaskData, to_torch_dataset
 from .interrupt import StopOnInterrupt
 from .metrics import compute_metrics

@@ -20,11 +20,12 @@ from pathlib import Path
 from transformers import Trainer
 
 from increlora import IncreLoraConfig, RestartWarmupScheduler, distributed, increlora_layers, orth_loss
-from increlora.errors import CheckpointError, ConfigError
+from increlora.errors import CheckpointError
+from increlora.model import config_of
 from increlora.schedule import plan_growth
 
-from .callback import (STATE_NAME, IncreLoraCallback, arrange_param_groups, last_complete_checkpoint, restore_structure,
-                       write_state)
+from .callback import IncreLoraCallback
+from .checkpoints import STATE_NAME, arrange_param_groups, last_complete_checkpoint, restore_structure, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ logger = logging.getLogger(__name__)
 class IncreLoraTrainer(Trainer):
     def __init__(self, *args, increlora_config: IncreLoraConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        config = increlora_config or getattr(self.model, "increlora_config", None)
-        if config is None:
-            raise ConfigError("IncreLoraTrainer: call apply_increlora(model, config) before building the trainer")
-        self.increlora_config = config
+        self.increlora_config = config = config_of(self.model, increlora_config, "IncreLoraTrainer")
         _warn_ignored_schedule(self.args, config)
         self.increlora = IncreLoraCallback(config)
         self.increlora.in_increlora_trainer = True
