@@ -184,12 +184,14 @@ def summary_table(results: dict[str, dict]) -> str:
     methods = list(results[done[0]])
     rows = ["| method | mean test over " + ", ".join(done) + " |", "|---|---|"]
     for m in methods:
-        rows.append(f"| {m} | {statistics.mean(statistics.mean(x['test'] for x in results[v][m]['runs']) for v in done):.4f} |")
+        mean = statistics.mean(statistics.mean(x["test"] for x in results[v][m]["runs"]) for v in done)
+        rows.append(f"| {m} | {mean:.4f} |")
     return "\n".join(rows)
 
 
 def ablation_table(variant: str, base: list[dict], ablations: dict[str, list[dict]]) -> str:
-    rows = [f"| IncreLoRA on {variant} | test (mean ± std) | validation | test - default (paired) |", "|---|---|---|---|"]
+    rows = [f"| IncreLoRA on {variant} | test (mean ± std) | validation | test - default (paired) |",
+            "|---|---|---|---|"]
     rows.append(f"| default | {mean_std([r['test'] for r in base])} | {mean_std([r['validation'] for r in base])} | |")
     for name, runs in ablations.items():
         if not runs:
@@ -236,8 +238,9 @@ def load_results(args) -> tuple[dict, dict]:
 
 def report(args) -> str:
     results, ablations = load_results(args)
+    lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
     parts = [f"Setup: {args.model} backbone, {args.steps} steps, batch {args.batch_size}, max {args.max_length} "
-             f"tokens, average rank 2, learning rate chosen on validation from {', '.join(f'{lr:g}' for lr in args.lrs)} "
+             f"tokens, average rank 2, learning rate chosen on validation from {lrs} "
              f"at seed {args.seeds[0]}, then seeds {', '.join(map(str, args.seeds))}.",
              "### Learning-rate grid (validation, seed 0)", grid_table(results),
              "### Test at the chosen rate", main_table(results), "### Mean over finished variants",
@@ -252,6 +255,7 @@ def report(args) -> str:
 def one(argv: list[str]) -> int:
     """One training run with a callback that replays windowed scoring next to every-step scoring."""
     from scoring_shadow import WindowedShadow  # beside this file
+
     from training.cli import main as train
 
     out = Path(argv[argv.index("--output") + 1])

@@ -6,8 +6,15 @@ from .adapter_file import Adapter, ModuleFactors, check_base_model, load_adapter
 from .allocator import GrowthEvent, RankAllocator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import IncreLoraConfig
-from .errors import (AdapterFormatError, AssetError, BaseModelMismatchError, CheckpointError, ConfigError,
-                     IncreLoraError, TargetModulesError)
+from .errors import (
+                     AdapterFormatError,
+                     AssetError,
+                     BaseModelMismatchError,
+                     CheckpointError,
+                     ConfigError,
+                     IncreLoraError,
+                     TargetModulesError,
+)
 from .fingerprint import model_fingerprint
 from .layer import IncreLoraLinear
 from .model import apply_increlora, increlora_layers, orth_loss, rank_pattern, trainable_parameter_count

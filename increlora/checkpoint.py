@@ -129,7 +129,8 @@ def load_checkpoint(folder: str | os.PathLike, *, model: nn.Module, optimizer: O
     with torch.no_grad():
         for key, t in model_state.items():
             if own[key].shape != t.shape:
-                raise CheckpointError(f"{folder}: {key} is {tuple(t.shape)} in the checkpoint, {tuple(own[key].shape)} in the model")
+                raise CheckpointError(f"{folder}: {key} is {tuple(t.shape)} in the checkpoint, "
+                                      f"{tuple(own[key].shape)} in the model")
             own[key].copy_(t)
     # Rebuild the optimizer's groups over the restored parameters, then load its state by index.
     groups = meta["optimizer"]["groups"]

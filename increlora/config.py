@@ -19,7 +19,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -141,7 +142,8 @@ class IncreLoraConfig:
         need(self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         need(self.reserve_e > 0, f"reserve_e must be > 0, got {self.reserve_e!r}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
-        need(self.rank_scaling in RANK_SCALINGS, f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
+        need(self.rank_scaling in RANK_SCALINGS,
+             f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
         need(self.target_total_rank is not None or self.target_avg_rank is not None,
              "set target_avg_rank or target_total_rank (the rank budget)")
         if self.target_avg_rank is not None:
@@ -157,7 +159,8 @@ class IncreLoraConfig:
                  "target_modules must be a regex string or a non-empty list of module names")
             self.target_modules = list(self.target_modules)
         if self.modules_to_save is not None:
-            need(isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(t, str) and t for t in self.modules_to_save),
+            need(isinstance(self.modules_to_save, (list, tuple))
+                 and all(isinstance(t, str) and t for t in self.modules_to_save),
                  "modules_to_save must be a list of module names")
             self.modules_to_save = list(self.modules_to_save)
 
@@ -193,7 +196,7 @@ class IncreLoraConfig:
         return {**asdict(self), "config_version": CONFIG_VERSION}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IncreLoraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> IncreLoraConfig:
         """Read a config written by to_dict; one written before version 2 is converted to keep its meaning."""
         data = dict(data)
         version = data.pop("config_version", 1)

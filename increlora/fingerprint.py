@@ -2,8 +2,9 @@
 
 It hashes every backbone parameter's name, shape and a strided sample of its values rounded to
 bfloat16, so it is the same for a model loaded in float32 or bfloat16 and on any device, and
-differs between checkpoints. A float16 copy rounds differently: fingerprint before casting to it. Adapter weights and the modules trained with the adapter (the task
-head) are left out, so a freshly initialised head does not change it.
+differs between checkpoints. A float16 copy rounds differently: fingerprint before casting to it.
+Adapter weights and the modules trained with the adapter (the task head) are left out, so a freshly
+initialised head does not change it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 SAMPLES_PER_TENSOR = 4096
-_ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_E", "reserve_A", "reserve_B", "reserve_E", "ranknum")  # ranknum: PEFT AdaLoRA
+# ranknum: PEFT AdaLoRA's
+_ADAPTER_MARKERS = ("lora_A", "lora_B", "lora_E", "reserve_A", "reserve_B", "reserve_E", "ranknum")
 
 
 def _canonical(name: str) -> str:

@@ -20,8 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_file import (FORMAT_NAME, FORMAT_VERSION, PROBLEM_TYPES, Adapter, ModuleFactors, read_adapter,
-                           write_adapter_folder)
+from .adapter_file import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PROBLEM_TYPES,
+    Adapter,
+    ModuleFactors,
+    read_adapter,
+    write_adapter_folder,
+)
 from .assets import resolve_model
 from .errors import AdapterFormatError, BaseModelMismatchError, ConfigError
 from .fingerprint import model_fingerprint
@@ -134,7 +141,8 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     modules: dict[str, ModuleFactors] = {}
     rank_pattern, scaling_pattern = {}, {}
     for name in lora_names:
-        get = lambda suffix: tensors.pop(f"{name}.{suffix}", None)  # noqa: E731
+        def get(suffix: str, name: str = name):
+            return tensors.pop(f"{name}.{suffix}", None)
         if ptype == "LORA":
             a, b = get("lora_A.weight"), get("lora_B.weight")
             if a is None or b is None:

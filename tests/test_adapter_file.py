@@ -6,8 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from increlora import (AdapterFormatError, BaseModelMismatchError, IncreLoraConfig, load_adapter, read_adapter,
-                       save_adapter)
+from increlora import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    IncreLoraConfig,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME, _first_non_finite
 from tests.loop import train
 from tests.tiny import tiny_classifier
@@ -96,7 +102,8 @@ def _edit_tensors(dst, fn):
     (lambda d: _edit_tensors(d, lambda t: t[next(k for k in t if k.endswith(".E"))].fill_(float("inf"))), "NaN or inf"),
     (lambda d: _edit_tensors(d, lambda t: t["saved.classifier.weight"].view(-1)[3].fill_(float("-inf"))),
      "classifier.weight contains NaN or inf"),
-    (lambda d: _edit_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("saved.classifier")]), "module_to_save"),
+    (lambda d: _edit_tensors(d, lambda t: [t.pop(k) for k in list(t) if k.startswith("saved.classifier")]),
+     "module_to_save"),
     (lambda d: _edit_config(d, labels=["a"]), "labels"),
     (lambda d: _edit_config(d, problem_type="ranking"), "problem_type"),
     # valid JSON of the wrong shape: refused by name, never an AttributeError later

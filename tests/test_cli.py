@@ -313,7 +313,8 @@ def test_max_train_examples_keeps_every_class_of_a_split_stored_by_class():
 
     def data():
         rows = [Example(f"t{i}", None, i // 100) for i in range(500)]  # 5 classes, 100 each, in class order
-        return TaskData(TaskDefinition(name="toy", text_fields=("text",), label_names=("a", "b", "c", "d", "e")), {"train": rows})
+        definition = TaskDefinition(name="toy", text_fields=("text",), label_names=("a", "b", "c", "d", "e"))
+        return TaskData(definition, {"train": rows})
     first, second = data(), data()
     limit_training_examples(first, 200)
     limit_training_examples(second, 200)

@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from increlora import (ConfigError, IncreLoraConfig, IncreLoraLinear, TargetModulesError, apply_increlora,
-                       orth_loss, rank_pattern, trainable_parameter_count)
+from increlora import (
+    ConfigError,
+    IncreLoraConfig,
+    IncreLoraLinear,
+    TargetModulesError,
+    apply_increlora,
+    orth_loss,
+    rank_pattern,
+    trainable_parameter_count,
+)
 from tests.tiny import tiny_classifier
 
 

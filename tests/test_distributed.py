@@ -208,7 +208,8 @@ def cli_argv(tiny_base, folder: Path, *extra: str) -> list[str]:
     """increlora-train on the CLI tests' generated CSV files and fast schedule, into folder/adapter."""
     from tests.test_cli import FAST, write_csv
 
-    csv = {s: write_csv(folder / f"{s}.csv", n, i) for i, (s, n) in enumerate([("train", 320), ("dev", 48), ("test", 48)])}
+    sizes = [("train", 320), ("dev", 48), ("test", 48)]
+    csv = {s: write_csv(folder / f"{s}.csv", n, i) for i, (s, n) in enumerate(sizes)}
     return ["--task", "toy", "--train", str(csv["train"]), "--validation", str(csv["dev"]), "--test", str(csv["test"]),
             "--model", str(tiny_base), "--output", str(folder / "adapter"), *FAST, *extra]
 

@@ -4,8 +4,15 @@ import pytest
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 
-from increlora import (AdapterFormatError, BaseModelMismatchError, IncreLoraConfig, export_peft, import_peft, load_adapter,
-                       save_adapter)
+from increlora import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    IncreLoraConfig,
+    export_peft,
+    import_peft,
+    load_adapter,
+    save_adapter,
+)
 from tests.loop import train
 from tests.tiny import make_tiny_base, tiny_classifier
 
@@ -32,7 +39,8 @@ def test_export_loads_in_peft_with_the_same_logits(adapter, tiny_base, tmp_path)
     torch.testing.assert_close(peft_model(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-5)
     # and back: the same ranks and the same logits
     back = import_peft(tmp_path / "peft", tmp_path / "back", task="task")
-    assert back.rank_pattern == {n: r for n, r in json.loads((path / "adapter_config.json").read_text())["rank_pattern"].items()}
+    saved = json.loads((path / "adapter_config.json").read_text())
+    assert back.rank_pattern == dict(saved["rank_pattern"])
     reloaded = load_adapter(tiny_classifier(tiny_base, 2, seed=6), tmp_path / "back").eval()
     torch.testing.assert_close(reloaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-5)
 
@@ -77,7 +85,8 @@ def test_import_adalora_keeps_pruned_ranks(tiny_base, tmp_path):
 def test_import_refuses_unsupported_adapters(tiny_base, tmp_path):
     with pytest.raises(AdapterFormatError, match="missing"):
         import_peft(tmp_path)
-    get_peft_model(tiny_classifier(tiny_base), LoraConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    dora = LoraConfig(r=2, target_modules=["query"], use_dora=True)
+    get_peft_model(tiny_classifier(tiny_base), dora).save_pretrained(tmp_path / "dora")
     with pytest.raises(AdapterFormatError, match="use_dora"):
         import_peft(tmp_path / "dora")
     (tmp_path / "bin").mkdir()
@@ -93,7 +102,8 @@ def test_import_refuses_unsupported_adapters(tiny_base, tmp_path):
 
 
 def test_import_refuses_labels_that_do_not_match_the_saved_head(tiny_base, tmp_path):
-    model = get_peft_model(tiny_classifier(tiny_base, 2), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    config = LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+    model = get_peft_model(tiny_classifier(tiny_base, 2), config)
     model.save_pretrained(tmp_path / "two")
     with pytest.raises(AdapterFormatError, match="2 outputs but 3 labels"):
         import_peft(tmp_path / "two", labels=["negative", "neutral", "positive"])
@@ -116,7 +126,8 @@ def test_import_with_base_model_records_its_fingerprint_and_checks_shapes(tiny_b
         load_adapter(tiny_classifier(other_tiny_base, 2), tmp_path / "ours")
     assert import_peft(tmp_path / "p").fingerprint is None
     # A model object works too, with the same fingerprint.
-    assert import_peft(tmp_path / "p", base_model=tiny_classifier(tiny_base, 2, seed=9)).fingerprint == imported.fingerprint
+    again = import_peft(tmp_path / "p", base_model=tiny_classifier(tiny_base, 2, seed=9))
+    assert again.fingerprint == imported.fingerprint
     # A base model whose layers do not fit the adapter is refused at import.
     wide = tiny_classifier(make_tiny_base(tmp_path / "wide", hidden_size=48), 2)
     with pytest.raises(BaseModelMismatchError, match="query"):

@@ -53,7 +53,8 @@ def write_glue(root, task, n=20, dev=4):
                  [(i, 2 * i, 2 * i + 1, a(i), b(i), i % 2) for i in rng])
         elif task == "stsb":
             _tsv(root / "STS-B" / f"{split}.tsv", STSB,
-                 [(i, "main-news", "2012", "x", "0001", "none", "none", a(i), b(i), f"{(i % 6) * 0.8:.3f}") for i in rng])
+                 [(i, "main-news", "2012", "x", "0001", "none", "none", a(i), b(i), f"{(i % 6) * 0.8:.3f}")
+                  for i in rng])
         elif task == "mnli":
             classes = ["entailment", "neutral", "contradiction"]
             if split == "train":
@@ -184,7 +185,8 @@ def test_glue_through_the_datasets_library(monkeypatch):
         return {"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3, "idx": i}
 
     calls = _fake_datasets(monkeypatch, {"train": [row(i) for i in range(30)], "test_matched": [row(0) | {"label": -1}],
-                                         "validation_matched": [row(100)], "validation_mismatched": [row(101), row(102)]})
+                                         "validation_matched": [row(100)],
+                                         "validation_mismatched": [row(101), row(102)]})
     data = load_task("mnli")
     assert calls == [("nyu-mll/glue", "mnli")]
     assert data.splits["test"] == [Example("p100", "h100", 1)]

@@ -62,7 +62,8 @@ def read_state(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: unreadable ({exc})") from exc
 
 
-def restore_structure(model: nn.Module, config: IncreLoraConfig, folder: str | os.PathLike) -> tuple[RankAllocator, list[dict]]:
+def restore_structure(model: nn.Module, config: IncreLoraConfig,
+                      folder: str | os.PathLike) -> tuple[RankAllocator, list[dict]]:
     """Grow the model's layers to the checkpoint's structure (values are loaded after) and rebuild the allocator."""
     state = read_state(folder)
     allocator = RankAllocator(model, config, state["allocator"]["total_steps"])
@@ -79,7 +80,8 @@ def arrange_param_groups(optimizer, model: nn.Module, layout: list[dict]) -> Non
     # one, and every trainable one
     diff = sorted((set(wanted) - set(params)) | (have - set(wanted)))[:5]
     if diff:
-        raise CheckpointError(f"the checkpoint's optimizer groups do not match the model's trainable parameters (e.g. {diff})")
+        raise CheckpointError("the checkpoint's optimizer groups do not match the model's trainable parameters "
+                              f"(e.g. {diff})")
     template = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr", START_KEY)}
     optimizer.param_groups = []
     for g in layout:

@@ -89,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--problem-type", choices=("single_label_classification", "regression"), default=None,
                       help="local files: classes (default) or a regression score")
     data.add_argument("--glue-dir", help="folder in the official GLUE layout (else GLUE comes through `datasets`)")
-    data.add_argument("--cache-dir", help="cache of the embedded model and data; without it, $INCRELORA_HOME or ~/.cache/increlora")
+    data.add_argument("--cache-dir",
+                      help="cache of the embedded model and data; without it, $INCRELORA_HOME or ~/.cache/increlora")
     data.add_argument("--max-length", type=int, default=128, help="max tokens per example (longer ones are cut)")
     data.add_argument("--max-train-examples", type=int, default=None, metavar="N",
-                      help="train on N training examples only (a low-resource run: the first N in a fixed shuffle, the same "
-                           "for every seed and method); validation and test stay whole")
+                      help="train on N training examples only (a low-resource run: the first N in a fixed "
+                           "shuffle, the same for every seed and method); validation and test stay whole")
 
     run = p.add_argument_group("training")
     run.add_argument("--seed", type=int, default=42, help="seed of the head, adapter init, data order, dropout")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     run.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
     run.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=5e-4, help="peak learning rate")
+    run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=5e-4,
+                     help="peak learning rate")
     run.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     run.add_argument("--eval-steps", type=int, default=None, help="evaluate on validation every N steps")

@@ -77,7 +77,8 @@ def serve_and_query(adapters: str) -> int:
             folder = Path(adapters) / task
             metrics = json.loads((folder / "metrics.json").read_text())
             test = metrics.get("test", metrics)
-            print(f"  {task:15s} test {json.dumps(test)[:120]}\n  {'':15s} rank heatmap: {folder / 'ranks_heatmap.png'}")
+            print(f"  {task:15s} test {json.dumps(test)[:120]}\n"
+                  f"  {'':15s} rank heatmap: {folder / 'ranks_heatmap.png'}")
     finally:
         proc.terminate()
         try:

@@ -26,7 +26,7 @@ class StopOnInterrupt(TrainerCallback):
         self.requested = False
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopOnInterrupt":
+    def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return self

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          TrainingArguments)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from increlora import IncreLoraConfig
 from increlora.assets import resolve_model
@@ -47,7 +46,8 @@ SUBSET_SEED = 0  # the shuffle that picks --max-train-examples, independent of -
 RUN_FILE = "run.json"
 ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
-SAME_ON_RESUME = ("method", "model", "seed", "max_length", "max_train_examples", "batch_size", "grad_accum", "epochs", "steps",
+SAME_ON_RESUME = ("method", "model", "seed", "max_length", "max_train_examples", "batch_size", "grad_accum", "epochs",
+                  "steps",
                   "learning_rate", "weight_decay", "increlora", "processes")
 
 
@@ -160,7 +160,8 @@ def position_limit(tokenizer, model) -> int | None:
     """
     config = model.config
     relative = (getattr(config, "position_biased_input", True) is False
-                or any(k in str(getattr(config, "position_embedding_type", "absolute")) for k in ("relative", "rotary")))
+                or any(k in str(getattr(config, "position_embedding_type", "absolute"))
+                       for k in ("relative", "rotary")))
     limits = [None if relative else getattr(config, "max_position_embeddings", None),
               getattr(tokenizer, "model_max_length", None)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # tokenizers without one say 1e30
@@ -276,7 +277,8 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     stop = StopOnInterrupt()
     trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
-        model=prepared.model, args=training_arguments(opts, output, steps, 0 if opts.method == "increlora" else plan.warmup_steps),
+        model=prepared.model,
+        args=training_arguments(opts, output, steps, 0 if opts.method == "increlora" else plan.warmup_steps),
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"], data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),

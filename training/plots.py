@@ -21,9 +21,9 @@ def split_name(module: str) -> tuple[str, str]:
 def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[str], list[list[float]]]:
     """Rows (layers), columns (module types) and ranks; NaN where a layer lacks a module type."""
     cells = {split_name(n): r for n, r in ranks.items()}
-    layers = sorted({l for l, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    layers = sorted({layer for layer, _ in cells}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     kinds = list(dict.fromkeys(k for _, k in cells))
-    return layers, kinds, [[cells.get((l, k), float("nan")) for k in kinds] for l in layers]
+    return layers, kinds, [[cells.get((layer, k), float("nan")) for k in kinds] for layer in layers]
 
 
 def plot_rank_heatmap(ranks: dict[str, int], path: str | Path, title: str = "final ranks") -> Path:

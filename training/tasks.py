@@ -220,7 +220,8 @@ def _load_glue_hub(d: TaskDefinition) -> TaskData:
         import datasets
     except ImportError:
         raise DataError(f"GLUE task {d.name!r} needs glue_dir=<folder in the official GLUE layout>, or the "
-                        f"`datasets` package (pip install 'increlora[datasets]') and access to the Hugging Face hub") from None
+                        "`datasets` package (pip install 'increlora[datasets]') and access to the Hugging Face "
+                        "hub") from None
     try:
         ds = datasets.load_dataset("nyu-mll/glue", d.name)
     except Exception as e:  # network, hub or cache failures all end here
@@ -378,4 +379,5 @@ def _infer_label_names(rows: list[Row], label_column: str) -> tuple[str, ...]:
 
 def _local_example(r: Row, d: TaskDefinition, columns: list[str], label_column: str) -> Example:
     texts = [text_value(r, c) for c in columns]
-    return Example(texts[0], texts[1] if len(texts) > 1 else None, _parse_label(str(r.values[label_column]), d, r.where))
+    label = _parse_label(str(r.values[label_column]), d, r.where)
+    return Example(texts[0], texts[1] if len(texts) > 1 else None, label)

@@ -80,7 +80,8 @@ class IncreLoraTrainer(Trainer):
         if self.lr_scheduler is None:
             num_modules = sum(1 for _ in increlora_layers(self.model))
             plan = plan_growth(self.increlora_config, num_modules, num_training_steps)
-            self.lr_scheduler = RestartWarmupScheduler(optimizer or self.optimizer, plan.warmup_steps, num_training_steps)
+            self.lr_scheduler = RestartWarmupScheduler(optimizer or self.optimizer, plan.warmup_steps,
+                                                       num_training_steps)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
