@@ -176,9 +176,9 @@ def main_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def summary_table(results: dict[str, dict]) -> str:
-    """Mean test score over the variants every method finished, and the paired differences."""
-    done = [v for v, by in results.items() if all(len(by.get(m, {}).get("runs") or []) == 3 for m in by)]
+def summary_table(results: dict[str, dict], seeds: int) -> str:
+    """Mean test score over the variants every method finished."""
+    done = [v for v, by in results.items() if all(len(by.get(m, {}).get("runs") or []) == seeds for m in by)]
     if not done:
         return "(no variant finished for every method yet)"
     methods = list(results[done[0]])
@@ -241,10 +241,10 @@ def report(args) -> str:
     lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
     parts = [f"Setup: {args.model} backbone, {args.steps} steps, batch {args.batch_size}, max {args.max_length} "
              f"tokens, average rank 2, learning rate chosen on validation from {lrs} "
-             f"at seed {args.seeds[0]}, then seeds {', '.join(map(str, args.seeds))}.",
+             f"at seed {args.seeds[0]}, then seeds {', '.join(map(str, args.seeds[1:])) or '(none)'} at that rate.",
              "### Learning-rate grid (validation, seed 0)", grid_table(results),
              "### Test at the chosen rate", main_table(results), "### Mean over finished variants",
-             summary_table(results)]
+             summary_table(results, len(args.seeds))]
     if ablations:
         base = ablations.pop("_base")
         parts += ["### Ablations", ablation_table(args.ablation_variant, base, ablations)]
