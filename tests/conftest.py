@@ -2,6 +2,7 @@ import logging
 
 import pytest
 
+from tests.helpers.http_adapters import make_http_base
 from tests.tiny import make_tiny_base
 
 
@@ -15,6 +16,12 @@ def tiny_base(tmp_path_factory):
 def other_tiny_base(tmp_path_factory):
     """Same architecture, other weights: for base-model mismatch tests."""
     return make_tiny_base(tmp_path_factory.mktemp("other_tiny_base"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def http_base(tmp_path_factory):
+    """Folder of the tiny base model with a tokenizer that knows its words (see make_http_base)."""
+    return make_http_base(tmp_path_factory.mktemp("http_base"))
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import threading
 import time
@@ -14,7 +13,8 @@ from fastapi.testclient import TestClient
 from serving import AdapterBank
 from serving.app import create_app
 from serving.http_settings import ServiceSettings
-from tests.test_http_support import FakeBank, http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from tests.helpers.fake_bank import FakeBank
+from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "s3cret-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from serving.batcher import DynamicBatcher
 from serving.http_errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError,
                                  TaskNotFoundError)
-from tests.test_http_support import FakeBank, answer
+from tests.helpers.fake_bank import FakeBank, answer
 
 
 class Shapes:

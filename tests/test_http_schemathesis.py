@@ -11,7 +11,7 @@ from hypothesis.errors import Unsatisfiable
 from serving import AdapterBank
 from serving.app import create_app
 from serving.http_settings import ServiceSettings
-from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "schema-token"
 EXAMPLES = 50  # per operation and generation mode: about 700 requests, ~8 s

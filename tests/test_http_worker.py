@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
 from serving.app import create_app
 from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, ProcessBankLoader, WorkerDiedError
-from tests.test_http_server import close_to
-from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from tests.helpers.http_adapters import make_tiny_adapters
+from tests.helpers.server import close_to
 
 
 @pytest.fixture(scope="module")

@@ -10,24 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import lora_segments, lora_segments_reference
-
+from tests.helpers.threads import shared_out
 
 lora_math = importlib.import_module("serving.lora_segments")
-
-
-@contextlib.contextmanager
-def shared_out(require_torchscript: bool = True):
-    """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
-    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
-    torch.set_num_threads(2)
-    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
-    if require_torchscript:
-        assert lora_math._forked_runner() is not None, "TorchScript did not compile the shared-out loop"
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
 
 
 def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,

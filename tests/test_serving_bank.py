@@ -13,7 +13,7 @@ import torch
 from increlora import AdapterFormatError, BaseModelMismatchError, export_peft, model_fingerprint, read_adapter
 from serving import (AdapterBank, AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError,
                      UnknownTaskError)
-from tests.test_serving_support import TASKS, adapter_set, encode, make_adapter, reference_model
+from tests.helpers.adapters import TASKS, adapter_set, encode, make_adapter, reference_model
 
 
 @pytest.fixture(scope="module")
