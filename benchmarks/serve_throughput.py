@@ -40,7 +40,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from increlora import IncreLoraConfig, apply_increlora, export_peft, increlora_layers, save_adapter
 from serving import AdapterBank, MultiLoraLinear
-from serving.batch_context import BatchContext, using_batch
+from serving.layers import BatchContext, using_batch
 
 logger = logging.getLogger("serve_throughput")
 

@@ -11,8 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank
-from serving.app import create_app
-from serving.http_settings import ServiceSettings
+from serving.http import ServiceSettings, create_app
 from tests.helpers.fake_bank import FakeBank
 from tests.helpers.http_adapters import make_tiny_adapters
 

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.batcher import DynamicBatcher
-from serving.http_errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError,
-                                 TaskNotFoundError)
+from serving.http.batcher import DynamicBatcher
+from serving import UnknownTaskError
+from serving.http.errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError, error_body,
+                                 http_status)
 from tests.helpers.fake_bank import FakeBank, answer
 
 
@@ -162,8 +163,9 @@ def test_task_removed_mid_flight_fails_only_its_requests():
         return results
 
     blocker, doomed, sst2, stsb = run(go())
-    assert isinstance(doomed, TaskNotFoundError) and doomed.status_code == 404
-    assert "removed" in doomed.message and "topic" not in doomed.extra["known_tasks"]
+    assert isinstance(doomed, UnknownTaskError) and doomed.removed and http_status(doomed) == 404
+    body = error_body(doomed)
+    assert "removed" in body["detail"] and "topic" not in body["known_tasks"]
     assert sst2 == direct(bank, "sst2", ["sst2!"]) and stsb == direct(bank, "stsb", ["stsb!"])
     assert blocker == direct(bank, "stsb", ["first"])
 

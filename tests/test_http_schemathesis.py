@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 from serving import AdapterBank
-from serving.app import create_app
-from serving.http_settings import ServiceSettings
+from serving.http import ServiceSettings, create_app
 from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "schema-token"

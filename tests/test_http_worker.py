@@ -1,4 +1,4 @@
-"""The bank in a model process (serving.http_worker.ProcessBank) answers as the bank does, and fails clearly."""
+"""The bank in a model process (serving.bank.ProcessBank) answers as the bank does, and fails clearly."""
 from __future__ import annotations
 
 import functools
@@ -11,8 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
-from serving.app import create_app
-from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, ProcessBankLoader, WorkerDiedError
+from serving.bank.process_bank import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError
+from serving.http import create_app
+from serving.http.model_process import ProcessBankLoader
 from tests.helpers.http_adapters import make_tiny_adapters
 from tests.helpers.server import close_to
 
@@ -98,7 +99,7 @@ class EnvBank:
     tokenizer = None
 
     def task_info(self, name: str) -> dict:
-        shares = importlib.import_module("serving.lora_segments").SHARE_OUT
+        shares = importlib.import_module("serving.ops.lora_segments").SHARE_OUT
         return {**{v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}, "share_out": shares}
 
 

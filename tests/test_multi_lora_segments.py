@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from serving import lora_segments, lora_segments_reference
 from tests.helpers.threads import shared_out
 
-lora_math = importlib.import_module("serving.lora_segments")
+lora_math = importlib.import_module("serving.ops.lora_segments")
 
 
 def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,
@@ -145,7 +145,7 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
         raise RuntimeError("TorchScript removed")
 
     monkeypatch.setattr(torch.jit, "script", no_script)
-    with caplog.at_level("WARNING", logger="serving.lora_segments"):
+    with caplog.at_level("WARNING", logger="serving.ops.lora_segments"):
         assert lora_math._forked_runner.__wrapped__() is None
     assert "TorchScript unavailable" in caplog.text
     monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)

@@ -6,20 +6,21 @@ import importlib
 
 import torch
 
-# by import_module: serving re-exports the function lora_segments under the module's name
-lora_math = importlib.import_module("serving.lora_segments")
+# by import_module: serving.ops re-exports the function lora_segments under the module's name
+lora_math = importlib.import_module("serving.ops.lora_segments")
+threads_math = importlib.import_module("serving.ops.threads")
 
 
 @contextlib.contextmanager
 def shared_out(require_torchscript: bool = True):
     """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
-    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
+    threads, small, share = torch.get_num_threads(), threads_math.SMALL_MACS, lora_math.SHARE_OUT
     torch.set_num_threads(2)
-    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
+    threads_math.SMALL_MACS, lora_math.SHARE_OUT = 0, True
     if require_torchscript:
         assert lora_math._forked_runner() is not None, "TorchScript did not compile the shared-out loop"
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
+        threads_math.SMALL_MACS, lora_math.SHARE_OUT = small, share

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .batch_context import current_batch
-from .lora_segments import lora_segments
+from ..ops import lora_segments
 
 
 class MultiLoraLinear(nn.Module):

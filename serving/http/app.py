@@ -1,4 +1,4 @@
-"""The HTTP app: `create_app(bank_or_loader, settings)` builds a FastAPI application (thin routes, see http_service).
+"""The HTTP app: `create_app(bank_or_loader, settings)` builds a FastAPI application (thin routes, see service.py).
 
     uvicorn-style:  app = create_app(lambda: AdapterBank.load("adapters/"), ServiceSettings(adapters="adapters/"))
 """
@@ -16,12 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from . import http_admin, http_service
-from .http_errors import ServiceError
-from .http_limits import BodyGuard
-from .http_service import Service
-from .http_settings import ServiceSettings
-from .metrics_prom import ServiceMetrics
+from . import admin as http_admin
+from . import service as http_service
+from .errors import HTTP_STATUS, error_body, error_headers, http_status
+from .limits import BodyGuard
+from .metrics import ServiceMetrics
+from .service import Service
+from .settings import ServiceSettings
 from .schemas import (ErrorBody, Health, LoadTaskRequest, PredictRequest, PredictResponse, Readiness, RemovedTask,
                       TaskInfo, TaskList, ValidationErrorBody)
 
@@ -47,7 +48,8 @@ def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
                   description="Predictions from many IncreLoRA adapters on one frozen backbone, batched across tasks.")
     app.state.service = service
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
-    app.add_exception_handler(ServiceError, _service_error_response)
+    for error_type in HTTP_STATUS:
+        app.add_exception_handler(error_type, _error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.include_router(router)
     return app
@@ -59,8 +61,8 @@ async def _validation_error_response(request: Request, exc: RequestValidationErr
     return Response(body, status_code=422, media_type="application/json")
 
 
-async def _service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=error_headers(exc))
 
 
 # --- dependencies -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch_context import current_batch
-from .threads import one_thread
+from ..ops.threads import one_thread
 
 
 def _rows(value: Any, start: int, end: int, size: int) -> Any:
