@@ -32,6 +32,7 @@ from increlora.model import _inside, _set_submodule
 from ..layers import BatchContext, MultiHead, MultiLoraLinear, using_batch
 from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
+from .base_model import load_base_model
 from .batch_inputs import ModelInput, check_inputs, tokenize
 from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
 from .predictions import Prediction, answer
@@ -149,8 +150,6 @@ class AdapterBank:
         base_model: a path or hub id; by default the one most of the adapters were trained on.
         device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
         """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
         saved_sets = []
@@ -169,13 +168,12 @@ class AdapterBank:
             base_model = choose_base_model([f for f in folders if str(f) not in errors], adapters)
         path = resolve_base_model(base_model)
         try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            model, tokenizer, missing_keys = load_base_model(base_model, path)
         except (OSError, ValueError) as exc:
             raise BankLoadError(f"cannot load base model {base_model!r} ({exc}); pass base_model= a local "
                                 f"folder or hub id") from exc
         bank = cls(model, tokenizer, base_model=base_model, device=device, dtype=dtype,
-                   max_batch_size=max_batch_size, missing_keys=info.get("missing_keys", ()),
+                   max_batch_size=max_batch_size, missing_keys=missing_keys,
                    fingerprint_sets=saved_sets)
         bank.load_errors.update(errors)
         bank._add_many([f for f in folders if str(f) not in errors])
@@ -330,7 +328,8 @@ class AdapterBank:
             finite = finite and bool(torch.isfinite(logits).all())  # the padding of narrower heads is zeros
         if not finite:
             bad = sorted({adapters[i].name for i, row in enumerate(rows) if not bool(torch.isfinite(row).all())})
-            hint = " (float16 overflows easily: try dtype='bfloat16' or 'float32')" if self.dtype == torch.float16 else ""
+            hint = (" (float16 overflows easily: try dtype='bfloat16' or 'float32')"
+                    if self.dtype == torch.float16 else "")
             raise NonFiniteOutputError(f"the model gave NaN or inf logits for tasks {bad} in {self.dtype}{hint}; "
                                        f"no answers were made from them")
         return rows  # type: ignore[return-value]
