@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (set up, train three real tasks, serve them) and `make test`.
+# Entry points: `make demo` (set up, train three real tasks, serve them), `make test` (the whole suite)
+# and `make lint` (ruff on the whole repository).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,3 +21,6 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check .

@@ -10,14 +10,24 @@ and http (the service). CONTRIBUTING.md has the map.
 """
 from increlora.errors import AdapterFormatError, BaseModelMismatchError, IncreLoraError
 
-from .bank import (AdapterBank, AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError,
-                   Prediction, ServingError, TaskAdapter, UnknownTaskError)
+from .bank import (
+    AdapterBank,
+    AdapterShapeError,
+    BankLoadError,
+    DuplicateTaskError,
+    InputError,
+    NonFiniteOutputError,
+    Prediction,
+    ServingError,
+    TaskAdapter,
+    UnknownTaskError,
+)
 from .layers import BatchContext, MultiHead, MultiLoraLinear
 from .ops import lora_segments, lora_segments_reference
 
 __all__ = [
     "AdapterBank", "AdapterFormatError", "AdapterShapeError", "BankLoadError", "BaseModelMismatchError",
     "BatchContext", "DuplicateTaskError", "IncreLoraError", "InputError",
-    "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter", "UnknownTaskError",
-    "lora_segments", "lora_segments_reference",
+    "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter",
+    "UnknownTaskError", "lora_segments", "lora_segments_reference",
 ]

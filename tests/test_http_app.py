@@ -154,7 +154,8 @@ def test_unknown_task_is_404_listing_known_tasks(client):
 @pytest.mark.parametrize("body", [
     {"task": "sst2"}, {"inputs": "x"}, {"task": "sst2", "inputs": 3}, {"task": 5, "inputs": "x"},
     {"task": "sst2", "inputs": ""}, {"task": "sst2", "inputs": "   "}, {"task": "sst2", "inputs": []},
-    {"task": "sst2", "inputs": ["ok", ""]}, {"task": "sst2", "inputs": [["a"]]}, {"task": "sst2", "inputs": [["a", ""]]},
+    {"task": "sst2", "inputs": ["ok", ""]}, {"task": "sst2", "inputs": [["a"]]},
+    {"task": "sst2", "inputs": [["a", ""]]},
     {"task": "sst2", "inputs": [["a", "b", "c"]]}, {"task": "sst2", "inputs": "x", "truncate": "no"},
     {"task": "sst2", "inputs": "x", "extra": 1}, {"task": "", "inputs": "x"}, [1, 2], "text",
 ])

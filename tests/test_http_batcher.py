@@ -8,10 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.http.batcher import DynamicBatcher
 from serving import UnknownTaskError
-from serving.http.errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError, error_body,
-                                 http_status)
+from serving.http.batcher import DynamicBatcher
+from serving.http.errors import (
+    BatcherClosedError,
+    PredictionError,
+    QueueFullError,
+    RequestTimeoutError,
+    error_body,
+    http_status,
+)
 from tests.helpers.fake_bank import FakeBank, answer
 
 
@@ -83,7 +89,8 @@ def test_request_larger_than_max_batch_size_is_answered_in_order_and_alone():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sizes=st.lists(st.tuples(st.sampled_from(["sst2", "topic", "stsb"]), st.integers(1, 7)), min_size=1, max_size=12),
+@given(sizes=st.lists(st.tuples(st.sampled_from(["sst2", "topic", "stsb"]), st.integers(1, 7)),
+                     min_size=1, max_size=12),
        max_batch=st.integers(1, 9))
 def test_every_request_gets_its_own_answers_and_batches_respect_the_row_limit(sizes, max_batch):
     bank = FakeBank()

@@ -6,6 +6,7 @@ import pytest
 from tests.helpers.fake_bank import FakeBank
 from tests.helpers.http_adapters import make_tiny_adapters
 
+
 def test_fake_bank_answers_depend_on_task_and_input():
     bank = FakeBank()
     a, b, c = bank.predict(["x", "x", ("x", "y")], ["sst2", "topic", "sst2"])

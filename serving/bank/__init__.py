@@ -3,8 +3,16 @@ immutable task registry, the AdapterBank that wraps the base model's modules and
 and the same bank in a child process (ProcessBank). Uses layers and ops; knows nothing of HTTP.
 """
 from .adapter_bank import AdapterBank
-from .errors import (AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError,
-                     ServingError, UnknownTaskError, WorkerDiedError)
+from .errors import (
+    AdapterShapeError,
+    BankLoadError,
+    DuplicateTaskError,
+    InputError,
+    NonFiniteOutputError,
+    ServingError,
+    UnknownTaskError,
+    WorkerDiedError,
+)
 from .predictions import Prediction
 from .process_bank import ProcessBank
 from .task_adapter import TaskAdapter

@@ -18,8 +18,8 @@ import os
 import pickle
 import signal
 import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .errors import WorkerDiedError
 
@@ -42,7 +42,7 @@ class ProcessBank:
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
-              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> "ProcessBank":
+              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> ProcessBank:
         """Spawn the child, load the bank there with `loader` (picklable), wait until it is loaded.
 
         passive_openmp: start it with OMP_WAIT_POLICY=PASSIVE unless OpenMP's waiting is already set.

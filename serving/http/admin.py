@@ -10,8 +10,14 @@ from increlora.errors import IncreLoraError
 
 from ..bank.errors import DuplicateTaskError, UnknownTaskError
 from ..bank.task_adapter import task_name
-from .errors import (AdapterConflictError, AdapterLoadError, AdapterNameError, AdapterNotFoundError, AdminDisabledError,
-                     UnauthorizedError)
+from .errors import (
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    AdminDisabledError,
+    UnauthorizedError,
+)
 from .schemas import RemovedTask, TaskInfo
 from .service import task_info
 from .settings import ServiceSettings

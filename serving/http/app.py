@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from fastapi.encoders import jsonable_encoder
@@ -21,10 +22,20 @@ from . import service as http_service
 from .errors import HTTP_STATUS, error_body, error_headers, http_status
 from .limits import BodyGuard
 from .metrics import ServiceMetrics
+from .schemas import (
+    ErrorBody,
+    Health,
+    LoadTaskRequest,
+    PredictRequest,
+    PredictResponse,
+    Readiness,
+    RemovedTask,
+    TaskInfo,
+    TaskList,
+    ValidationErrorBody,
+)
 from .service import Service
 from .settings import ServiceSettings
-from .schemas import (ErrorBody, Health, LoadTaskRequest, PredictRequest, PredictResponse, Readiness, RemovedTask,
-                      TaskInfo, TaskList, ValidationErrorBody)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +153,7 @@ async def get_task(task: str, bank: BankDep) -> TaskInfo:
              summary="Load an adapter by name from the server's adapter folder (admin)",
              dependencies=[Depends(require_admin)],
              responses={**_errors(400, 401, 403, 404, 409, 503), 422: {
-                 "model": Union[ErrorBody, ValidationErrorBody],
+                 "model": ErrorBody | ValidationErrorBody,
                  "description": "Invalid request body, or an adapter folder that cannot be loaded"}})
 async def load_task(body: LoadTaskRequest, service: ServiceDep, bank: BankDep) -> TaskInfo:
     info = await asyncio.to_thread(http_admin.load_task, bank, service.settings.adapters, body.name)

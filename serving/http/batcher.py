@@ -14,9 +14,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..bank.batch_inputs import ModelInput
@@ -225,7 +225,8 @@ class DynamicBatcher:
             id(r): UnknownTaskError(r.task, sorted(known), removed=True) for r in gone}
         rest = [r for r in batch if r.task in known]
         if gone and rest:
-            logger.info("retrying %d requests without the removed task(s) %s", len(rest), sorted({r.task for r in gone}))
+            logger.info("retrying %d requests without the removed task(s) %s", len(rest),
+                        sorted({r.task for r in gone}))
             outcomes.update(zip(map(id, rest), self._run_batch(rest)))
         elif not gone:
             logger.warning("batch of %d requests failed (%s: %s); retrying them one by one",

@@ -17,7 +17,8 @@ logger = logging.getLogger("increlora.serve")
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServiceSettings()
-    p = argparse.ArgumentParser(prog="increlora-serve", description="Serve IncreLoRA adapters on one backbone over HTTP.")
+    p = argparse.ArgumentParser(prog="increlora-serve",
+                                description="Serve IncreLoRA adapters on one backbone over HTTP.")
     p.add_argument("--adapters", required=True, type=Path,
                    help="folder of adapter folders (or one adapter folder); admin loads names from it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

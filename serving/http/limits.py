@@ -49,8 +49,8 @@ class BodyGuard:
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
     def _too_large(self) -> BodyTooLargeError:
-        return BodyTooLargeError(f"request body is over the server's limit of {self.max_bytes} bytes (--max-body-bytes); "
-                                 f"send fewer or shorter inputs")
+        return BodyTooLargeError(f"request body is over the server's limit of {self.max_bytes} bytes "
+                                 f"(--max-body-bytes); send fewer or shorter inputs")
 
 
 def _is_json(content_type: bytes) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..bank.process_bank import ProcessBank
 

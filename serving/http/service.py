@@ -6,15 +6,16 @@ import copy
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..bank.batch_inputs import ModelInput
 from ..bank.errors import UnknownTaskError
 from .batcher import DynamicBatcher
 from .errors import InputTooLongError, NotReadyError, TooManyInputsError, answered, http_status
 from .metrics import UNKNOWN_TASK, ServiceMetrics
-from .settings import ServiceSettings
 from .schemas import ClassPrediction, PredictRequest, PredictResponse, Readiness, RegressionPrediction, TaskInfo
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_context import current_batch
 from ..ops.threads import one_thread
+from .batch_context import current_batch
 
 
 def _rows(value: Any, start: int, end: int, size: int) -> Any:

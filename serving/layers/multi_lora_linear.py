@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batch_context import current_batch
 from ..ops import lora_segments
+from .batch_context import current_batch
 
 
 class MultiLoraLinear(nn.Module):

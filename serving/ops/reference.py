@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 def lora_segments_reference(x: torch.Tensor, segments: Sequence[tuple[int, int]], A_list: Sequence[torch.Tensor],
                             B_list: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """The slow, obviously correct twin: one adapter at a time through its dense update, in float32.
