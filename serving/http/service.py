@@ -12,7 +12,7 @@ from typing import Any
 from ..bank.batch_inputs import ModelInput
 from ..bank.errors import UnknownTaskError
 from .batcher import DynamicBatcher
-from .errors import InputTooLongError, NotReadyError, TooManyInputsError, answered, http_status
+from .errors import InputTooLongError, NotReadyError, TooManyInputsError, http_status
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 from .schemas import ClassPrediction, PredictRequest, PredictResponse, Readiness, RegressionPrediction, TaskInfo
 from .settings import ServiceSettings
@@ -177,8 +177,7 @@ async def predict(service: Service, request: PredictRequest) -> PredictResponse:
         status = 200
         return response
     except Exception as exc:
-        if answered(exc):
-            status = http_status(exc)
+        status = http_status(exc)  # 500 for an error the service does not answer on purpose
         raise
     finally:
         service.metrics.observe_request(task_label, status, time.perf_counter() - started)
