@@ -25,6 +25,9 @@ SLOW = (
     "tests/test_cli.py::test_console_script_error_has_no_traceback",
     "tests/test_cli.py::test_tasks_flag_trains_one_adapter_per_real_task",
     "tests/test_trainer_callback.py::test_resume_after_the_budget_is_spent_ends_with_the_same_adapter",
+    "tests/test_trainer_callback.py::test_plain_trainer_with_callback_matches_the_loop",
+    "tests/test_trainer_callback.py::test_increlora_trainer_with_accumulation_matches_the_loop",
+    "tests/test_trainer_callback.py::test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_state",
     "tests/test_trainer_callback.py::test_load_best_model_at_end_restores_the_best_checkpoints_ranks",
 )
 
