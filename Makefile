@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (set up, train three real tasks, serve them) and `make test`.
+# Entry points: `make demo` (set up, train three real tasks, serve them), `make test` (the whole suite),
+# `make test-fast` (the suite without the tests marked slow) and `make lint` (ruff on the whole repository).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,3 +21,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(PY) -m ruff check .

@@ -34,7 +34,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.* (the tiny backbone) when run as a script
+sys.path.insert(0, str(ROOT))  # for serving and increlora when run as a script from a checkout
+TINY_WORDS = ("good bad great terrible film movie funny dull boring gripping plot actor story love hate free win "
+              "prize call money spam hello meet tomorrow sport politics business tech music game team vote market "
+              "phone computer").split()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,8 +75,25 @@ def base_model_folder(backbone: str, tmp: Path) -> tuple[str, str]:
             if backbone == "minilm":
                 raise
             print(f"MiniLM backbone not available ({exc}); using the tiny one", file=sys.stderr)
-    from tests.test_http_support import make_http_base  # the tiny test base, with a tokenizer that knows its words
-    return str(make_http_base(tmp / "tiny_base")), "tiny BERT (hidden 32, 2 layers)"
+    return str(make_tiny_base(tmp / "tiny_base")), "tiny BERT (hidden 32, 2 layers)"
+
+
+def make_tiny_base(folder: Path) -> Path:
+    """A randomly initialised BERT (hidden 32, 2 layers) and a WordPiece tokenizer that knows TINY_WORDS."""
+    import string
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+             *string.punctuation, *("##" + c for c in string.ascii_lowercase + string.digits), *TINY_WORDS]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    BertModel(config, add_pooling_layer=True).save_pretrained(folder)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True,
+                      model_max_length=64).save_pretrained(folder)
+    return folder
 
 
 def make_random_adapters(base: str, folder: Path, tasks: int, rank: int, seed: int) -> Path:

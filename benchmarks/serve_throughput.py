@@ -40,7 +40,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from increlora import IncreLoraConfig, apply_increlora, export_peft, increlora_layers, save_adapter
 from serving import AdapterBank, MultiLoraLinear
-from serving.batch_context import BatchContext, using_batch
+from serving.layers import BatchContext, using_batch
 
 logger = logging.getLogger("serve_throughput")
 
@@ -271,7 +271,8 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="where the models run, e.g. cuda (loading is always timed on the CPU)")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run, e.g. cuda (loading is always timed on the CPU)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     args = p.parse_args()
     if args.threads:
@@ -343,7 +344,8 @@ def main() -> None:
     infos = [bank.task_info(t) for t in names]
     served = statistics.mean(i["memory_bytes"] for i in infos)
     true_params = statistics.mean(i["parameter_count"] for i in infos)
-    lora_true = statistics.mean(sum(a.numel() + b.numel() for a, b in bank._registry.get(t).lora.values()) for t in names)
+    lora_true = statistics.mean(sum(a.numel() + b.numel() for a, b in bank._registry.get(t).lora.values())
+                                for t in names)
     print()
     size = torch.empty((), dtype=bank.dtype).element_size()
     print(f"memory per adapter ({str(bank.dtype).removeprefix('torch.')}): ours {served / 1e6:.3f} MB served = "

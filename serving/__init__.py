@@ -3,22 +3,31 @@
     from serving import AdapterBank
     bank = AdapterBank.load("adapters/")
     bank.predict(["great film", ("a sentence", "its paraphrase")], tasks=["sst2", "mrpc"])
+
+The package is in four levels, each importing only the ones below it: ops (the multi-adapter product),
+layers (the multi-adapter modules and the per-batch context), bank (adapters, the registry, the bank)
+and http (the service). CONTRIBUTING.md has the map.
 """
 from increlora.errors import AdapterFormatError, BaseModelMismatchError, IncreLoraError
 
-from .adapter_bank import AdapterBank
-from .batch_context import BatchContext
-from .errors import (AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError, ServingError,
-                     UnknownTaskError)
-from .lora_segments import lora_segments, lora_segments_reference
-from .multi_head import MultiHead
-from .multi_lora_linear import MultiLoraLinear
-from .predictions import Prediction
-from .task_adapter import TaskAdapter
+from .bank import (
+    AdapterBank,
+    AdapterShapeError,
+    BankLoadError,
+    DuplicateTaskError,
+    InputError,
+    NonFiniteOutputError,
+    Prediction,
+    ServingError,
+    TaskAdapter,
+    UnknownTaskError,
+)
+from .layers import BatchContext, MultiHead, MultiLoraLinear
+from .ops import lora_segments, lora_segments_reference
 
 __all__ = [
     "AdapterBank", "AdapterFormatError", "AdapterShapeError", "BankLoadError", "BaseModelMismatchError",
     "BatchContext", "DuplicateTaskError", "IncreLoraError", "InputError",
-    "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter", "UnknownTaskError",
-    "lora_segments", "lora_segments_reference",
+    "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter",
+    "UnknownTaskError", "lora_segments", "lora_segments_reference",
 ]

@@ -2,7 +2,41 @@ import logging
 
 import pytest
 
+from tests.helpers.http_adapters import make_http_base
 from tests.tiny import make_tiny_base
+
+# Tests marked slow here, beside the ones marked in their modules (`make test-fast` leaves them out):
+# they start processes (servers, model processes, torchrun, the CLI) or train end to end.
+SLOW = (
+    "tests/test_distributed.py::test_two_replicas_train_like_one_process_with_the_whole_batch",
+    "tests/test_distributed.py::test_a_loss_computed_from_the_logits_is_synced_too",
+    "tests/test_distributed.py::test_gradients_missing_on_some_replicas",
+    "tests/test_distributed.py::test_without_gradient_sync_the_replicas_drift_apart",
+    "tests/test_distributed.py::test_processes_training_models_of_their_own_do_not_sync_with_replicas_false",
+    "tests/test_distributed.py::test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes",
+    "tests/test_distributed.py::test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical",
+    "tests/test_http_server.py",
+    "tests/test_http_worker.py",
+    "tests/test_demo.py",
+    "tests/test_readme.py::test_the_readme_runs_top_to_bottom",
+    "tests/test_cli.py::test_train_outputs_and_resume_after_ctrl_c",
+    "tests/test_cli.py::test_baselines_write_peft_and_servable_adapters",
+    "tests/test_cli.py::test_overwrite_keeps_the_old_adapter_when_the_new_run_cannot_start",
+    "tests/test_cli.py::test_console_script_error_has_no_traceback",
+    "tests/test_cli.py::test_tasks_flag_trains_one_adapter_per_real_task",
+    "tests/test_trainer_callback.py::test_resume_after_the_budget_is_spent_ends_with_the_same_adapter",
+    "tests/test_trainer_callback.py::test_plain_trainer_with_callback_matches_the_loop",
+    "tests/test_trainer_callback.py::test_increlora_trainer_with_accumulation_matches_the_loop",
+    "tests/test_trainer_callback.py::test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_state",
+    "tests/test_trainer_callback.py::test_load_best_model_at_end_restores_the_best_checkpoints_ranks",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.nodeid.split("[")[0]
+        if any(name == slow or name.startswith(slow + "::") for slow in SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +49,12 @@ def tiny_base(tmp_path_factory):
 def other_tiny_base(tmp_path_factory):
     """Same architecture, other weights: for base-model mismatch tests."""
     return make_tiny_base(tmp_path_factory.mktemp("other_tiny_base"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def http_base(tmp_path_factory):
+    """Folder of the tiny base model with a tokenizer that knows its words (see make_http_base)."""
+    return make_http_base(tmp_path_factory.mktemp("http_base"))
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,25 +13,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
+from tests.helpers.train_cli import FAST, write_csv
 from tests.tiny import tiny_classifier
 from training.cli import build_parser, main, options_from
-
-FAST = ["--steps", "28", "--batch-size", "16", "--max-length", "24", "--init-warmup", "4", "--interval", "2",
-        "--warmup-steps", "4", "--lr", "5e-3", "--save-steps", "8", "--no-progress"]
-POS, NEG = "good great funny gripping love best".split(), "bad terrible dull boring hate worst".split()
-FILLER = "the a film movie plot actor story is was very really".split()
-
-
-def write_csv(path: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    lines = ["text,label"]
-    for _ in range(n):
-        pos = rng.random() < 0.5
-        words = rng.choices(FILLER, k=6) + rng.choices(POS if pos else NEG, k=2)
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)},{'pos' if pos else 'neg'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_serving_support import make_adapter
+from tests.helpers.adapters import make_adapter
 from training import demo
 
 

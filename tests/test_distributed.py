@@ -206,7 +206,7 @@ def torchrun_cli(argv: list[str], report: Path, interrupt_at: int = 0) -> subpro
 
 def cli_argv(tiny_base, folder: Path, *extra: str) -> list[str]:
     """increlora-train on the CLI tests' generated CSV files and fast schedule, into folder/adapter."""
-    from tests.test_cli import FAST, write_csv
+    from tests.helpers.train_cli import FAST, write_csv
 
     sizes = [("train", 320), ("dev", 48), ("test", 48)]
     csv = {s: write_csv(folder / f"{s}.csv", n, i) for i, (s, n) in enumerate(sizes)}
@@ -215,7 +215,7 @@ def cli_argv(tiny_base, folder: Path, *extra: str) -> list[str]:
 
 
 def test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes(tiny_base, tmp_path):
-    from tests.test_cli import FAST
+    from tests.helpers.train_cli import FAST
 
     out, report = tmp_path / "adapter", tmp_path / "report.json"
     argv = cli_argv(tiny_base, tmp_path, "--batch-size", "8")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import threading
 import time
@@ -12,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank
-from serving.app import create_app
-from serving.http_settings import ServiceSettings
-from tests.test_http_support import FakeBank, http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from serving.http import ServiceSettings, create_app
+from tests.helpers.fake_bank import FakeBank
+from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "s3cret-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -155,7 +154,8 @@ def test_unknown_task_is_404_listing_known_tasks(client):
 @pytest.mark.parametrize("body", [
     {"task": "sst2"}, {"inputs": "x"}, {"task": "sst2", "inputs": 3}, {"task": 5, "inputs": "x"},
     {"task": "sst2", "inputs": ""}, {"task": "sst2", "inputs": "   "}, {"task": "sst2", "inputs": []},
-    {"task": "sst2", "inputs": ["ok", ""]}, {"task": "sst2", "inputs": [["a"]]}, {"task": "sst2", "inputs": [["a", ""]]},
+    {"task": "sst2", "inputs": ["ok", ""]}, {"task": "sst2", "inputs": [["a"]]},
+    {"task": "sst2", "inputs": [["a", ""]]},
     {"task": "sst2", "inputs": [["a", "b", "c"]]}, {"task": "sst2", "inputs": "x", "truncate": "no"},
     {"task": "sst2", "inputs": "x", "extra": 1}, {"task": "", "inputs": "x"}, [1, 2], "text",
 ])

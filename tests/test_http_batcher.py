@@ -8,10 +8,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.batcher import DynamicBatcher
-from serving.http_errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError,
-                                 TaskNotFoundError)
-from tests.test_http_support import FakeBank, answer
+from serving import UnknownTaskError
+from serving.http.batcher import DynamicBatcher
+from serving.http.errors import (
+    BatcherClosedError,
+    PredictionError,
+    QueueFullError,
+    RequestTimeoutError,
+    error_body,
+    http_status,
+)
+from tests.helpers.fake_bank import FakeBank, answer
 
 
 class Shapes:
@@ -82,7 +89,8 @@ def test_request_larger_than_max_batch_size_is_answered_in_order_and_alone():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sizes=st.lists(st.tuples(st.sampled_from(["sst2", "topic", "stsb"]), st.integers(1, 7)), min_size=1, max_size=12),
+@given(sizes=st.lists(st.tuples(st.sampled_from(["sst2", "topic", "stsb"]), st.integers(1, 7)),
+                     min_size=1, max_size=12),
        max_batch=st.integers(1, 9))
 def test_every_request_gets_its_own_answers_and_batches_respect_the_row_limit(sizes, max_batch):
     bank = FakeBank()
@@ -162,8 +170,9 @@ def test_task_removed_mid_flight_fails_only_its_requests():
         return results
 
     blocker, doomed, sst2, stsb = run(go())
-    assert isinstance(doomed, TaskNotFoundError) and doomed.status_code == 404
-    assert "removed" in doomed.message and "topic" not in doomed.extra["known_tasks"]
+    assert isinstance(doomed, UnknownTaskError) and doomed.removed and http_status(doomed) == 404
+    body = error_body(doomed)
+    assert "removed" in body["detail"] and "topic" not in body["known_tasks"]
     assert sst2 == direct(bank, "sst2", ["sst2!"]) and stsb == direct(bank, "stsb", ["stsb!"])
     assert blocker == direct(bank, "stsb", ["first"])
 

@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 from serving import AdapterBank
-from serving.app import create_app
-from serving.http_settings import ServiceSettings
-from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from serving.http import ServiceSettings, create_app
+from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "schema-token"
 EXAMPLES = 50  # per operation and generation mode: about 700 requests, ~8 s
@@ -46,10 +45,11 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served_app, mode):
         @given(case=op.as_strategy(generation_mode=mode), data=st.data())
         @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case, data):
-            if mode == POSITIVE and op.label == "POST /v1/predict" and data.draw(st.booleans()):
+            # check() runs at once, inside this iteration: op is the current operation
+            if mode == POSITIVE and op.label == "POST /v1/predict" and data.draw(st.booleans()):  # noqa: B023
                 case.body["task"] = data.draw(st.sampled_from(list(TASKS)))  # so the model runs on generated text
             response = case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
-            statuses.setdefault(op.label, set()).add(response.status_code)
+            statuses.setdefault(op.label, set()).add(response.status_code)  # noqa: B023
 
         try:
             check()

@@ -1,4 +1,4 @@
-"""The bank in a model process (serving.http_worker.ProcessBank) answers as the bank does, and fails clearly."""
+"""The bank in a model process (serving.bank.ProcessBank) answers as the bank does, and fails clearly."""
 from __future__ import annotations
 
 import functools
@@ -11,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
-from serving.app import create_app
-from serving.http_worker import OPENMP_WAIT_VARIABLES, ProcessBank, ProcessBankLoader, WorkerDiedError
-from tests.test_http_server import close_to
-from tests.test_http_support import http_base, make_tiny_adapters  # noqa: F401 (fixture)
+from serving.bank.process_bank import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError
+from serving.http import create_app
+from serving.http.model_process import ProcessBankLoader
+from tests.helpers.http_adapters import make_tiny_adapters
+from tests.helpers.server import close_to
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def test_the_process_bank_answers_like_the_bank_and_follows_add_and_remove(adapt
         with pytest.raises(KeyError):
             bank.predict(["x"], ["nope"])
         assert bank.add(adapter_dir / "extra") == "extra" and "extra" in bank.tasks
-        assert bank.predict(["good"], ["extra"])[0]["value"] == pytest.approx(local.predict(["good"], ["extra"])[0]["value"])
+        want = local.predict(["good"], ["extra"])[0]["value"]
+        assert bank.predict(["good"], ["extra"])[0]["value"] == pytest.approx(want)
         with pytest.raises(DuplicateTaskError):
             bank.add(adapter_dir / "extra")
         bank.remove("sst2")
@@ -98,7 +100,7 @@ class EnvBank:
     tokenizer = None
 
     def task_info(self, name: str) -> dict:
-        shares = importlib.import_module("serving.lora_segments").SHARE_OUT
+        shares = importlib.import_module("serving.ops.lora_segments").SHARE_OUT
         return {**{v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}, "share_out": shares}
 
 

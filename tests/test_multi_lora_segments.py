@@ -10,24 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import lora_segments, lora_segments_reference
+from tests.helpers.threads import shared_out
 
-
-lora_math = importlib.import_module("serving.lora_segments")
-
-
-@contextlib.contextmanager
-def shared_out(require_torchscript: bool = True):
-    """Every module's segments shared out over two threads, whatever their size and OpenMP's settings."""
-    threads, min_macs, share = torch.get_num_threads(), lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT
-    torch.set_num_threads(2)
-    lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = 0, True
-    if require_torchscript:
-        assert lora_math._forked_runner() is not None, "TorchScript did not compile the shared-out loop"
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        lora_math.MIN_PARALLEL_MACS, lora_math.SHARE_OUT = min_macs, share
+lora_math = importlib.import_module("serving.ops.lora_segments")
 
 
 def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,
@@ -160,7 +145,7 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
         raise RuntimeError("TorchScript removed")
 
     monkeypatch.setattr(torch.jit, "script", no_script)
-    with caplog.at_level("WARNING", logger="serving.lora_segments"):
+    with caplog.at_level("WARNING", logger="serving.ops.lora_segments"):
         assert lora_math._forked_runner.__wrapped__() is None
     assert "TorchScript unavailable" in caplog.text
     monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)

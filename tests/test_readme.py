@@ -26,8 +26,8 @@ import torch
 
 from increlora import load_adapter, read_adapter
 from serving.cli import build_parser as serve_parser
-from tests.test_cli import write_csv
-from tests.test_http_server import start_server, stop, wait_ready
+from tests.helpers.server import start_server, stop, wait_ready
+from tests.helpers.train_cli import write_csv
 from tests.tiny import tiny_classifier
 from training.cli import build_parser as train_parser
 

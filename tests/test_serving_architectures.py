@@ -14,7 +14,7 @@ from transformers import (
 
 from increlora import IncreLoraConfig, apply_increlora, increlora_layers, load_adapter, save_adapter
 from serving import AdapterBank
-from tests.test_serving_support import encode
+from tests.helpers.adapters import encode
 from tests.tiny import _vocab
 
 

@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from increlora import AdapterFormatError, BaseModelMismatchError, export_peft, model_fingerprint, read_adapter
-from serving import (AdapterBank, AdapterShapeError, BankLoadError, DuplicateTaskError, InputError, NonFiniteOutputError,
-                     UnknownTaskError)
-from tests.test_serving_support import TASKS, adapter_set, encode, make_adapter, reference_model
+from serving import (
+    AdapterBank,
+    AdapterShapeError,
+    BankLoadError,
+    DuplicateTaskError,
+    InputError,
+    NonFiniteOutputError,
+    UnknownTaskError,
+)
+from tests.helpers.adapters import TASKS, adapter_set, encode, make_adapter, reference_model
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +114,8 @@ def test_bad_inputs_give_clear_errors(bank):
     assert isinstance(info.value, KeyError)
     # It crosses from the model process to the service intact (pickled), message and fields.
     copy = pickle.loads(pickle.dumps(info.value))
-    assert (type(copy), str(copy), copy.task, copy.known) == (UnknownTaskError, str(info.value), "nope", info.value.known)
+    assert (type(copy), str(copy), copy.task, copy.known, copy.removed) == (
+        UnknownTaskError, str(info.value), "nope", info.value.known, False)
 
 
 def test_a_bare_pair_is_one_input_and_a_list_is_many(bank):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from serving import AdapterBank, UnknownTaskError
-from tests.test_serving_support import adapter_set, make_adapter
+from tests.helpers.adapters import adapter_set, make_adapter
 
 TEXTS = ["great film", ("a good plot", "the story"), "bad movie", "hello world", "win a prize now", ""]
 STABLE = ["sst2", "topic", "stsb", "tags"]

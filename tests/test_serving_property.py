@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from increlora import read_adapter
 from serving import AdapterBank
-from tests.test_multi_lora_segments import shared_out as shared_out_over_threads
-from tests.test_serving_support import encode, make_adapter, reference_model
+from tests.helpers.adapters import encode, make_adapter, reference_model
+from tests.helpers.threads import shared_out as shared_out_over_threads
 from tests.tiny import WORDS
 
 # name -> (num_labels, problem type, max per-module rank)

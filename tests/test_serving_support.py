@@ -1,78 +1,11 @@
-"""Helpers of the serving tests (tiny adapters with heterogeneous ranks, a reference model per task),
-and tests that the helpers do what they say."""
+"""The serving tests' helpers (tests/helpers/adapters.py) do what they say."""
 from __future__ import annotations
 
-import functools
-import random
-from pathlib import Path
+from increlora import read_adapter
+from tests.helpers.adapters import make_adapter
 
-import torch
-from transformers import AutoModelForSequenceClassification
-
-from increlora import IncreLoraConfig, apply_increlora, increlora_layers, load_adapter, save_adapter
-from tests.tiny import tiny_classifier
-
-# task -> (num_labels, problem_type)
-TASKS = {
-    "sst2": (2, "single_label_classification"),
-    "topic": (3, "single_label_classification"),
-    "stsb": (1, "regression"),
-    "tags": (4, "multi_label_classification"),
-    "mrpc": (2, "single_label_classification"),
-}
-
-
-def make_adapter(base: Path, folder: Path, task: str, num_labels: int = 2, seed: int = 0,
-                 problem_type: str | None = None, max_rank: int = 4, **save_kw) -> Path:
-    """An adapter with random per-module ranks in 0..max_rank (some 0), random factors and head."""
-    rng = random.Random(seed)
-    model = tiny_classifier(base, num_labels, seed=seed)
-    apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0,
-                                           advance_learning=False))
-    layers = list(increlora_layers(model))
-    for i, (_, layer) in enumerate(layers):
-        rank = 0 if i == 0 else rng.randint(0, max_rank)  # at least one module of rank 0
-        if rank == 0:
-            layer.set_structure([], reserves=False)
-        elif rank > 1:
-            layer.grow(rank - 1)
-    torch.manual_seed(1000 + seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "classifier" in name or "pooler" in name:
-                p.normal_(0.0, 0.3)
-    labels = [f"{task}_{j}" for j in range(num_labels)]
-    return save_adapter(model.eval(), folder / task, task=task, labels=labels,
-                        problem_type=problem_type, **save_kw)
-
-
-@functools.cache
-def adapter_set(base: Path, folder: Path) -> Path:
-    """folder/<task> for every task of TASKS (made once per base and folder)."""
-    for i, (task, (n, pt)) in enumerate(TASKS.items()):
-        make_adapter(base, folder, task, n, seed=i, problem_type=pt)
-    return folder
-
-
-def encode(tokenizer, x) -> dict:
-    """One input as a batch of one. (A single call drops an empty text_pair; a batched call keeps it.)"""
-    args = ([x],) if isinstance(x, str) else ([x[0]], [x[1]])
-    return tokenizer(*args, return_tensors="pt")
-
-
-@functools.cache
-def reference_model(base: Path, adapter_dir: Path):
-    """The slow twin: the adapter alone, loaded with increlora.load_adapter into a fresh base model."""
-    from increlora import read_adapter
-    adapter = read_adapter(adapter_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=adapter.num_labels)
-    return load_adapter(model, adapter).eval()
-
-
-# --- the helpers' own tests -----------------------------------------------------------------------
 
 def test_make_adapter_has_heterogeneous_ranks_with_zeros(tiny_base, tmp_path):
-    from increlora import read_adapter
     adapter = read_adapter(make_adapter(tiny_base, tmp_path, "t", 3, seed=4))
     ranks = list(adapter.rank_pattern.values())
     assert 0 in ranks and len(set(ranks)) > 2

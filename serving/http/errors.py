@@ -1,15 +1,17 @@
-"""Errors of the HTTP service. Each carries the HTTP status it is answered with and a message for the client."""
+"""Errors of the HTTP service, and HTTP_STATUS: the one table of the status each error is answered with.
+
+Errors of the bank (an unknown task, a dead model process) keep their own types and are answered from
+the table too; anything not in it is a server error (500) that the batcher or FastAPI logs.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from increlora.errors import IncreLoraError
+from ..bank.errors import ServingError, UnknownTaskError, WorkerDiedError
 
 
-class ServiceError(IncreLoraError):
-    """Base of the errors the HTTP service answers on purpose: `status_code`, a message, optional extra fields."""
-
-    status_code = 500
+class ServiceError(ServingError):
+    """Base of the errors only the HTTP service raises: a message for the client, optional headers and fields."""
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
@@ -17,44 +19,28 @@ class ServiceError(IncreLoraError):
         self.headers = headers or {}
         self.extra = extra
 
+    @property
+    def status_code(self) -> int:
+        return http_status(self)
+
     def body(self) -> dict[str, Any]:
         return {"detail": self.message, **self.extra}
-
-
-class TaskNotFoundError(ServiceError):
-    """The request names a task the server has no adapter for (or one removed while it waited)."""
-
-    status_code = 404
-
-    def __init__(self, task: str, known_tasks: list[str], *, removed: bool = False) -> None:
-        what = "was removed while the request waited" if removed else "is not loaded"
-        super().__init__(f"task {task!r} {what}; known tasks: {sorted(known_tasks)}",
-                         known_tasks=sorted(known_tasks))
-        self.task = task
 
 
 class TooManyInputsError(ServiceError):
     """More inputs in one request than the server's --max-inputs."""
 
-    status_code = 413
-
 
 class InputTooLongError(ServiceError):
     """An input longer than the model's max length, in a request that asked for no truncation."""
-
-    status_code = 413
 
 
 class BodyTooLargeError(ServiceError):
     """The request body is over the server's --max-body-bytes."""
 
-    status_code = 413
-
 
 class NotReadyError(ServiceError):
     """The adapters are still loading (or failed to load); the server cannot answer predictions yet."""
-
-    status_code = 503
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})
@@ -63,8 +49,6 @@ class NotReadyError(ServiceError):
 class QueueFullError(ServiceError):
     """The batcher's queue is full; the client should retry after a moment."""
 
-    status_code = 503
-
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
@@ -72,31 +56,21 @@ class QueueFullError(ServiceError):
 class BatcherClosedError(ServiceError):
     """The server is shutting down and takes no new predictions."""
 
-    status_code = 503
-
 
 class RequestTimeoutError(ServiceError):
     """A prediction did not finish within the server's --request-timeout."""
-
-    status_code = 504
 
 
 class PredictionError(ServiceError):
     """The model failed on a request's inputs (a bug or a resource problem on the server, logged there)."""
 
-    status_code = 500
-
 
 class AdminDisabledError(ServiceError):
     """Admin endpoints are off: the server was started without an admin token."""
 
-    status_code = 403
-
 
 class UnauthorizedError(ServiceError):
     """Missing or wrong bearer token on an admin endpoint."""
-
-    status_code = 401
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
@@ -105,22 +79,62 @@ class UnauthorizedError(ServiceError):
 class AdapterNameError(ServiceError):
     """An adapter name that is not a plain folder name inside the server's adapter folder."""
 
-    status_code = 400
-
 
 class AdapterNotFoundError(ServiceError):
     """No adapter folder of that name in the server's adapter folder."""
-
-    status_code = 404
 
 
 class AdapterConflictError(ServiceError):
     """The adapter's task is already loaded; remove it first to reload it."""
 
-    status_code = 409
-
 
 class AdapterLoadError(ServiceError):
     """The adapter folder exists but cannot be loaded (bad files, another base model)."""
 
-    status_code = 422
+
+# The status of every error the service answers on purpose (a subclass answers as its nearest listed base).
+HTTP_STATUS: dict[type[Exception], int] = {
+    AdapterNameError: 400,
+    UnauthorizedError: 401,
+    AdminDisabledError: 403,
+    UnknownTaskError: 404,
+    AdapterNotFoundError: 404,
+    AdapterConflictError: 409,
+    TooManyInputsError: 413,
+    InputTooLongError: 413,
+    BodyTooLargeError: 413,
+    AdapterLoadError: 422,
+    PredictionError: 500,
+    NotReadyError: 503,
+    QueueFullError: 503,
+    BatcherClosedError: 503,
+    WorkerDiedError: 503,
+    RequestTimeoutError: 504,
+}
+
+# "Task not found" over HTTP is the bank's unknown task; the older name stays importable.
+TaskNotFoundError = UnknownTaskError
+
+
+def answered(exc: BaseException) -> bool:
+    """Whether the service answers `exc` with its own status and message (it is in HTTP_STATUS)."""
+    return any(cls in HTTP_STATUS for cls in type(exc).__mro__)
+
+
+def http_status(exc: BaseException) -> int:
+    """The status `exc` is answered with: its type's entry in HTTP_STATUS, else 500."""
+    return next((HTTP_STATUS[cls] for cls in type(exc).__mro__ if cls in HTTP_STATUS), 500)
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The JSON body of an error answer (schemas.ErrorBody)."""
+    if isinstance(exc, ServiceError):
+        return exc.body()
+    if isinstance(exc, UnknownTaskError):
+        what = "was removed while the request waited" if exc.removed else "is not loaded"
+        return {"detail": f"task {exc.task!r} {what}; known tasks: {exc.known}", "known_tasks": exc.known}
+    return {"detail": str(exc)}
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    return exc.headers if isinstance(exc, ServiceError) else {}

@@ -1,4 +1,4 @@
-"""The HTTP app: `create_app(bank_or_loader, settings)` builds a FastAPI application (thin routes, see http_service).
+"""The HTTP app: `create_app(bank_or_loader, settings)` builds a FastAPI application (thin routes, see service.py).
 
     uvicorn-style:  app = create_app(lambda: AdapterBank.load("adapters/"), ServiceSettings(adapters="adapters/"))
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from fastapi.encoders import jsonable_encoder
@@ -16,14 +17,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from . import http_admin, http_service
-from .http_errors import ServiceError
-from .http_limits import BodyGuard
-from .http_service import Service
-from .http_settings import ServiceSettings
-from .metrics_prom import ServiceMetrics
-from .schemas import (ErrorBody, Health, LoadTaskRequest, PredictRequest, PredictResponse, Readiness, RemovedTask,
-                      TaskInfo, TaskList, ValidationErrorBody)
+from . import admin as http_admin
+from . import service as http_service
+from .errors import HTTP_STATUS, error_body, error_headers, http_status
+from .limits import BodyGuard
+from .metrics import ServiceMetrics
+from .schemas import (
+    ErrorBody,
+    Health,
+    LoadTaskRequest,
+    PredictRequest,
+    PredictResponse,
+    Readiness,
+    RemovedTask,
+    TaskInfo,
+    TaskList,
+    ValidationErrorBody,
+)
+from .service import Service
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +59,8 @@ def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
                   description="Predictions from many IncreLoRA adapters on one frozen backbone, batched across tasks.")
     app.state.service = service
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
-    app.add_exception_handler(ServiceError, _service_error_response)
+    for error_type in HTTP_STATUS:
+        app.add_exception_handler(error_type, _error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.include_router(router)
     return app
@@ -59,8 +72,8 @@ async def _validation_error_response(request: Request, exc: RequestValidationErr
     return Response(body, status_code=422, media_type="application/json")
 
 
-async def _service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=error_headers(exc))
 
 
 # --- dependencies -------------------------------------------------------------------------------
@@ -140,7 +153,7 @@ async def get_task(task: str, bank: BankDep) -> TaskInfo:
              summary="Load an adapter by name from the server's adapter folder (admin)",
              dependencies=[Depends(require_admin)],
              responses={**_errors(400, 401, 403, 404, 409, 503), 422: {
-                 "model": Union[ErrorBody, ValidationErrorBody],
+                 "model": ErrorBody | ValidationErrorBody,
                  "description": "Invalid request body, or an adapter folder that cannot be loaded"}})
 async def load_task(body: LoadTaskRequest, service: ServiceDep, bank: BankDep) -> TaskInfo:
     info = await asyncio.to_thread(http_admin.load_task, bank, service.settings.adapters, body.name)

@@ -6,15 +6,27 @@ of the same model at once, each with its own batch, and a layer never holds per-
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from .task_adapter import TaskAdapter
+
+class SegmentTask(Protocol):
+    """What the layers read of a task (the bank's TaskAdapter is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def lora(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]: ...  # module -> (A [r, in], B' [out, r])
+
+    @property
+    def heads(self) -> Mapping[str, nn.Module]: ...  # saved module name -> this task's copy
+
 
 _current: ContextVar[BatchContext | None] = ContextVar("increlora_serving_batch", default=None)
 
@@ -23,7 +35,7 @@ _current: ContextVar[BatchContext | None] = ContextVar("increlora_serving_batch"
 class Segment:
     """Rows [start, end) of the sorted batch, all of one task."""
 
-    task: TaskAdapter
+    task: SegmentTask
     start: int
     end: int
 
@@ -40,7 +52,7 @@ class ModuleWork:
 class BatchContext:
     """Segments of a batch whose rows are already sorted by task, and each module's work list."""
 
-    def __init__(self, tasks_in_row_order: Sequence[TaskAdapter]) -> None:
+    def __init__(self, tasks_in_row_order: Sequence[SegmentTask]) -> None:
         self.size = len(tasks_in_row_order)
         segments: list[Segment] = []
         start = 0

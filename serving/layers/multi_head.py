@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.threads import one_thread
 from .batch_context import current_batch
-from .threads import one_thread
 
 
 def _rows(value: Any, start: int, end: int, size: int) -> Any:

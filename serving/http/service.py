@@ -6,13 +6,16 @@ import copy
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .batcher import DynamicBatcher, ModelInput
-from .http_errors import InputTooLongError, NotReadyError, ServiceError, TaskNotFoundError, TooManyInputsError
-from .http_settings import ServiceSettings
-from .metrics_prom import UNKNOWN_TASK, ServiceMetrics
+from ..bank.batch_inputs import ModelInput
+from ..bank.errors import UnknownTaskError
+from .batcher import DynamicBatcher
+from .errors import InputTooLongError, NotReadyError, TooManyInputsError, http_status
+from .metrics import UNKNOWN_TASK, ServiceMetrics
 from .schemas import ClassPrediction, PredictRequest, PredictResponse, Readiness, RegressionPrediction, TaskInfo
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def model_inputs(request: PredictRequest) -> list[ModelInput]:
 
 def check_task(bank: Any, task: str) -> None:
     if task not in bank.tasks:
-        raise TaskNotFoundError(task, list(bank.tasks))
+        raise UnknownTaskError(task, list(bank.tasks))
 
 
 def check_input_count(inputs: list[ModelInput], max_inputs: int) -> None:
@@ -173,8 +176,8 @@ async def predict(service: Service, request: PredictRequest) -> PredictResponse:
         response = to_response(request.task, answers)
         status = 200
         return response
-    except ServiceError as exc:
-        status = exc.status_code
+    except Exception as exc:
+        status = http_status(exc)  # 500 for an error the service does not answer on purpose
         raise
     finally:
         service.metrics.observe_request(task_label, status, time.perf_counter() - started)
@@ -185,7 +188,7 @@ def task_info(bank: Any, task: str) -> TaskInfo:
     try:
         info = bank.task_info(task)
     except KeyError:  # removed since the check
-        raise TaskNotFoundError(task, list(bank.tasks)) from None
+        raise UnknownTaskError(task, list(bank.tasks)) from None
     return TaskInfo.model_validate(info)
 
 
@@ -194,6 +197,6 @@ def task_infos(bank: Any) -> list[TaskInfo]:
     for task in list(bank.tasks):
         try:
             infos.append(task_info(bank, task))
-        except TaskNotFoundError:
+        except UnknownTaskError:
             continue  # removed while listing
     return infos

@@ -8,13 +8,19 @@ from typing import Any
 
 from increlora.errors import IncreLoraError
 
-from .errors import DuplicateTaskError
-from .http_errors import (AdapterConflictError, AdapterLoadError, AdapterNameError, AdapterNotFoundError,
-                          AdminDisabledError, TaskNotFoundError, UnauthorizedError)
-from .http_service import task_info
-from .http_settings import ServiceSettings
+from ..bank.errors import DuplicateTaskError, UnknownTaskError
+from ..bank.task_adapter import task_name
+from .errors import (
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    AdminDisabledError,
+    UnauthorizedError,
+)
 from .schemas import RemovedTask, TaskInfo
-from .task_adapter import task_name
+from .service import task_info
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +75,10 @@ def load_task(bank: Any, folder: Path | None, name: str) -> TaskInfo:
 
 def remove_task(bank: Any, task: str) -> RemovedTask:
     if task not in bank.tasks:
-        raise TaskNotFoundError(task, list(bank.tasks))
+        raise UnknownTaskError(task, list(bank.tasks))
     try:
         bank.remove(task)
     except KeyError:  # removed by a concurrent call since the check
-        raise TaskNotFoundError(task, list(bank.tasks)) from None
+        raise UnknownTaskError(task, list(bank.tasks)) from None
     logger.info("admin: removed task %r", task)
     return RemovedTask(removed=task)

@@ -1,27 +1,39 @@
-"""Exception types of the serving runtime; each message says what to do about it."""
+"""Exception types of the serving runtime, under increlora's IncreLoraError; each message says what to do.
+
+One type per condition. The HTTP status each is answered with is in serving/http/errors.py.
+"""
 from __future__ import annotations
 
 from increlora.errors import AdapterFormatError, IncreLoraError
 
 
 class ServingError(IncreLoraError):
-    """Base class of the errors the adapter bank raises on purpose."""
+    """Base class of the errors the serving runtime raises on purpose."""
 
 
 class UnknownTaskError(ServingError, KeyError):
-    """A task name that is not loaded in the bank (also a KeyError, like a missing dict key)."""
+    """A task name that is not loaded in the bank (also a KeyError, like a missing dict key).
 
-    def __init__(self, task: str, known: list[str] | tuple[str, ...] = ()) -> None:
+    removed: the task was loaded when the request came and removed before it was answered.
+    """
+
+    def __init__(self, task: str, known: list[str] | tuple[str, ...] = (), *, removed: bool = False) -> None:
         self.task = task
         self.known = sorted(known)
+        self.removed = removed
         shown = self.known[:20] + (["..."] if len(self.known) > 20 else [])
-        super().__init__(f"unknown task {task!r}; loaded tasks: {shown}. Load its adapter with bank.add(path)")
+        when = " (removed while the request waited)" if removed else ""
+        super().__init__(f"unknown task {task!r}{when}; loaded tasks: {shown}. Load its adapter with bank.add(path)")
 
     def __str__(self) -> str:  # KeyError would show the repr of the message
         return str(self.args[0])
 
     def __reduce__(self):  # rebuilt from its fields when it crosses from the model process
-        return type(self), (self.task, self.known)
+        return _unknown_task, (type(self), self.task, self.known, self.removed)
+
+
+def _unknown_task(cls: type, task: str, known: list[str], removed: bool) -> UnknownTaskError:
+    return cls(task, known, removed=removed)
 
 
 class DuplicateTaskError(ServingError, ValueError):
@@ -44,5 +56,9 @@ class BankLoadError(ServingError, ValueError):
     """No base model could be chosen, or nothing could be loaded."""
 
 
+class WorkerDiedError(ServingError):
+    """The model process is gone (crashed or killed); the server must be restarted."""
+
+
 __all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "NonFiniteOutputError",
-           "ServingError", "UnknownTaskError"]
+           "ServingError", "UnknownTaskError", "WorkerDiedError"]

@@ -6,7 +6,7 @@ event loop) the next one fills up. A request's rows always travel together, in o
 larger than `max_batch_size` runs alone (in chunks of `max_batch_size` rows, still one worker call).
 
 When `bank.predict` fails, only the requests it failed for get the error: requests for tasks removed
-meanwhile get `TaskNotFoundError`, the rest are retried without them; if it still fails, one by one.
+meanwhile get `UnknownTaskError` (404), the rest are retried without them; if it still fails, one by one.
 """
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
-from .http_errors import (BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError, ServiceError,
-                          TaskNotFoundError)
+from ..bank.batch_inputs import ModelInput
+from ..bank.errors import UnknownTaskError
+from .errors import BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError, answered
 
 logger = logging.getLogger(__name__)
 
-ModelInput = Any  # str or (str, str)
 Outcome = Any  # list[dict] (the request's answers, in order) or an Exception for that request
 
 
@@ -93,7 +94,8 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False)
 
     async def submit(self, task: str, inputs: Sequence[ModelInput], timeout: float) -> list[dict]:
-        """Answers for `inputs` of `task`, in order; raises a ServiceError (queue full, timeout, task removed)."""
+        """Answers for `inputs` of `task`, in order; raises an error of HTTP_STATUS (queue full, timeout,
+        task removed)."""
         if self._closed or self._loop_task is None:
             raise BatcherClosedError("the server is not accepting predictions (starting or shutting down)")
         if len(self._queue) >= self.max_queue:
@@ -220,10 +222,11 @@ class DynamicBatcher:
             return [self._request_error(batch[0], exc, known)]
         gone = [r for r in batch if r.task not in known]
         outcomes: dict[int, Outcome] = {
-            id(r): TaskNotFoundError(r.task, sorted(known), removed=True) for r in gone}
+            id(r): UnknownTaskError(r.task, sorted(known), removed=True) for r in gone}
         rest = [r for r in batch if r.task in known]
         if gone and rest:
-            logger.info("retrying %d requests without the removed task(s) %s", len(rest), sorted({r.task for r in gone}))
+            logger.info("retrying %d requests without the removed task(s) %s", len(rest),
+                        sorted({r.task for r in gone}))
             outcomes.update(zip(map(id, rest), self._run_batch(rest)))
         elif not gone:
             logger.warning("batch of %d requests failed (%s: %s); retrying them one by one",
@@ -233,8 +236,8 @@ class DynamicBatcher:
 
     def _request_error(self, request: _Request, exc: Exception, known: set[str]) -> Exception:
         if request.task not in known:
-            return TaskNotFoundError(request.task, sorted(known), removed=True)
-        if isinstance(exc, ServiceError):
+            return UnknownTaskError(request.task, sorted(known), removed=True)
+        if answered(exc):
             return exc
         logger.error("prediction failed for a request of task %r (%d rows)", request.task, request.rows,
                      exc_info=exc)

@@ -27,14 +27,14 @@ from torch import nn
 from increlora.adapter_file import check_base_model
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
+from increlora.model import _inside, _set_submodule
 
+from ..layers import BatchContext, MultiHead, MultiLoraLinear, using_batch
 from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
-from .batch_context import BatchContext, using_batch
+from .base_model import load_base_model
 from .batch_inputs import ModelInput, check_inputs, tokenize
 from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
-from .multi_head import MultiHead
-from .multi_lora_linear import MultiLoraLinear
 from .predictions import Prediction, answer
 from .registry import TaskRegistry
 from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
@@ -68,12 +68,9 @@ _bulk_saved = (1, True)  # the process's intra-op threads and collector state be
 def _bulk_reading() -> Iterator[None]:
     """While many adapters are read: one intra-op thread and no cyclic garbage collection.
 
-    Reading 1000 MiniLM adapters (2-core Xeon, side by side in one process): 6.2 s with the
-    collector on, 5.3-5.5 s with it paused (its passes walk the growing heap of head copies); two
-    or four reader threads were slower than one (7.1-7.5 s and 8.5-9.4 s, the GIL), page cache
-    cold or warm. Tiny tensor ops are slower with several intra-op threads.
-    Both settings are process-wide defaults: loads that overlap (two threads) share one depth
-    count, and only the outermost entry saves and restores them.
+    Both are faster for many small reads (docs/design/loading.md). They are process-wide settings:
+    loads that overlap (two threads) share one depth count, and only the outermost entry saves and
+    restores them.
     """
     global _bulk_depth, _bulk_saved
     with _BULK_LOCK:
@@ -91,15 +88,6 @@ def _bulk_reading() -> Iterator[None]:
             _bulk_depth -= 1
             if _bulk_depth == 0 and _bulk_saved[1]:
                 gc.enable()
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _inside(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], heads: AbstractSet[str],
@@ -162,8 +150,6 @@ class AdapterBank:
         base_model: a path or hub id; by default the one most of the adapters were trained on.
         device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
         """
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
         saved_sets = []
@@ -182,13 +168,12 @@ class AdapterBank:
             base_model = choose_base_model([f for f in folders if str(f) not in errors], adapters)
         path = resolve_base_model(base_model)
         try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            model, tokenizer, missing_keys = load_base_model(base_model, path)
         except (OSError, ValueError) as exc:
             raise BankLoadError(f"cannot load base model {base_model!r} ({exc}); pass base_model= a local "
                                 f"folder or hub id") from exc
         bank = cls(model, tokenizer, base_model=base_model, device=device, dtype=dtype,
-                   max_batch_size=max_batch_size, missing_keys=info.get("missing_keys", ()),
+                   max_batch_size=max_batch_size, missing_keys=missing_keys,
                    fingerprint_sets=saved_sets)
         bank.load_errors.update(errors)
         bank._add_many([f for f in folders if str(f) not in errors])
@@ -319,7 +304,7 @@ class AdapterBank:
     # --- prediction --------------------------------------------------------------------------------
 
     def predict(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[Prediction]:
-        """One answer per input, in input order (see serving.predictions for the answer dicts)."""
+        """One answer per input, in input order (see serving.bank.predictions for the answer dicts)."""
         items, names = check_inputs(inputs, tasks)
         snapshot = self._registry
         adapters = [snapshot.get(n) for n in names]
@@ -343,7 +328,8 @@ class AdapterBank:
             finite = finite and bool(torch.isfinite(logits).all())  # the padding of narrower heads is zeros
         if not finite:
             bad = sorted({adapters[i].name for i, row in enumerate(rows) if not bool(torch.isfinite(row).all())})
-            hint = " (float16 overflows easily: try dtype='bfloat16' or 'float32')" if self.dtype == torch.float16 else ""
+            hint = (" (float16 overflows easily: try dtype='bfloat16' or 'float32')"
+                    if self.dtype == torch.float16 else "")
             raise NonFiniteOutputError(f"the model gave NaN or inf logits for tasks {bad} in {self.dtype}{hint}; "
                                        f"no answers were made from them")
         return rows  # type: ignore[return-value]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import lora_segments
 from .batch_context import current_batch
-from .lora_segments import lora_segments
 
 
 class MultiLoraLinear(nn.Module):

@@ -1,15 +1,13 @@
-"""The adapter bank in a child process, behind the bank interface the HTTP app uses.
+"""ProcessBank: the adapter bank in a child process, behind the same predict / add / remove interface.
 
-Why a process: a model thread in the server process releases and retakes the GIL at every torch op,
-and each retake waits for the other thread's Python work (up to the 5 ms switch interval). With a
-thread busy in Python beside it, MiniLM batches went from 533 to 16 rows/s; in the HTTP benchmark at
-concurrency 64 the in-process server reached 59% of direct throughput, this one 80%. In its own
-process the model keeps its speed, and the server process only parses, batches and answers.
+A model thread in the server process would fight the event loop's thread for Python's GIL at every
+torch op; in its own process the model keeps its speed and the server only parses, batches and
+answers (docs/design/cpu-serving.md has the measurements).
 
     bank = ProcessBank.start(functools.partial(AdapterBank.load, "adapters/"))
     bank.predict(["great film"], ["sst2"]); bank.add(path); bank.remove("sst2"); bank.close()
 
-Calls are serialised over one pipe (a lock), so an admin `add` holds predictions back while it loads.
+Calls are serialised over one pipe (a lock), so an `add` holds predictions back while it loads.
 """
 from __future__ import annotations
 
@@ -20,20 +18,14 @@ import os
 import pickle
 import signal
 import threading
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from .http_errors import ServiceError
+from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
 _OPS = ("predict", "task_info", "add", "remove")
-
-
-class WorkerDiedError(ServiceError):
-    """The model process is gone (crashed or killed); the server must be restarted."""
-
-    status_code = 503
 
 
 class ProcessBank:
@@ -50,7 +42,7 @@ class ProcessBank:
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
-              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> "ProcessBank":
+              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> ProcessBank:
         """Spawn the child, load the bank there with `loader` (picklable), wait until it is loaded.
 
         passive_openmp: start it with OMP_WAIT_POLICY=PASSIVE unless OpenMP's waiting is already set.
@@ -125,37 +117,6 @@ class ProcessBank:
         return value
 
 
-class ProcessBankLoader:
-    """A loader for create_app that starts a ProcessBank and that the app can cancel while it loads.
-
-    Without it, stopping the server during a long load waits for the load to finish: the thread that
-    waits for the child cannot be interrupted, and the event loop joins it on exit.
-    """
-
-    def __init__(self, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True) -> None:
-        self._loader, self._timeout, self._passive_openmp = loader, timeout, passive_openmp
-        self._lock = threading.Lock()
-        self._process: mp.process.BaseProcess | None = None
-        self._cancelled = False
-
-    def __call__(self) -> ProcessBank:
-        return ProcessBank.start(self._loader, self._timeout, self._passive_openmp, on_spawn=self._spawned)
-
-    def _spawned(self, process: mp.process.BaseProcess) -> None:
-        with self._lock:
-            self._process = process
-            if self._cancelled:
-                process.kill()
-
-    def cancel(self) -> None:
-        """Kill the child being started; the waiting call then raises WorkerDiedError."""
-        with self._lock:
-            self._cancelled = True
-            if self._process is not None and self._process.is_alive():
-                logger.info("stopping the model process %d before it finished loading", self._process.pid)
-                self._process.kill()
-
-
 _ENV_LOCK = threading.Lock()
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
@@ -164,15 +125,10 @@ OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 def _passive_openmp(on: bool) -> Iterator[None]:
     """Start the child with OMP_WAIT_POLICY=PASSIVE unless the user set how OpenMP threads wait.
 
-    An idle OpenMP thread otherwise spins for milliseconds after each parallel region, on the core
-    where serving.lora_segments would run half of each module's updates, so they stay on one thread
-    (lora_segments.SHARE_OUT). Measured on 2 cores (BENCHMARKS.md): MiniLM batches of 32 x 128 with
-    27 tasks took 1.16x the base model's time against 1.28x. In the HTTP benchmark at concurrency
-    64, p99 and the share of direct throughput were better in two rounds, but rows/s were +12% in
-    one round and -8% in the other. At concurrency 1 the median was 31 ms against 21-22 ms
-    (sleeping threads must wake up). OpenMP reads the variable when it starts, so it is set in this
-    process's environment only while the child is started (other processes started in that moment
-    inherit it too).
+    Idle OpenMP threads then sleep instead of spinning on the cores that ops.lora_segments shares
+    its work out to (docs/design/cpu-serving.md). OpenMP reads the variable when it starts, so it is
+    set in this process's environment only while the child is started (other processes started in
+    that moment inherit it too).
     """
     with _ENV_LOCK:
         if not on or any(v in os.environ for v in OPENMP_WAIT_VARIABLES):

@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import BodyTooLargeError, error_body, http_status
+
 
 class BodyGuard:
     """Refuse bodies over `max_bytes` (by Content-Length at once, else while reading chunked uploads) and
@@ -22,7 +24,7 @@ class BodyGuard:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _answer(send, 413, {"detail": self._too_large()})
+            await _answer_error(send, self._too_large())
             return
         chunks, size, more = [], 0, True
         while more:  # at most max_bytes are buffered
@@ -34,7 +36,7 @@ class BodyGuard:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
-                await _answer(send, 413, {"detail": self._too_large()})
+                await _answer_error(send, self._too_large())
                 return
         body = b"".join(chunks)
         if _is_json(headers.get(b"content-type", b"")):
@@ -46,14 +48,18 @@ class BodyGuard:
                 return
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
-    def _too_large(self) -> str:
-        return (f"request body is over the server's limit of {self.max_bytes} bytes (--max-body-bytes); "
-                f"send fewer or shorter inputs")
+    def _too_large(self) -> BodyTooLargeError:
+        return BodyTooLargeError(f"request body is over the server's limit of {self.max_bytes} bytes "
+                                 f"(--max-body-bytes); send fewer or shorter inputs")
 
 
 def _is_json(content_type: bytes) -> bool:
     media = content_type.split(b";")[0].strip().lower()
     return media == b"application/json" or media.endswith(b"+json")
+
+
+async def _answer_error(send: Send, exc: BodyTooLargeError) -> None:
+    await _answer(send, http_status(exc), error_body(exc))
 
 
 async def _answer(send: Send, status: int, content: dict) -> None:

@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP service (they make its OpenAPI schema)."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -28,7 +28,7 @@ Text = Annotated[StrictStr, Field(min_length=1, description="A text, not empty n
                                   json_schema_extra={"pattern": "[^ \\t\\n\\r\\f\\v]"}),
                  AfterValidator(_check_text)]
 TextPair = Annotated[tuple[Text, Text], Field(description="A (text, text_pair) pair, for two-sentence tasks.")]
-Input = Union[Text, TextPair]
+Input = Text | TextPair
 
 
 class PredictRequest(BaseModel):
@@ -40,7 +40,7 @@ class PredictRequest(BaseModel):
     ]})
 
     task: Name = Field(min_length=1, max_length=256, description="Name of a loaded task (see GET /v1/tasks).")
-    inputs: Union[Text, Annotated[list[Input], Field(min_length=1)]] = Field(
+    inputs: Text | Annotated[list[Input], Field(min_length=1)] = Field(
         description="One text, or a list of texts and [text, text_pair] pairs. Answers come in this order.")
     truncate: StrictBool = Field(
         True, description="Cut inputs longer than the model's max length; false answers 413 for them instead.")
@@ -63,7 +63,7 @@ class RegressionPrediction(BaseModel):
 
 class PredictResponse(BaseModel):
     task: str
-    predictions: list[Union[ClassPrediction, RegressionPrediction]] = Field(description="One per input, in order.")
+    predictions: list[ClassPrediction | RegressionPrediction] = Field(description="One per input, in order.")
 
 
 class TaskInfo(BaseModel):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from increlora.adapter_file import CONFIG_NAME, Adapter, read_adapter, read_adapter_config
+from increlora.model import _inside
 
 from .base_layout import BaseLayout
 from .errors import AdapterShapeError
@@ -83,10 +84,6 @@ def read_any_adapter(path: str | Path) -> Adapter:
         from increlora import import_peft  # only PEFT folders need it
         return import_peft(path)
     return read_adapter(path)
-
-
-def _inside(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def check_fits(adapter: Adapter, layout: BaseLayout) -> None:

@@ -1,40 +1,10 @@
-"""The batched multi-adapter matmul: every task's low-rank update added to its own rows of a batch.
+"""The batched multi-adapter product: every task's low-rank update added to its own rows of a batch.
 
-Rows of `x` are sorted by task, so each adapter owns one contiguous segment [start, end). Adapter i
-has factors A_i [r_i, in] and B_i [out, r_i] with its E and scaling already folded into B_i, so its
-update of a row is B_i (A_i x). Each segment costs 2 * rows * r_i * (in + out) FLOPs: the true rank,
-no padding to the largest rank of the bank, and an adapter of rank 0 is simply not passed in.
-
-On the CPU the cost is memory traffic, not arithmetic: each module reads its input rows once more
-(A_i x) and reads and writes its output rows once more (+ B_i h), about 1 GB per batch of 32 x 128
-tokens in MiniLM at any rank. What pays, measured on a 2-core Xeon with MiniLM shapes and 27 tasks
-in a batch (BENCHMARKS.md):
-- Sharing the segments out over the intra-op threads: one contiguous share of equal cost per thread
-  (a segment may be cut between two), one join per module, through TorchScript's fork, which runs
-  without the GIL; each small product runs on one thread. The bank took 1.18x the base model's
-  time against 1.27x-1.37x for the loop on one thread, but only where idle OpenMP threads sleep
-  (OMP_WAIT_POLICY=PASSIVE): by default one spins for milliseconds after each parallel region on
-  the core the forked share needs, and sharing out gained nothing (1.29x-1.38x against 1.22x-1.31x
-  for the one-thread loop). So it is used only
-  under PASSIVE (SHARE_OUT). With a busy neighbour on the cores and PASSIVE, shared out or not
-  made no difference (1.10x-1.12x; the inter-op thread's products may use its own intra-op
-  threads, which did not show). Every small product on both threads instead (a join per product)
-  was faster on an idle machine but 2.8x-3.0x slower with a busy neighbour.
-- For small ranks, (A_i x^T)^T rather than x A_i^T: MKL runs the latter with N = r padded to 16
-  columns (1.5x-3x slower at ranks 2 to 8); _rank_first has the measured crossovers.
-
-Measured and not kept:
-- B_i stored as the transpose of a contiguous [r, out] tensor: its addmm alone was ~10% faster,
-  but loading 1000 adapters took 0.6-1.2 s longer for the extra copies.
-- Writing bias + B_i h first and letting the base matmul accumulate onto it, so the output is
-  written once, as nn.Linear writes it: no gain (1.20x-1.36x against 1.22x-1.31x).
-- The base matmul per row block, with the update while the block is in cache: the base product
-  alone got 1.27x slower at 128-row blocks (MKL packs the weights again for every call).
-- One matmul of [x | A x] by [W | B] per segment; merged weights W + B_i A_i for long segments;
-  the loop as a C++ extension on one thread; Python threads (the GIL).
-- One product with every task's A concatenated would cost K times the true rank.
-On a GPU the loop launches two kernels per task and module; a grouped-GEMM kernel is the next step
-there (no GPU was available to measure it).
+Rows of `x` are sorted by task, so adapter i owns one contiguous segment [start, end). Its factors are
+A_i [r_i, in] and B_i [out, r_i] (E and scaling folded into B_i), so a row's update is B_i (A_i x): each
+segment costs its true rank, with no padding to the bank's largest rank. On the CPU the segments may be
+shared out over the intra-op threads (only where idle OpenMP threads sleep), and small ranks multiply in
+the order MKL runs faster. The measurements behind these choices: docs/design/cpu-serving.md.
 """
 from __future__ import annotations
 
@@ -52,9 +22,6 @@ from . import threads
 logger = logging.getLogger(__name__)
 
 Segments = Sequence[tuple[int, int]]
-
-# Below this many multiply-adds in a module (about 256 rows at rank 8 in MiniLM) one thread does it all.
-MIN_PARALLEL_MACS = 1 << 22
 
 
 def openmp_threads_sleep() -> bool:
@@ -77,8 +44,9 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
             if end > start and a.shape[0] > 0]
     if not work:
         return out
+    # a module under SMALL_MACS multiply-adds is done on one thread, without sharing out
     macs = (x.shape[1] + out.shape[1]) * sum((end - start) * a.shape[0] for start, end, a, _ in work)
-    share = (SHARE_OUT and x.device.type == "cpu" and macs >= MIN_PARALLEL_MACS and torch.get_num_threads() > 1
+    share = (SHARE_OUT and x.device.type == "cpu" and macs >= threads.SMALL_MACS and torch.get_num_threads() > 1
              and not _records_autograd(x, out, work))
     run = _forked_runner() if share else None
     pieces, bounds = _shares(work, torch.get_num_threads()) if run is not None else (work, [])
@@ -160,16 +128,3 @@ def _forked_runner() -> Callable[..., int] | None:
     except Exception as exc:  # noqa: BLE001 - any failure means: no parallel path
         logger.warning("TorchScript unavailable (%s); multi-adapter updates run on one thread", exc)
         return None
-
-
-def lora_segments_reference(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Tensor],
-                            B_list: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The slow, obviously correct twin: one adapter at a time through its dense update, in float32.
-
-    Returns a new tensor (out + updates) and leaves out untouched. For tests only.
-    """
-    result = out.float().clone()
-    for (start, end), a, b in zip(segments, A_list, B_list):
-        delta_w = b.float() @ a.float()  # [out, in]
-        result[start:end] += x[start:end].float() @ delta_w.t()
-    return result

@@ -1,0 +1,117 @@
+"""`increlora-serve`: serve a folder of adapters over HTTP with uvicorn."""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..bank import AdapterBank
+from .model_process import ProcessBankLoader
+from .settings import ServiceSettings
+
+logger = logging.getLogger("increlora.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServiceSettings()
+    p = argparse.ArgumentParser(prog="increlora-serve",
+                                description="Serve IncreLoRA adapters on one backbone over HTTP.")
+    p.add_argument("--adapters", required=True, type=Path,
+                   help="folder of adapter folders (or one adapter folder); admin loads names from it")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--base-model", default=None, help="backbone folder or hub id (default: the adapters' own)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the bank's choice)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per model call (%(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long a batch waits to fill up (%(default)s ms)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting before 503 (%(default)s)")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds per prediction before 504 (%(default)s)")
+    p.add_argument("--admin-token", default=os.environ.get("INCRELORA_ADMIN_TOKEN"),
+                   help="bearer token turning on the admin endpoints (default: env INCRELORA_ADMIN_TOKEN; unset: off)")
+    p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request (%(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (%(default)s)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="intra-op threads of the model (default: torch's, one per core); fewer leaves CPU to the "
+                        "HTTP side when they share a small machine")
+    p.add_argument("--openmp-wait", default="passive", choices=["passive", "inherit"],
+                   help="passive (default): the model process starts with OMP_WAIT_POLICY=PASSIVE unless "
+                        "OMP_WAIT_POLICY, GOMP_SPINCOUNT or KMP_BLOCKTIME is set, so idle OpenMP threads sleep "
+                        "instead of spinning on the cores the multi-adapter math and the HTTP side need; inherit: "
+                        "leave the environment as it is (spinning threads answer small batches faster on an idle "
+                        "machine); no effect with --in-process")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in the server process (default: a child process, so the model does not "
+                        "fight the event loop for Python's GIL)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None,
+              torch_threads: int | None = None):
+    """Load the bank (in the model process, or off the event loop in the server process)."""
+    if torch_threads:
+        import torch
+        torch.set_num_threads(torch_threads)
+    return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype)
+
+
+def _adapter_folder(path: Path) -> Path | None:
+    """The folder admin loads names from: `path` if it holds adapter folders, None if it is one adapter."""
+    return path if path.is_dir() and not (path / "adapter_config.json").exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.adapters.exists():
+        print(f"increlora-serve: --adapters {args.adapters}: no such file or folder", file=sys.stderr)
+        return 2
+    try:
+        settings = ServiceSettings(
+            adapters=_adapter_folder(args.adapters), max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
+            admin_token=args.admin_token or None, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes)
+    except ValueError as exc:
+        print(f"increlora-serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from .app import create_app
+
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
+                               args.torch_threads)
+    if not args.in_process:
+        loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive")
+    app = create_app(loader, settings, on_load_error=stop_on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=args.log_level == "debug"))
+    logger.info("serving %s on http://%s:%d (admin %s)", args.adapters, args.host, args.port,
+                "on" if settings.admin_token else "off")
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        logger.info("stopped by Ctrl-C")
+        return 130
+    if failed:
+        print(f"increlora-serve: loading the adapters failed: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Generated CSV data and a fast schedule for `increlora-train` on the tiny model."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+# A schedule short enough for the suite that still grows ranks, saves checkpoints and evaluates.
+FAST = ["--steps", "28", "--batch-size", "16", "--max-length", "24", "--init-warmup", "4", "--interval", "2",
+        "--warmup-steps", "4", "--lr", "5e-3", "--save-steps", "8", "--no-progress"]
+POS, NEG = "good great funny gripping love best".split(), "bad terrible dull boring hate worst".split()
+FILLER = "the a film movie plot actor story is was very really".split()
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    """`n` rows of `text,label` (pos or neg), learnable from two sentiment words per row."""
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        words = rng.choices(FILLER, k=6) + rng.choices(POS if pos else NEG, k=2)
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{'pos' if pos else 'neg'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
