@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from increlora import IncreLoraConfig, RestartWarmupScheduler, apply_increlora, orth_loss, rank_pattern
 from increlora.allocator import RankAllocator
-from increlora.model import _set_submodule
+from increlora.model import set_submodule
 
 
 class DenseDeltaLinear(nn.Module):
@@ -108,7 +108,7 @@ def build_dense(ranks: dict[str, int]) -> tuple[nn.Module, dict[str, DenseDeltaL
     layers = {}
     for name, r in ranks.items():
         layers[name] = DenseDeltaLinear(model.get_submodule(name), r, 16.0, 0.1)
-        _set_submodule(model, name, layers[name])
+        set_submodule(model, name, layers[name])
     for head in ("classifier", "bert.pooler"):
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)

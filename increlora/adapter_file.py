@@ -29,7 +29,7 @@ from .config import IncreLoraConfig
 from .errors import AdapterFormatError, BaseModelMismatchError
 from .fingerprint import model_fingerprint
 from .layer import IncreLoraLinear
-from .model import _set_submodule, increlora_layers
+from .model import increlora_layers, set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike | Adapter, *, check_b
             raise AdapterFormatError(f"{adapter.path}: the model has no module {name!r}") from exc
         if isinstance(module, nn.Linear):
             module = IncreLoraLinear(module, inc_cfg)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         elif not isinstance(module, IncreLoraLinear):
             raise AdapterFormatError(f"{adapter.path}: {name} is a {type(module).__name__}, not a linear layer")
         f = adapter.modules.get(name)

@@ -45,7 +45,8 @@ def resolve_modules_to_save(model: nn.Module, config: IncreLoraConfig) -> list[s
     return list(DEFAULT_MODULES_TO_SAVE.get(_model_type(model), []))
 
 
-def _inside(name: str, prefixes: list[str]) -> bool:
+def is_inside(name: str, prefixes: list[str]) -> bool:
+    """Whether module `name` is one of `prefixes` or lies inside one of them."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
@@ -53,7 +54,7 @@ def find_saved_modules(model: nn.Module, modules_to_save: list[str]) -> list[str
     """Full names of the modules matching modules_to_save (outermost matches only)."""
     found: list[str] = []
     for name, _ in model.named_modules():
-        if name and name_matches(name, modules_to_save) and not _inside(name, found):
+        if name and name_matches(name, modules_to_save) and not is_inside(name, found):
             found.append(name)
     return found
 
@@ -61,7 +62,7 @@ def find_saved_modules(model: nn.Module, modules_to_save: list[str]) -> list[str
 def find_target_modules(model: nn.Module, targets: list[str] | str, exclude: list[str] = ()) -> list[str]:
     found, wrong_type = [], []
     for name, module in model.named_modules():
-        if not name or _inside(name, list(exclude)) or not name_matches(name, targets):
+        if not name or is_inside(name, list(exclude)) or not name_matches(name, targets):
             continue
         if isinstance(module, (IncreLoraLinear, nn.Linear)):
             found.append(name)
@@ -77,7 +78,7 @@ def find_target_modules(model: nn.Module, targets: list[str] | str, exclude: lis
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -104,7 +105,7 @@ def apply_increlora(model: nn.Module, config: IncreLoraConfig) -> nn.Module:
         layer.add_block(config.init_rank)
         if config.advance_learning:
             layer.make_reserves()
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)

@@ -27,7 +27,7 @@ from torch import nn
 from increlora.adapter_file import check_base_model
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
-from increlora.model import _inside, _set_submodule
+from increlora.model import is_inside, set_submodule
 
 from ..layers import BatchContext, MultiHead, MultiLoraLinear, using_batch
 from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
@@ -94,9 +94,9 @@ def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], h
                    loras: AbstractSet[str]) -> None:
     """A module cannot be adapted by one task and inside a module saved by another (or vice versa)."""
     saved = list(saved)
-    clash = [m for m in adapted if _inside(m, heads)]
-    clash += [h for h in saved if any(_inside(m, [h]) for m in loras)]
-    clash += [h for h in saved if any(_inside(h, [o]) or _inside(o, [h]) for o in heads if o != h)]
+    clash = [m for m in adapted if is_inside(m, heads)]
+    clash += [h for h in saved if any(is_inside(m, [h]) for m in loras)]
+    clash += [h for h in saved if any(is_inside(h, [o]) or is_inside(o, [h]) for o in heads if o != h)]
     if clash:
         raise AdapterShapeError(f"{path}: modules {clash[:4]} overlap the adapted or saved modules of tasks "
                                 f"this bank has loaded (removed tasks included: their modules stay wrapped); "
@@ -250,11 +250,11 @@ class AdapterBank:
     def _wrap(self, task: TaskAdapter) -> None:
         for name in task.lora:
             if name not in self._lora_modules:
-                _set_submodule(self.model, name, MultiLoraLinear(self.model.get_submodule(name), name))
+                set_submodule(self.model, name, MultiLoraLinear(self.model.get_submodule(name), name))
                 self._lora_modules = self._lora_modules | {name}
         for name in task.heads:
             if name not in self._head_modules:
-                _set_submodule(self.model, name, MultiHead(self.model.get_submodule(name), name))
+                set_submodule(self.model, name, MultiHead(self.model.get_submodule(name), name))
                 self._head_modules = self._head_modules | {name}
 
     def _unwrapped(self, name: str) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from increlora.adapter_file import CONFIG_NAME, Adapter, read_adapter, read_adapter_config
-from increlora.model import _inside
+from increlora.model import is_inside
 
 from .base_layout import BaseLayout
 from .errors import AdapterShapeError
@@ -97,7 +97,7 @@ def check_fits(adapter: Adapter, layout: BaseLayout) -> None:
         if name not in layout.linears:
             hint = " (it is not a linear layer)" if name in layout.modules else ""
             raise AdapterShapeError(f"{where}: adapts module {name!r}, which the base model does not have{hint}")
-        if _inside(name, saved_modules):
+        if is_inside(name, saved_modules):
             raise AdapterShapeError(f"{where}: {name!r} is both adapted and inside a saved module")
     for name, f in adapter.modules.items():
         fan_in, fan_out = layout.linears[name]
@@ -106,7 +106,7 @@ def check_fits(adapter: Adapter, layout: BaseLayout) -> None:
                 f"{where}: {name} is [{fan_out} x {fan_in}] in the base model but the adapter's factors are "
                 f"for [{f.B.shape[0]} x {f.A.shape[1]}]; it was trained on another architecture")
     for key, t in adapter.saved.items():
-        if not _inside(key, saved_modules):
+        if not is_inside(key, saved_modules):
             raise AdapterShapeError(f"{where}: saved tensor {key!r} is outside modules_to_save {saved_modules}")
         want = layout.shapes.get(key)
         if want is None:
