@@ -20,6 +20,7 @@ demo: venv
 	$(PY) -m training.demo
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: venv
