@@ -66,7 +66,7 @@ def run(args, variant: str, name: str, method: str, lr: float, seed: int, extra:
     one = name == "score_every_step"  # in-process, with the windowed-scoring shadow
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", *argv] if one else \
         [sys.executable, "-m", "training.cli", *argv]
-    started = time.perf_counter()
+    started, code = time.perf_counter(), _code_version()  # the code the run starts with
     print(f"[{time.strftime('%H:%M:%S')}] {variant} {name} lr {lr:g} seed {seed} ...", flush=True)
     # this checkout's code (also where another is installed); idle OpenMP threads sleep, so a run sharing
     # the cores with other work does not spin against it
@@ -86,7 +86,7 @@ def run(args, variant: str, name: str, method: str, lr: float, seed: int, extra:
         "plan": (metrics.get("growth") or {}).get("plan"),
         "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
         "loss_curve": [[e["step"], e["loss"]] for e in log if "loss" in e],
-        "code": _code_version(), "argv": argv,
+        "code": code, "argv": argv,
     }
     agreement = out / "scoring_agreement.json"
     if agreement.is_file():
