@@ -87,9 +87,8 @@ class RankAllocator:
     def next_growth_step(self, step: int) -> int | None:
         """The first growth step at or after `step` (None: none left in the run)."""
         steps = growth_steps(self.config.init_warmup, self.config.interval, self.total_steps)
-        if not steps or step > steps[-1]:
-            return None
-        return steps[0] if step <= steps[0] else steps[0] + -(-(step - steps[0]) // steps.step) * steps.step
+        k = max(0, -(-(step - steps.start) // steps.step))  # index of the first one at or after step
+        return steps[k] if k < len(steps) else None
 
     def is_scoring_step(self, step: int) -> bool:
         if self.finished or step >= self.total_steps:
@@ -101,8 +100,8 @@ class RankAllocator:
 
     def _warn_if_budget_unreachable(self) -> None:
         c, plan = self.config, self.plan
-        reachable = self.total_rank + plan.rounds * plan.per_round
-        if reachable < self.budget:
+        if not plan.reaches_budget:
+            reachable = plan.start_rank + plan.rounds * plan.per_round
             logger.warning(
                 "IncreLoRA: %d growth steps x top_h %d x add_rank %d reach total rank %d, below the "
                 "budget %d in a run of %d steps; lower init_warmup/interval, raise top_h/add_rank, or leave "
