@@ -124,6 +124,20 @@ def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
     assert "processes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("method", "stop_at"), [("lora", 11), ("adalora", 11), ("adalora", 20)])
+def test_baselines_resume_after_ctrl_c_ends_with_the_same_adapter(tiny_base, files, tmp_path, method, stop_at):
+    # AdaLoRA on this 28-step run prunes ranks on steps 5-14 and keeps the final pattern after step 15:
+    # a resume mid-pruning needs the importance averages, one after it the pattern and the pruned triplets.
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli(tiny_base, files, full, "--method", method) == 0
+    assert cli(tiny_base, files, part, "--method", method, callbacks=[InterruptAt(stop_at)]) == 130
+    assert cli(tiny_base, files, part, "--method", method, "--resume") == 0
+    assert json.loads((part / "metrics.json").read_text())["resumed_from_step"] == stop_at
+    if method == "adalora":
+        assert len(set(read_adapter(full).rank_pattern.values())) > 1  # ranks were pruned unevenly
+    assert_same_adapter(full, part)
+
+
 @pytest.mark.parametrize("method", ["lora", "adalora"])
 def test_baselines_write_peft_and_servable_adapters(tiny_base, other_tiny_base, files, tmp_path, method):
     out = tmp_path / method

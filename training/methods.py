@@ -18,6 +18,7 @@ from increlora import IncreLoraConfig, apply_increlora, import_peft, save_adapte
 from increlora.errors import ConfigError
 from increlora.model import find_saved_modules, find_target_modules, resolve_modules_to_save, resolve_target_modules
 
+from .checkpoints import ADALORA_STATE_NAME, read_adalora_state, write_adalora_state
 from .trainer import IncreLoraTrainer
 
 METHODS = ("increlora", "lora", "adalora")
@@ -39,6 +40,22 @@ class AdaLoraAllocation(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         model.base_model.update_and_allocate(state.global_step)
+
+
+class AdaLoraTrainer(Trainer):
+    """Trainer whose checkpoints resume an AdaLoRA run exactly (see training.checkpoints)."""
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # before trainer_state.json, the file that marks a checkpoint as complete
+        if self.args.should_save:
+            write_adalora_state(output_dir, self.model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if (Path(resume_from_checkpoint) / ADALORA_STATE_NAME).is_file():
+            read_adalora_state(resume_from_checkpoint, self.model)
+        else:  # a checkpoint from before the state file: loads only while no rank was pruned
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 # AdaLoRA's budget schedule as fractions of the run: the medians over the eight GLUE scripts of
@@ -81,7 +98,7 @@ def prepare(method: str, model: nn.Module, config: IncreLoraConfig, total_steps:
     peft_config = AdaLoraConfig(target_r=target_r, init_r=target_r + 1, tinit=tinit, tfinal=tfinal,
                                 deltaT=delta_t, beta1=config.beta1, beta2=config.beta2,
                                 orth_reg_weight=config.orth_reg_weight, total_step=total_steps, **common)
-    return Prepared(method, get_peft_model(model, peft_config), Trainer, [AdaLoraAllocation()], targets)
+    return Prepared(method, get_peft_model(model, peft_config), AdaLoraTrainer, [AdaLoraAllocation()], targets)
 
 
 def trainable_count(prepared: Prepared) -> int:
