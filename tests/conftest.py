@@ -1,6 +1,13 @@
 import logging
+import os
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before they are
+# imported (benchmarks/gpu_check.sh runs the same tests compiled on a GPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers.http_adapters import make_http_base
 from tests.tiny import make_tiny_base
@@ -21,6 +28,7 @@ SLOW = (
     "tests/test_readme.py::test_the_readme_runs_top_to_bottom",
     "tests/test_cli.py::test_train_outputs_and_resume_after_ctrl_c",
     "tests/test_cli.py::test_baselines_write_peft_and_servable_adapters",
+    "tests/test_cli.py::test_baselines_resume_after_ctrl_c_ends_with_the_same_adapter",
     "tests/test_cli.py::test_overwrite_keeps_the_old_adapter_when_the_new_run_cannot_start",
     "tests/test_cli.py::test_console_script_error_has_no_traceback",
     "tests/test_cli.py::test_tasks_flag_trains_one_adapter_per_real_task",

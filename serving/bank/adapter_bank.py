@@ -7,18 +7,24 @@
 The base model is loaded once. Each adapted nn.Linear is replaced by a MultiLoraLinear and each
 saved module (classifier, pooler, ...) by a MultiHead; both read the running batch's BatchContext.
 Tasks live in an immutable TaskRegistry that add/remove replace under a lock; a batch reads it once.
+The backend applies the factors: the torch loop (CPU default), or the Triton kernels (GPU default),
+for which each module's factors of all tasks are packed in one buffer; a removed task's rows are
+given back when the last batch using it is done.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import inspect
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,6 +36,7 @@ from increlora.fingerprint import model_fingerprint
 from increlora.model import is_inside, set_submodule
 
 from ..layers import BatchContext, MultiHead, MultiLoraLinear, using_batch
+from ..ops import PackedFactors, PackedSlot, triton_available
 from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
 from .base_layout import BaseLayout
 from .base_model import load_base_model
@@ -48,6 +55,24 @@ def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    """The path that applies the factors: 'auto' is Triton on CUDA where it is installed, else the torch loop."""
+    if backend not in BACKENDS:
+        raise BankLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise BankLoadError("backend='triton' needs the triton package (CUDA builds of torch bring it; "
+                            "or pip install triton)")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BankLoadError(f"backend='triton' on {device.type} runs only in Triton's interpreter: set "
+                            "TRITON_INTERPRET=1 before starting (slow; for tests), or use backend='torch'")
+    return backend
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -90,6 +115,11 @@ def _bulk_reading() -> Iterator[None]:
                 gc.enable()
 
 
+def _release(slots: list[PackedSlot]) -> None:
+    for slot in slots:
+        slot.release()
+
+
 def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], heads: AbstractSet[str],
                    loras: AbstractSet[str]) -> None:
     """A module cannot be adapted by one task and inside a module saved by another (or vice versa)."""
@@ -109,8 +139,10 @@ class AdapterBank:
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_model: str = "unknown",
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  max_batch_size: int = 64, missing_keys: Sequence[str] = (),
-                 fingerprint_sets: Iterable[Sequence[str]] = ()) -> None:
+                 fingerprint_sets: Iterable[Sequence[str]] = (), backend: str = "auto") -> None:
         """model: a *ForSequenceClassification model as from_pretrained gives it (its head is ignored).
+
+        backend: 'auto' (Triton on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
 
         missing_keys: parameters from_pretrained initialised at random (adapters must save them).
         fingerprint_sets: modules_to_save lists whose base fingerprint to take before casting dtype.
@@ -127,6 +159,8 @@ class AdapterBank:
         for names in fingerprint_sets:  # on the weights as loaded, before any cast
             self._fingerprint(names, model)
         self.device = _device(device)
+        self.backend = _backend(backend, self.device)
+        self._packed: dict[str, PackedFactors] = {}  # module -> all tasks' factors there (Triton backend)
         dtype = _dtype(dtype)
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
@@ -144,11 +178,12 @@ class AdapterBank:
     @classmethod
     def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-             max_batch_size: int = 64) -> AdapterBank:
+             max_batch_size: int = 64, backend: str = "auto") -> AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.
         device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
+        backend: 'auto' (Triton kernels on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
         """
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
@@ -174,7 +209,7 @@ class AdapterBank:
                                 f"folder or hub id") from exc
         bank = cls(model, tokenizer, base_model=base_model, device=device, dtype=dtype,
                    max_batch_size=max_batch_size, missing_keys=missing_keys,
-                   fingerprint_sets=saved_sets)
+                   fingerprint_sets=saved_sets, backend=backend)
         bank.load_errors.update(errors)
         bank._add_many([f for f in folders if str(f) not in errors])
         logger.info("adapter bank on %s (%s, %s): %d tasks loaded, %d failed", base_model, bank.device,
@@ -233,7 +268,22 @@ class AdapterBank:
         else:
             logger.warning("%s has no base model fingerprint; cannot check it was trained on %s",
                            folder, self.base_model)
-        return build_task_adapter(adapter, self._layout, self._unwrapped, self.device, self.dtype)
+        task = build_task_adapter(adapter, self._layout, self._unwrapped, self.device, self.dtype)
+        return self._pack(task) if self.backend == "triton" else task
+
+    def _pack(self, task: TaskAdapter) -> TaskAdapter:
+        """The task with its factors copied into the modules' packed buffers; its rows are given back
+        when the task object is gone (removed, and no batch holds it any more)."""
+        slots = {}
+        for name, (a, b) in task.lora.items():
+            with self._lock:
+                store = self._packed.get(name)
+                if store is None:
+                    store = self._packed[name] = PackedFactors(a.shape[1], b.shape[0], self.device, self.dtype)
+            slots[name] = PackedSlot(store, store.add(a, b), a.shape[0])
+        packed = dataclasses.replace(task, lora=MappingProxyType(slots))
+        weakref.finalize(packed, _release, list(slots.values()))
+        return packed
 
     def _commit(self, tasks: list[TaskAdapter]) -> None:
         with self._lock:
@@ -296,7 +346,7 @@ class AdapterBank:
         return self._registry.get(task).info()
 
     def describe(self) -> dict[str, Any]:
-        return {"base_model": self.base_model, "device": str(self.device),
+        return {"base_model": self.base_model, "device": str(self.device), "backend": self.backend,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "max_length": self.max_length, "tasks": [t.info() for t in self._registry.values()],
                 "load_errors": {path: str(exc) for path, exc in self.load_errors.items()}}
@@ -339,7 +389,7 @@ class AdapterBank:
         with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
             batch = tokenize(self.tokenizer, items, self.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items() if k in self._input_names}
-        with torch.inference_mode(), using_batch(BatchContext(adapters)):
+        with torch.inference_mode(), using_batch(BatchContext(adapters, self.backend)):
             logits = self.model(**batch).logits
         return logits.float().cpu()
 

@@ -2,6 +2,8 @@
 
 The context of the running forward is found through a ContextVar, so two threads can run forwards
 of the same model at once, each with its own batch, and a layer never holds per-batch state.
+With the Triton backend the tasks' factors are PackedSlots, and the context makes the kernels' table
+for all modules on the first adapted layer's call (it needs the rows per example, known only there).
 """
 from __future__ import annotations
 
@@ -9,10 +11,17 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
+
+from ..ops import PackedSlot
+
+if TYPE_CHECKING:
+    from ..ops.triton_segments import SegmentTable
+
+BACKENDS = ("torch", "triton")
 
 
 class SegmentTask(Protocol):
@@ -22,7 +31,8 @@ class SegmentTask(Protocol):
     def name(self) -> str: ...
 
     @property
-    def lora(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]: ...  # module -> (A [r, in], B' [out, r])
+    def lora(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor] | PackedSlot]:
+        """module -> (A [r, in], B' [out, r]), separate or packed."""
 
     @property
     def heads(self) -> Mapping[str, nn.Module]: ...  # saved module name -> this task's copy
@@ -52,7 +62,10 @@ class ModuleWork:
 class BatchContext:
     """Segments of a batch whose rows are already sorted by task, and each module's work list."""
 
-    def __init__(self, tasks_in_row_order: Sequence[SegmentTask]) -> None:
+    def __init__(self, tasks_in_row_order: Sequence[SegmentTask], backend: str = "torch") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.size = len(tasks_in_row_order)
         segments: list[Segment] = []
         start = 0
@@ -64,18 +77,52 @@ class BatchContext:
         names = [s.task.name for s in segments]
         if len(set(names)) != len(names):
             raise ValueError("BatchContext: rows must be sorted by task (a task has two segments)")
-        work: dict[str, tuple[list, list, list]] = {}
-        for seg in segments:
-            for module, (a, b) in seg.task.lora.items():
-                bounds, a_list, b_list = work.setdefault(module, ([], [], []))
-                bounds.append((seg.start, seg.end))
-                a_list.append(a)
-                b_list.append(b)
-        self._work = {m: ModuleWork(tuple(s), tuple(a), tuple(b)) for m, (s, a, b) in work.items()}
+        by_module: dict[str, list[tuple[int, Segment]]] = {}
+        for index, seg in enumerate(segments):
+            for module in seg.task.lora:
+                by_module.setdefault(module, []).append((index, seg))
+        self._modules = frozenset(by_module)
+        self._by_module = by_module
+        self._tables: dict[tuple[int, torch.device], SegmentTable] = {}
+        if backend == "torch":
+            self._work = {m: _module_work(m, segs) for m, segs in by_module.items()}
 
     def work_for(self, module: str) -> ModuleWork | None:
-        """None when no task of this batch adapts the module."""
+        """None when no task of this batch adapts the module (torch backend)."""
         return self._work.get(module)
+
+    def adapts(self, module: str) -> bool:
+        return module in self._modules
+
+    def triton_table(self, per_row: int, device: torch.device) -> SegmentTable:
+        """The kernels' table for every module of this batch, rows counted per_row to an example; made once."""
+        key = (per_row, device)
+        if key not in self._tables:
+            from ..ops.triton_segments import build_table
+
+            slots, stores = {}, {}
+            for module, segs in self._by_module.items():
+                row = [(0, 0)] * len(self.segments)
+                for index, seg in segs:
+                    slot = seg.task.lora[module]
+                    if not isinstance(slot, PackedSlot):
+                        raise TypeError(f"{seg.task.name}: the Triton backend needs packed factors at {module}")
+                    row[index] = (slot.offset, slot.rank)
+                    stores[module] = slot.store
+                slots[module] = row
+            bounds = [(s.start * per_row, s.end * per_row) for s in self.segments]
+            self._tables[key] = build_table(bounds, slots, stores, device)
+        return self._tables[key]
+
+
+def _module_work(module: str, segs: list[tuple[int, Segment]]) -> ModuleWork:
+    bounds, a_list, b_list = [], [], []
+    for _, seg in segs:
+        a, b = seg.task.lora[module]
+        bounds.append((seg.start, seg.end))
+        a_list.append(a)
+        b_list.append(b)
+    return ModuleWork(tuple(bounds), tuple(a_list), tuple(b_list))
 
 
 def current_batch() -> BatchContext | None:

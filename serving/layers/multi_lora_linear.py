@@ -25,16 +25,21 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         batch = current_batch()
-        work = batch.work_for(self.name) if batch is not None else None
-        if work is None:
+        if batch is None or not batch.adapts(self.name):
             return out
         if x.shape[0] != batch.size:
             raise RuntimeError(f"{self.name}: input has {x.shape[0]} rows in dim 0, the batch has {batch.size}; "
                                "only layers whose inputs are [batch, ...] can be adapted")
         per_row = x[0].numel() // self.in_features  # tokens of one example
+        rows, out_rows = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
+        if batch.backend == "triton":
+            from ..ops.triton_segments import lora_segments_packed
+
+            lora_segments_packed(rows, out_rows, batch.triton_table(per_row, x.device), self.name)
+            return out
+        work = batch.work_for(self.name)
         segments = [(s * per_row, e * per_row) for s, e in work.segments]
-        lora_segments(x.reshape(-1, self.in_features), segments, work.A, work.B,
-                      out.view(-1, self.out_features))
+        lora_segments(rows, segments, work.A, work.B, out_rows)
         return out
 
     def extra_repr(self) -> str:
