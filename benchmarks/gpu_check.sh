@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The serving runtime's GPU checks in one script, for a machine with a CUDA GPU:
-#   1. the serving correctness tests, every AdapterBank on the GPU (a bank takes the GPU by default)
-#      and lora_segments on it in float32, bfloat16 and float16;
-#   2. serve_throughput.py on the GPU, float32 (with PEFT) and bfloat16.
-# It installs nothing: python3 must hold torch with CUDA, transformers, peft, safetensors, pytest and
-# hypothesis (the HTTP tests, which need fastapi, are left out). Logs go to $OUT (default /tmp/gpu_check).
+# The serving runtime's GPU checks in one script, for a machine with a CUDA GPU (about 8 minutes):
+#   1. the serving correctness tests, every AdapterBank on the GPU (a bank takes the GPU and the Triton
+#      kernels by default), the kernels compiled for this GPU against the reference in three dtypes;
+#   2. kernels.py: per-module timings of the torch loop, the Triton kernels, padded grouped_mm and
+#      PEFT's mixed batch, launches per call and GB/s;
+#   3. serve_throughput.py on the GPU, float32 (with PEFT) and bfloat16: the whole bank against the
+#      base model, with and without CUDA graphs (a capture fails if a forward reads a device value).
+# It installs nothing: python3 must hold torch with CUDA (which brings triton), transformers, peft,
+# safetensors, pytest and hypothesis (the HTTP tests, which need fastapi, are left out).
+# Logs go to $OUT (default /tmp/gpu_check).
 #
 #     bash benchmarks/gpu_check.sh                      # on the GPU machine, from the repository root
-#     DEVICE=cpu BENCH_ARGS="--k 1 4 --reps 2" bash benchmarks/gpu_check.sh   # a dry run of the script
+#     DEVICE=cpu TRITON_INTERPRET=1 BENCH_ARGS="--k 1 4 --reps 2" bash benchmarks/gpu_check.sh   # a dry run
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 DEVICE=${DEVICE:-cuda}
@@ -26,8 +30,14 @@ assert not device.startswith("cuda") or torch.cuda.is_available(), "no CUDA devi
 EOF
 
 status=0
-$PYTHON -m pytest -q -p no:cacheprovider tests/test_multi_lora_segments.py tests/test_serving_property.py \
-    tests/test_serving_bank.py 2>&1 | tee "$OUT/tests.log" || status=1
+timeout 240 $PYTHON -m pytest -q -p no:cacheprovider tests/test_multi_lora_segments.py \
+    tests/test_serving_property.py tests/test_serving_bank.py tests/test_triton_kernels.py \
+    tests/test_serving_triton_bank.py 2>&1 | tee "$OUT/tests.log" || status=1
+
+KERNEL_ARGS=${KERNEL_ARGS:-}
+[ "$DEVICE" = cpu ] && KERNEL_ARGS=${KERNEL_ARGS:-"--k 1 4 --rows 64 --reps 2"}
+timeout 240 $PYTHON benchmarks/kernels.py --device "$DEVICE" $KERNEL_ARGS 2>&1 | grep -v "Warning" \
+    | tee "$OUT/kernels.log" || status=1
 
 # random MiniLM-shaped weights: the model hub is not reachable from such machines
 for dtype in float32 bfloat16; do

@@ -11,6 +11,10 @@ batch of 32 is a different task. Compared in one run, on the same token ids:
     B2    one forward per task (the bank, each task's rows as their own batch)
     B3    padded gather: every adapter padded to the largest rank, per-row gathered factors, einsum
     ours  AdapterBank: rows sorted by task, segmented matmuls at each task's true per-module rank
+          (its backend: the torch loop on the CPU, the Triton kernels on a GPU; --backend forces one)
+
+On a GPU also: ours with the torch loop on the same packed factors, B0 and ours replayed from a CUDA
+graph of the whole forward (the batch's table made before capture), and kernel launches per forward.
 
 Also: the FLOP floor ((base + true LoRA FLOPs) / base FLOPs), memory per adapter, and the time to
 load N adapters (small ranks, MiniLM shape) from disk.
@@ -22,6 +26,7 @@ load N adapters (small ranks, MiniLM shape) from disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -111,16 +116,55 @@ def token_batch(tokenizer, batch: int, seq: int, seed: int) -> dict[str, torch.T
 
 # --- the compared methods ----------------------------------------------------------------------------
 
-def run_ours(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
+def run_ours(bank: AdapterBank, enc: dict, tasks: list[str], backend: str | None = None) -> torch.Tensor:
     """Sort rows by task, one forward with the batch context, rows back in input order."""
     order = sorted(range(len(tasks)), key=tasks.__getitem__)
     idx = torch.tensor(order, device=bank.device)
     sorted_enc = {k: v.index_select(0, idx) for k, v in enc.items()}
     snapshot = bank._registry
-    ctx = BatchContext([snapshot.get(tasks[i]) for i in order])
+    ctx = BatchContext([snapshot.get(tasks[i]) for i in order], backend or bank.backend)
     with using_batch(ctx):
         logits = bank.model(**sorted_enc).logits
     return logits[torch.argsort(idx)]
+
+
+def graphed(model: nn.Module, enc: dict, ctx: BatchContext | None = None):
+    """A CUDA graph of model(**enc) (inputs fixed); with ctx, under that batch context, whose Triton
+    table and workspace are made before capture. Returns a function replaying it."""
+    def forward():
+        with using_batch(ctx) if ctx is not None else contextlib.nullcontext():
+            return model(**enc).logits
+    if ctx is not None and ctx.backend == "triton":
+        seq = enc["input_ids"].shape[1]
+        table = ctx.triton_table(seq, enc["input_ids"].device)
+        table.h(enc["input_ids"].numel(), next(model.parameters()).dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = forward()
+    return lambda: (graph.replay(), static)[1]
+
+
+def sorted_batch(bank: AdapterBank, enc: dict, tasks: list[str]) -> tuple[dict, BatchContext]:
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)
+    idx = torch.tensor(order, device=bank.device)
+    return ({k: v.index_select(0, idx) for k, v in enc.items()},
+            BatchContext([bank._registry.get(tasks[i]) for i in order], bank.backend))
+
+
+def kernel_launches(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def run_per_task(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
@@ -274,6 +318,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu",
                    help="where the models run, e.g. cuda (loading is always timed on the CPU)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,12 +340,14 @@ def main() -> None:
 
     paths = write_adapters(base_dir, work / f"adapters{_tag(base_dir)}_r{args.max_rank}_m{args.mean_rank}", kmax,
                            args.max_rank, args.mean_rank, seed=1)
-    bank = AdapterBank.load(paths, base_model=str(base_dir), device=args.device, dtype=args.dtype)
+    bank = AdapterBank.load(paths, base_model=str(base_dir), device=args.device, dtype=args.dtype,
+                            backend=args.backend)
     assert not bank.load_errors, bank.load_errors
     device = bank.device
     names = [p.name for p in paths]
     ranks = [a.shape[0] for t in names for a, _ in bank._registry.get(t).lora.values()]
-    print(f"adapters: {kmax}, per-module ranks {min(ranks)}..{max(ranks)}, mean {statistics.mean(ranks):.2f}")
+    print(f"adapters: {kmax}, per-module ranks {min(ranks)}..{max(ranks)}, mean {statistics.mean(ranks):.2f}; "
+          f"bank backend {bank.backend}")
     base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).eval()
     base = base.to(device=device, dtype=bank.dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -311,7 +359,7 @@ def main() -> None:
     if peft is not None:
         print(f"PEFT: {kmax} adapters loaded in {time.perf_counter() - start:.1f} s")
 
-    rows = []
+    rows, gpu_rows = [], []
     for k in args.k:
         rng = random.Random(k)
         tasks = [names[rng.randrange(k)] for _ in range(args.batch)]
@@ -328,9 +376,13 @@ def main() -> None:
                "ours": lambda tasks=tasks: run_ours(bank, enc, tasks)}
         if peft is None:
             del fns["B1"]
+        if device.type == "cuda":
+            gpu_methods(fns, bank, base, enc, tasks, ours)
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
         fb, fl = flops(base, bank, tasks, args.seq)
         rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
+        if device.type == "cuda":
+            gpu_rows.append((k, t, kernel_launches(fns["B0"]), kernel_launches(fns["ours"])))
 
     print()
     print("| K in bank | tasks in batch | B0 base ms | B1 PEFT ms | B2 per-task ms | B3 padded ms | ours ms "
@@ -340,6 +392,15 @@ def main() -> None:
         o = t["ours"]
         print(f"| {k} | {distinct} | {t['B0']:.0f} | {t['B1']:.0f} | {t['B2']:.0f} | {t['B3']:.0f} | {o:.0f} "
               f"| {o / t['B0']:.3f} | {floor:.3f} | {t['B1'] / o:.2f} | {t['B2'] / o:.2f} | {t['B3'] / o:.2f} |")
+
+    if gpu_rows:
+        print()
+        print("| K in bank | B0 graph ms | ours graph ms | ours graph/B0 graph | ours torch-loop ms | loop/ours "
+              "| launches B0 | launches ours |")
+        print("|---|---|---|---|---|---|---|---|")
+        for k, t, n_base, n_ours in gpu_rows:
+            print(f"| {k} | {t['B0 graph']:.2f} | {t['ours graph']:.2f} | {t['ours graph'] / t['B0 graph']:.3f} "
+                  f"| {t['ours loop']:.2f} | {t['ours loop'] / t['ours']:.2f} | {n_base} | {n_ours} |")
 
     infos = [bank.task_info(t) for t in names]
     served = statistics.mean(i["memory_bytes"] for i in infos)
@@ -357,6 +418,19 @@ def main() -> None:
     if args.load_n:
         measure_load(base_dir, work, args.load_n)
     print(f"load average at the end {os.getloadavg()[0]:.2f} (2-core machine: above ~2 means other work competed)")
+
+
+def gpu_methods(fns: dict, bank: AdapterBank, base: nn.Module, enc: dict, tasks: list[str],
+                ours: torch.Tensor) -> None:
+    """The GPU-only columns: the torch loop on the same bank, and B0 / ours replayed from CUDA graphs."""
+    fns["ours loop"] = lambda: run_ours(bank, enc, tasks, backend="torch")
+    fns["B0 graph"] = graphed(base, enc)
+    sorted_enc, ctx = sorted_batch(bank, enc, tasks)
+    replay = graphed(bank.model, sorted_enc, ctx)
+    order = torch.tensor(sorted(range(len(tasks)), key=tasks.__getitem__), device=bank.device)
+    assert close(replay()[torch.argsort(order)], ours, 1e-4), "the CUDA graph replay disagrees"
+    assert close(fns["ours loop"](), ours, 1e-4), "the torch loop and the Triton kernels disagree"
+    fns["ours graph"] = replay
 
 
 def measure_load(base_dir: Path, work: Path, n: int) -> None:

@@ -76,9 +76,10 @@ def test_removed_rows_are_reused_only_once_no_batch_holds_the_task(tiny_base, ad
 def test_backend_choice_is_checked(adapters, monkeypatch):
     with pytest.raises(BankLoadError, match="backend must be one of"):
         AdapterBank.load(adapters, backend="cuda-graphs")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BankLoadError, match="TRITON_INTERPRET=1"):
-        AdapterBank.load(adapters, backend="triton")
+        AdapterBank.load(adapters, backend="triton", device="cpu")
     monkeypatch.setattr("serving.bank.adapter_bank.triton_available", lambda: False)
     with pytest.raises(BankLoadError, match="needs the triton package"):
-        AdapterBank.load(adapters, backend="triton")
+        AdapterBank.load(adapters, backend="triton", device="cpu")
+    assert AdapterBank.load(adapters, device="cpu").backend == "torch"  # 'auto' without triton, or on the CPU

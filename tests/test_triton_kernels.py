@@ -74,18 +74,22 @@ def test_kernels_equal_the_reference(seed, segs, fans, dtype, variant):
 
 
 def test_the_narrow_signature_and_fp32_precision_options():
-    x, bounds, a_list, b_list, out = random_case(3, [33, 0, 4], [2, 5, 17], 40, 24)
+    x, bounds, a_list, b_list, out = case_on_device(3, [33, 0, 4], [2, 5, 17], 40, 24)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
     for precision in ("ieee", "tf32"):  # tf32 is the same as ieee in the interpreter, and close on a GPU
-        got = lora_segments_triton(x.to(DEVICE), bounds, [a.to(DEVICE) for a in a_list],
-                                   [b.to(DEVICE) for b in b_list], out.to(DEVICE).clone(), precision=precision)
-        torch.testing.assert_close(got.float().cpu(), want, atol=2e-3 if precision == "tf32" else 1e-5, rtol=0)
+        got = lora_segments_triton(x, bounds, a_list, b_list, out.clone(), precision=precision)
+        torch.testing.assert_close(got.float(), want, atol=2e-3 if precision == "tf32" else 1e-5, rtol=0)
     with pytest.raises(ValueError, match="variant"):
         lora_segments_triton(x, bounds, a_list, b_list, out.clone(), variant="padded")
 
 
+def case_on_device(*args, **kwargs):
+    x, bounds, a_list, b_list, out = random_case(*args, **kwargs)
+    return x.to(DEVICE), bounds, [a.to(DEVICE) for a in a_list], [b.to(DEVICE) for b in b_list], out.to(DEVICE)
+
+
 def test_wrong_shapes_and_dtypes_are_refused():
-    x, bounds, a_list, b_list, out = random_case(4, [5], [2], 16, 8)
+    x, bounds, a_list, b_list, out = case_on_device(4, [5], [2], 16, 8)
     _, table = packed_case(x, bounds, a_list, b_list)
     with pytest.raises(ValueError, match="match the factors"):
         lora_segments_packed(x.double(), out, table, "m")
@@ -110,7 +114,7 @@ def test_table_pads_tiles_to_a_power_of_two_and_refills_one_buffer_in_place():
 
 
 def test_the_launch_is_a_registered_custom_op():
-    x, bounds, a_list, b_list, out = random_case(5, [6, 3], [2, 4], 16, 8)
+    x, bounds, a_list, b_list, out = case_on_device(5, [6, 3], [2, 4], 16, 8)
     _, table = packed_case(x, bounds, a_list, b_list)
     a, bt = table.buffers[0]
     h = table.h(x.shape[0], x.dtype)

@@ -104,5 +104,11 @@ class PackedSlot:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.store.view(self.offset, self.rank))
 
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.store.view(self.offset, self.rank)[i]
+
+    def __len__(self) -> int:
+        return 2
+
     def release(self) -> None:
         self.store.release(self.offset, self.rank)
