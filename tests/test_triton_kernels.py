@@ -113,6 +113,18 @@ def test_table_pads_tiles_to_a_power_of_two_and_refills_one_buffer_in_place():
         build_table([(0, 3)], {"m": slots}, {"m": store}, DEVICE)
 
 
+def test_buffers_made_in_inference_mode_are_refilled_outside_it():
+    x, bounds, a_list, b_list, out = case_on_device(6, [4, 2], [2, 3], 16, 8)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    with torch.inference_mode():  # as a bank's forward makes them
+        store = PackedFactors(16, 8, DEVICE, torch.float32, capacity=0)
+        slots = [(store.add(a_list[0], b_list[0]), 2)]
+        build_table(bounds[:1], {"m": slots}, {"m": store}, DEVICE)
+    slots.append((store.add(a_list[1], b_list[1]), 3))
+    table = build_table(bounds, {"m": slots}, {"m": store}, DEVICE)
+    torch.testing.assert_close(lora_segments_packed(x, out.clone(), table, "m"), want, atol=1e-5, rtol=0)
+
+
 def test_the_launch_is_a_registered_custom_op():
     x, bounds, a_list, b_list, out = case_on_device(5, [6, 3], [2, 4], 16, 8)
     _, table = packed_case(x, bounds, a_list, b_list)

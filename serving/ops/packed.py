@@ -22,8 +22,7 @@ class PackedFactors:
                  capacity: int = 64) -> None:
         self.fan_in, self.fan_out = int(fan_in), int(fan_out)
         self.device, self.dtype = torch.device(device), dtype
-        self.A = torch.zeros(capacity, self.fan_in, device=self.device, dtype=dtype)
-        self.Bt = torch.zeros(capacity, self.fan_out, device=self.device, dtype=dtype)
+        self.A, self.Bt = self._buffers(capacity)
         self._free: list[tuple[int, int]] = [(0, capacity)] if capacity else []  # (start, length), by start
         self._lock = threading.Lock()
         self.used_rows = 0
@@ -76,13 +75,17 @@ class PackedFactors:
         old = self.capacity
         new = max(2 * old, old + rank, 16)
         # new tensors, not resized ones: a running batch keeps the buffers it started with
-        a = torch.zeros(new, self.fan_in, device=self.device, dtype=self.dtype)
-        bt = torch.zeros(new, self.fan_out, device=self.device, dtype=self.dtype)
+        a, bt = self._buffers(new)
         a[:old].copy_(self.A)
         bt[:old].copy_(self.Bt)
         self.A, self.Bt = a, bt
         self._free.append((old, new - old))
         self._merge(len(self._free) - 1)
+
+    def _buffers(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(False):  # normal tensors: written in and out of inference mode
+            return (torch.zeros(rows, self.fan_in, device=self.device, dtype=self.dtype),
+                    torch.zeros(rows, self.fan_out, device=self.device, dtype=self.dtype))
 
     def _merge(self, i: int) -> None:
         """Join free run i with its neighbours where they touch."""

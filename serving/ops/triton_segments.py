@@ -57,8 +57,9 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     host, dev, done = getattr(_staging, "buffers", {}).get(device, (None, None, None))
     if dev is None or dev.numel() < n:
         cap = max(1024, 1 << (n - 1).bit_length())
-        host = torch.empty(cap, dtype=torch.int64, pin_memory=device.type == "cuda")
-        dev = torch.empty(cap, dtype=torch.int64, device=device)
+        with torch.inference_mode(False):  # normal tensors: refilled in and out of inference mode
+            host = torch.empty(cap, dtype=torch.int64, pin_memory=device.type == "cuda")
+            dev = torch.empty(cap, dtype=torch.int64, device=device)
         done = torch.cuda.Event() if device.type == "cuda" else None
         _staging.buffers = {**getattr(_staging, "buffers", {}), device: (host, dev, done)}
     if done is not None:
