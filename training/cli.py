@@ -4,6 +4,7 @@
     increlora-train --tasks rotten_tomatoes,sms_spam,bbc_news --output adapters/
     increlora-train --task sst2 --model microsoft/deberta-v3-base --target-avg-rank 2 --output ...
     increlora-train --task my_reviews --train data/train.csv --validation data/dev.csv --output ...
+    increlora-train --tasks a,b,c --output /shared/adapters --ray auto     # one Ray task per task
 
 Every IncreLoraConfig field is an option (defaults from the paper). Ctrl-C writes a checkpoint;
 rerun the same command with --resume to continue.
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+    cluster = p.add_argument_group("Ray (pip install -e '.[ray]')")
+    cluster.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help="train each task as a Ray task: on the cluster at ADDRESS ('auto': the one this "
+                              "machine belongs to), or on a cluster started here when no address is given; "
+                              "every node must see --output")
+    cluster.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs Ray gives each task (with --ray)")
+    cluster.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs Ray gives each task (with --ray)")
     add_config_options(p)
     return p
 
@@ -133,6 +141,10 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         raise CliError(f"--eval-steps must be >= 1, got {args.eval_steps}")
     if args.epochs <= 0:
         raise CliError(f"--epochs must be > 0, got {args.epochs}")
+    if args.cpus_per_task <= 0 or args.gpus_per_task < 0:
+        raise CliError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
+    if args.ray is None and (args.cpus_per_task != 1.0 or args.gpus_per_task != 0.0):
+        raise CliError("--cpus-per-task and --gpus-per-task go with --ray")
     local = {}
     if args.train:
         local = {"train": args.train, "validation": args.validation, "test": args.test,
@@ -197,6 +209,8 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> int:
     jobs = plan(args)
     for _, output in jobs:  # fail before any training, not after the first task
         check_output(output, args.resume, args.overwrite)
+    if args.ray is not None:
+        return run_on_ray(args, opts, jobs)
     for i, (task, output) in enumerate(jobs, 1):
         logging.getLogger(__name__).info("[%d/%d] %s (%s) -> %s", i, len(jobs), task, opts.method, output)
         result = train_task(task, output, opts, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
@@ -206,6 +220,20 @@ def run(args: argparse.Namespace, callbacks: list | None = None) -> int:
             return EXIT_INTERRUPTED
         if result.metrics is not None:
             print(summary(result), flush=True)
+    return 0
+
+
+def run_on_ray(args: argparse.Namespace, opts, jobs: list[tuple[str, Path]]) -> int:
+    from .ray_jobs import train_on_ray
+
+    opts = dataclasses.replace(opts, progress=False)  # the driver reports steps instead of bars
+    failed = train_on_ray(jobs, opts, address=args.ray, cpus_per_task=args.cpus_per_task,
+                          gpus_per_task=args.gpus_per_task, resume=args.resume, overwrite=args.overwrite,
+                          report=lambda line: print(line, flush=True))
+    if failed:
+        print(f"{PROG}: error: {len(failed)} of {len(jobs)} tasks failed: " +
+              "; ".join(f"{task}: {why}" for task, why in failed.items()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,43 @@
+"""increlora-train --ray on a local Ray cluster: each task a Ray task, the same adapters as one process,
+a failed task named without stopping the others, finished tasks skipped on a rerun."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
+from tests.test_cli import assert_same_adapter
+from training.cli import main
+
+ARGS = ["--steps", "3", "--batch-size", "8", "--max-length", "16", "--init-warmup", "1", "--interval", "1",
+        "--top-h", "4", "--save-steps", "10", "--no-progress", "--seed", "3"]
+
+
+def test_tasks_on_ray_equal_single_process_runs_and_failures_are_named(ray_cluster, tiny_base, tmp_path,  # noqa: F811
+                                                                        capsys):
+    alone = tmp_path / "alone"
+    assert main(["--tasks", "sms_spam,bbc_news", "--output", str(alone), "--model", str(tiny_base), *ARGS]) == 0
+    capsys.readouterr()
+    fanned = tmp_path / "ray"
+    argv = ["--tasks", "sms_spam,nope,bbc_news", "--output", str(fanned), "--model", str(tiny_base), *ARGS,
+            "--ray", "--cpus-per-task", "0.5"]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "1 of 3 tasks failed: nope:" in err and "sms_spam: done" in out and "bbc_news: done" in out
+    for task in ("sms_spam", "bbc_news"):
+        assert_same_adapter(alone / task, fanned / task)
+        assert (json.loads((alone / task / "metrics.json").read_text())["test"]
+                == pytest.approx(json.loads((fanned / task / "metrics.json").read_text())["test"], abs=1e-4))
+    # a rerun with --resume skips what finished and retries what failed (still failing here)
+    argv[argv.index("sms_spam,nope,bbc_news")] = "sms_spam,bbc_news"
+    assert main(argv + ["--resume"]) == 0
+    assert "sms_spam: done (already finished)" in capsys.readouterr().out
+
+
+def test_ray_options_are_checked(tiny_base, tmp_path, capsys):
+    base = ["--tasks", "sms_spam", "--output", str(tmp_path / "x"), "--model", str(tiny_base), *ARGS]
+    assert main(base + ["--cpus-per-task", "2"]) == 1
+    assert "go with --ray" in capsys.readouterr().err
+    assert main(base + ["--ray", "--cpus-per-task", "0"]) == 1
+    assert "--cpus-per-task must be > 0" in capsys.readouterr().err
