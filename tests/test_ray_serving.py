@@ -113,3 +113,34 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(served):
     else:
         raise AssertionError(f"the killed replica {killed} was not replaced: answering now {now}")
     assert mixed_traffic(url, bank, 10) == [200] * 10
+
+
+def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
+    from serving.http import ray_serve
+    from serving.http.cli import main
+
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    assert main(["--adapters", str(adapters), "--replicas", "2"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
+    assert main(["--adapters", str(adapters), "--ray", "--max-tasks-per-replica", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+    built = {}
+    monkeypatch.setattr(ray_serve.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray_serve.serve, "start", lambda http_options: built.update(http=http_options))
+    monkeypatch.setattr(ray_serve, "build_application", lambda folder, **kw: built.update(folder=folder, **kw))
+    monkeypatch.setattr(ray_serve.serve, "run", lambda app, name, route_prefix: built.update(name=name))
+    monkeypatch.setattr(ray_serve.serve, "delete", lambda name: built.update(deleted=name))
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ray_serve.time, "sleep", interrupt)
+    code = main(["--adapters", str(adapters), "--ray", "--replicas", "3", "--max-tasks-per-replica", "5",
+                 "--replica-cpus", "0.5", "--admin-token", "s3cret", "--port", "8123",
+                 "--autoscaling", '{"min_replicas": 1, "max_replicas": 4}'])
+    assert code == 130 and built["deleted"] == built["name"] == "increlora"
+    assert built["http"] == {"host": "127.0.0.1", "port": 8123} and built["folder"] == adapters
+    assert (built["replicas"], built["max_tasks_per_replica"], built["replica_cpus"]) == (3, 5, 0.5)
+    assert built["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
+    assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the token itself, not a mask

@@ -39,6 +39,11 @@ NOT_RUNNABLE = {
     "make demo": "fetches MiniLM and three datasets and trains for ~15 minutes; the blocks it is made of run here",
     "make test": "runs this very suite",
     ".venv/bin/torchrun": "tests/test_distributed.py runs increlora-train under torchrun with 2 CPU processes",
+    ".venv/bin/increlora-train --tasks sms_spam,bbc_news,rotten_tomatoes --output /shared":
+        "needs a Ray cluster with shared storage; tests/test_ray_training.py runs --ray on a local cluster",
+    ".venv/bin/increlora-serve --adapters /shared": "needs a Ray cluster; tests/test_ray_serving.py serves "
+                                                   "replicas on a local one and checks the options",
+    "serve run": "Ray's own command; tests/test_ray_serving.py deploys the application it builds",
 }
 
 # (README text, what runs instead): applied to the code blocks; each must still be in one of them.

@@ -49,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the model in the server process (default: a child process, so the model does not "
                         "fight the event loop for Python's GIL)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_ray_options(p)
     return p
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .ray_serve import add_ray_options as add
+    except ImportError:  # Ray is optional: without it, --ray says how to get it
+        parser.add_argument("--ray", nargs="?", const="local", default=None,
+                            help="serve with Ray Serve (needs: pip install -e '.[ray]')")
+        return
+    add(parser)
 
 
 def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None,
@@ -66,6 +77,20 @@ def _adapter_folder(path: Path) -> Path | None:
     return path if path.is_dir() and not (path / "adapter_config.json").exists() else None
 
 
+def _maybe_ray(args: argparse.Namespace, settings: ServiceSettings) -> int | None:
+    """Serve on Ray when --ray is given (its exit code), None to serve here; 2 for Ray options that do not fit."""
+    try:
+        from .ray_serve import check_ray_options, serve_on_ray
+    except ImportError:
+        print("increlora-serve: --ray needs Ray: pip install -e '.[ray]'", file=sys.stderr)
+        return 2
+    problem = check_ray_options(args)
+    if problem:
+        print(f"increlora-serve: {problem}", file=sys.stderr)
+        return 2
+    return serve_on_ray(args, settings) if args.ray is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "ray", None) is not None or hasattr(args, "replicas"):
+        ray_exit = _maybe_ray(args, settings)
+        if ray_exit is not None:
+            return ray_exit
 
     import uvicorn
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -312,3 +313,65 @@ def app_builder(args: dict[str, str]):
                              max_tasks_per_replica=int(limit) if limit else None,
                              replica_cpus=float(args.get("replica_cpus", 1.0)), device=args.get("device"),
                              dtype=args.get("dtype"))
+
+
+def add_ray_options(parser) -> None:
+    """increlora-serve's Ray options (the rest of its options keep their meaning)."""
+    group = parser.add_argument_group("Ray Serve (pip install -e '.[ray]')")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="serve with Ray Serve on the cluster at ADDRESS ('auto': the one this machine belongs "
+                            "to), or on a cluster started here when no address is given")
+    group.add_argument("--replicas", type=int, default=1, help="bank replicas, one backbone each (with --ray)")
+    group.add_argument("--max-tasks-per-replica", type=int, default=None,
+                       help="tasks a replica holds at most, least recently used ones leaving (default: all)")
+    group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (fractions allowed)")
+    group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (fractions allowed)")
+    group.add_argument("--autoscaling", default=None, metavar="JSON",
+                       help="Serve's autoscaling_config for the replicas, e.g. "
+                            "'{\"min_replicas\": 1, \"max_replicas\": 4}' (replaces --replicas)")
+
+
+def check_ray_options(args) -> str | None:
+    """Why the Ray options do not fit together, or None."""
+    if args.ray is None:
+        used = (args.replicas != 1 or args.max_tasks_per_replica is not None or args.replica_cpus != 1.0
+                or args.replica_gpus != 0.0 or args.autoscaling is not None)
+        return "--replicas, --max-tasks-per-replica, --replica-cpus/-gpus and --autoscaling go with --ray" if used \
+            else None
+    if args.replicas < 1 or (args.max_tasks_per_replica is not None and args.max_tasks_per_replica < 1):
+        return "--replicas and --max-tasks-per-replica must be >= 1"
+    if args.replica_cpus <= 0 or args.replica_gpus < 0:
+        return "--replica-cpus must be > 0 and --replica-gpus >= 0"
+    return None
+
+
+def serve_on_ray(args, settings: ServiceSettings) -> int:
+    """Run the application on Ray Serve at --host/--port until Ctrl-C; the Serve application is removed then."""
+    import json
+
+    autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_application(args.adapters, base_model=args.base_model, replicas=args.replicas,
+                            max_tasks_per_replica=args.max_tasks_per_replica, autoscaling=autoscaling,
+                            replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, device=args.device,
+                            dtype=args.dtype, settings=settings_dict(settings))
+    serve.run(app, name="increlora", route_prefix="/")
+    logger.info("serving %s with Ray Serve on http://%s:%d", args.adapters, args.host, args.port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        logger.info("stopped by Ctrl-C; removing the Serve application")
+        serve.delete("increlora")
+        return 130
+
+
+def settings_dict(settings: ServiceSettings) -> dict[str, Any]:
+    """The settings as plain values for the replicas and the ingress (the admin token included)."""
+    values = settings.model_dump(exclude={"adapters"})
+    token = settings.admin_token
+    values["admin_token"] = token.get_secret_value() if token is not None else None
+    return values
