@@ -83,3 +83,21 @@ def test_backend_choice_is_checked(adapters, monkeypatch):
     with pytest.raises(BankLoadError, match="needs the triton package"):
         AdapterBank.load(adapters, backend="triton", device="cpu")
     assert AdapterBank.load(adapters, device="cpu").backend == "torch"  # 'auto' without triton, or on the CPU
+
+
+def test_a_forward_reads_no_device_value_back(bank, monkeypatch):
+    """No .item()/.tolist() in the forward: what a CUDA graph capture needs (on a GPU it would sync)."""
+    from serving.bank.batch_inputs import tokenize
+    from serving.layers import BatchContext, using_batch
+
+    tasks = [bank._registry.get(t) for t in sorted(MIXED)]
+    enc = tokenize(bank.tokenizer, [INPUTS[0]] * len(tasks), bank.max_length)
+    enc = {k: v for k, v in enc.items() if k in bank._input_names}
+    for name in ("item", "tolist"):
+        def refuse(self, *args, _name=name):
+            raise AssertionError(f"Tensor.{_name}() called in the forward")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.inference_mode(), using_batch(BatchContext(tasks, "triton")):
+        logits = bank.model(**enc).logits
+    monkeypatch.undo()
+    assert logits.shape[0] == len(tasks) and bool(torch.isfinite(logits).all())
