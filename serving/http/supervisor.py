@@ -207,7 +207,7 @@ class SupervisedBank:
                               f"the server stopped restarting it and should be replaced")
                 return False
             delay = self.policy.delay(crashes)
-            if not self._down(f"{cause}; starting a new one (crash {crashes} within {self.policy.window_s:g} s; "
+            if not self._down(f"{cause}; restarting it (crash {crashes} within {self.policy.window_s:g} s; "
                               f"the server gives up at {self.policy.max_crashes})", delay):
                 return False
             try:
