@@ -16,6 +16,8 @@ SLOW = (
     "tests/test_distributed.py::test_increlora_train_under_torchrun_keeps_replicas_identical_and_resumes",
     "tests/test_distributed.py::test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical",
     "tests/test_http_server.py",
+    "tests/test_http_resilience.py",
+    "tests/test_http_guarded_server.py",
     "tests/test_http_worker.py",
     "tests/test_demo.py",
     "tests/test_readme.py::test_the_readme_runs_top_to_bottom",
