@@ -6,17 +6,9 @@ import asyncio
 import json
 import threading
 
-import httpx
-
 from serving.http import ServiceSettings, create_app
+from tests.helpers.asgi import in_the_model, serving
 from tests.helpers.fake_bank import FakeBank
-
-
-async def _posting(app, c: httpx.AsyncClient, bank: FakeBank, text: str) -> asyncio.Future:
-    """Start a request that occupies the model (bank.gate must be set up) and wait until the model has it."""
-    running = asyncio.ensure_future(c.post("/v1/predict", json={"task": "sst2", "inputs": text}))
-    await asyncio.to_thread(bank.entered.wait, 5)
-    return running
 
 
 def test_a_request_past_its_timeout_gets_504_and_its_rows_leave_the_queue():
@@ -25,15 +17,14 @@ def test_a_request_past_its_timeout_gets_504_and_its_rows_leave_the_queue():
     app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0, request_timeout=0.3))
 
     async def go():
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                running = await _posting(app, c, bank, "runs")
-                late = await c.post("/v1/predict", json={"task": "sst2", "inputs": ["late", "rows"]})
-                depth = app.state.service.batcher.queue_depth
-                bank.gate.set()
-                ran = await running
-                await asyncio.sleep(0.05)  # the batcher would take the late rows now, were they queued
-                return late, ran, depth, (await c.get("/metrics")).text
+        async with serving(app) as c:
+            running = await in_the_model(c, bank)
+            late = await c.post("/v1/predict", json={"task": "sst2", "inputs": ["late", "rows"]})
+            depth = app.state.service.batcher.queue_depth
+            bank.gate.set()
+            ran = await running
+            await asyncio.sleep(0.05)  # the batcher would take the late rows now, were they queued
+            return late, ran, depth, (await c.get("/metrics")).text
 
     late, ran, depth, metrics = asyncio.run(asyncio.wait_for(go(), 20))
     assert late.status_code == 504 and "within 0.3 s (--request-timeout" in late.json()["detail"]
@@ -69,21 +60,20 @@ def test_a_client_that_disconnects_frees_its_rows():
         await app(scope, receive, send)
 
     async def go():
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                running = await _posting(app, c, bank, "runs")
-                gone = asyncio.Event()
-                abandoned = asyncio.ensure_future(raw_request(gone))
-                batcher = app.state.service.batcher
-                while batcher.queue_depth < 1:
-                    await asyncio.sleep(0.01)
-                gone.set()
-                await asyncio.wait_for(abandoned, 5)
-                depth = batcher.queue_depth
-                bank.gate.set()
-                await running
-                await asyncio.sleep(0.05)
-                return depth, (await c.get("/metrics")).text
+        async with serving(app) as c:
+            running = await in_the_model(c, bank)
+            gone = asyncio.Event()
+            abandoned = asyncio.ensure_future(raw_request(gone))
+            batcher = app.state.service.batcher
+            while batcher.queue_depth < 1:
+                await asyncio.sleep(0.01)
+            gone.set()
+            await asyncio.wait_for(abandoned, 5)
+            depth = batcher.queue_depth
+            bank.gate.set()
+            await running
+            await asyncio.sleep(0.05)
+            return depth, (await c.get("/metrics")).text
 
     depth, metrics = asyncio.run(asyncio.wait_for(go(), 20))
     assert depth == 0 and all("abandoned" not in inputs for inputs, _ in bank.calls)

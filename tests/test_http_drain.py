@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import httpx
-
 from serving.http import ServiceSettings, create_app
+from tests.helpers.asgi import in_the_model, in_the_queue, serving
 from tests.helpers.fake_bank import FakeBank
 
 
@@ -19,24 +18,16 @@ def draining(drain_seconds: float, release_after: float | None):
     app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0))
 
     async def go():
-        async with app.router.lifespan_context(app):
-            service = app.state.service
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                post = lambda text: asyncio.ensure_future(  # noqa: E731
-                    c.post("/v1/predict", json={"task": "sst2", "inputs": text}))
-                running = post("runs")
-                await asyncio.to_thread(bank.entered.wait, 5)
-                queued = post("queued")
-                while service.batcher.queue_depth < 1:
-                    await asyncio.sleep(0.01)
-                drain = asyncio.ensure_future(service.drain(drain_seconds))
-                await asyncio.sleep(0)
-                ready, refused = await c.get("/ready"), await c.post("/v1/predict", json={"task": "sst2",
-                                                                                            "inputs": "new"})
-                await (asyncio.sleep(release_after) if release_after is not None else asyncio.wait_for(queued, 5))
-                bank.gate.set()
-                await asyncio.wait_for(drain, drain_seconds + 5)
-                return ready, refused, await running, await queued, await c.get("/health")
+        async with serving(app) as c:
+            running = await in_the_model(c, bank)
+            queued = await in_the_queue(c, app)
+            drain = asyncio.ensure_future(app.state.service.drain(drain_seconds))
+            await asyncio.sleep(0)
+            ready, refused = await c.get("/ready"), await c.post("/v1/predict", json={"task": "sst2", "inputs": "new"})
+            await (asyncio.sleep(release_after) if release_after is not None else asyncio.wait_for(queued, 5))
+            bank.gate.set()
+            await asyncio.wait_for(drain, drain_seconds + 5)
+            return ready, refused, await running, await queued, await c.get("/health")
 
     return asyncio.run(asyncio.wait_for(go(), 30))
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.helpers.http_adapters import make_tiny_adapters
-from tests.helpers.server import close_to, metric, model_pid, start_server, stop, wait_ready
+from tests.helpers.server import close_to, exit_code_and_log, metric, model_pid, start_server, stop, wait_ready
 
 TASKS = {"sentiment": 2, "topic": 3, "similarity": 1}
 WORDS = "good bad film plot actor story music game team vote market phone".split()
@@ -148,12 +148,8 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_ans
                 return ready, refused, await asyncio.gather(*flying)
 
         ready, refused, answered = asyncio.run(asyncio.wait_for(drain(), 30))
-        code = proc.wait(30)
     finally:
-        if proc.poll() is None:
-            stop(proc)
-    time.sleep(0.2)  # the reader thread drains the last lines
-    output = "".join(log.queue)
+        code, output = exit_code_and_log(proc, log)
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     assert refused.status_code == 503
     assert [r.status_code for r in answered] == [200] * 8

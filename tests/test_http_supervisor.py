@@ -6,13 +6,14 @@ import asyncio
 import threading
 import time
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from serving.http import ServiceSettings, create_app
+from serving.http.cli import main as serve_main
 from serving.http.errors import ModelFailedError, ModelRestartingError
 from serving.http.supervisor import RestartPolicy, SupervisedBank, TaskSet, restore
+from tests.helpers.asgi import in_the_model, in_the_queue, serving
 from tests.helpers.fake_bank import FakeBank, answer
 from tests.helpers.fake_child import FakeStarter, adapter_path
 
@@ -49,8 +50,13 @@ def test_restart_policy_backs_off_from_the_second_crash_and_refuses_nonsense():
     policy = RestartPolicy(max_crashes=9, backoff_s=1.0, max_backoff_s=5.0)
     assert [policy.delay(n) for n in range(1, 7)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
     for bad in ({"max_crashes": 0}, {"window_s": 0}, {"backoff_s": -1}):
-        with pytest.raises(ValueError, match="max_crashes"):
+        with pytest.raises(ValueError, match="--max-crashes"):
             RestartPolicy(**bad)
+
+
+def test_the_command_refuses_a_crash_limit_below_one(tmp_path, capsys):
+    assert serve_main(["--adapters", str(tmp_path), "--max-crashes", "0"]) == 2
+    assert "--max-crashes (max_crashes) >= 1" in capsys.readouterr().err
 
 
 def test_restore_drops_removed_tasks_and_loads_admin_added_ones_again(caplog):
@@ -203,22 +209,15 @@ def test_queued_requests_get_503_at_once_and_the_running_one_is_retried():
     app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0))
 
     async def go():
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                post = lambda text: asyncio.ensure_future(  # noqa: E731
-                    c.post("/v1/predict", json={"task": "sst2", "inputs": text}))
-                running = post("runs")
-                await asyncio.to_thread(first.bank.entered.wait, 5)
-                queued = post("waits")
-                while app.state.service.batcher.queue_depth < 1:
-                    await asyncio.sleep(0.01)
-                starter.gate = threading.Event()  # the new child comes only when the test says
-                first.kill()
-                refused = await asyncio.wait_for(queued, 5)  # answered before any new child serves
-                starter.gate.set()
-                first.bank.gate.set()
-                return refused, await asyncio.wait_for(running, 10)
+        async with serving(app) as c:
+            running = await in_the_model(c, first.bank)
+            queued = await in_the_queue(c, app)
+            starter.gate = threading.Event()  # the new child comes only when the test says
+            first.kill()
+            refused = await asyncio.wait_for(queued, 5)  # answered before any new child serves
+            starter.gate.set()
+            first.bank.gate.set()
+            return refused, await asyncio.wait_for(running, 10)
 
     try:
         refused, retried = asyncio.run(asyncio.wait_for(go(), 30))

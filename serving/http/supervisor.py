@@ -38,7 +38,8 @@ class RestartPolicy:
 
     def __post_init__(self) -> None:
         if self.max_crashes < 1 or self.window_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("RestartPolicy: max_crashes must be >= 1, window_s > 0, back-offs >= 0")
+            raise ValueError("the restart policy needs --max-crashes (max_crashes) >= 1, --crash-window (window_s) > 0 "
+                             "and back-offs >= 0")
 
     def delay(self, crashes: int) -> float:
         """Seconds to wait before the restart that follows the `crashes`-th crash in the window (the first: none)."""

@@ -78,3 +78,13 @@ def metric(base: str, name: str, headers: dict | None = None) -> float:
     text = httpx.get(f"{base}/metrics", timeout=5, headers=headers).text
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def exit_code_and_log(proc: subprocess.Popen, lines: queue.Queue, seconds: float = 30) -> tuple[int, str]:
+    """Wait for the server to exit on its own (stop it past `seconds`); its exit code and its whole log."""
+    try:
+        code = proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        code = stop(proc)
+    time.sleep(0.2)  # the reader thread takes the last lines
+    return code, "".join(lines.queue)
