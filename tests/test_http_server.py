@@ -43,7 +43,7 @@ def test_served_answers_equal_the_bank_for_concurrent_mixed_task_requests(adapte
     finally:
         code = stop(proc)
     output = "".join(log.queue)
-    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output[-3000:]
+    assert code == 0 and "Application shutdown complete" in output, output[-3000:]  # SIGTERM drains, exits 0
 
     bank = AdapterBank.load(adapters)
     for body, r in zip(bodies, responses):
