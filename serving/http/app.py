@@ -147,9 +147,9 @@ async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
 
-@keyed_router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, tags=["predict"],
-             summary="Predict for one task; concurrent requests of any tasks share model calls",
-             responses=_errors(401, 404, 413, 500, 503, 504))
+@keyed_router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+                   tags=["predict"], summary="Predict for one task; concurrent requests of any tasks share model calls",
+                   responses=_errors(401, 404, 413, 500, 503, 504))
 async def predict(body: PredictRequest, service: ServiceDep, request: Request) -> PredictResponse:
     return await unless_disconnected(request, http_service.predict(service, body))
 
