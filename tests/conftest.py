@@ -25,6 +25,8 @@ SLOW = (
     "tests/test_http_server.py",
     "tests/test_ray_training.py::test_tasks_on_ray_equal_single_process_runs_and_failures_are_named",
     "tests/test_ray_serving.py",
+    "tests/test_http_resilience.py",
+    "tests/test_http_guarded_server.py",
     "tests/test_http_worker.py",
     "tests/test_demo.py",
     "tests/test_readme.py::test_the_readme_runs_top_to_bottom",

@@ -137,10 +137,11 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
     monkeypatch.setattr(ray_serve.time, "sleep", interrupt)
     code = main(["--adapters", str(adapters), "--ray", "--replicas", "3", "--max-tasks-per-replica", "5",
-                 "--replica-cpus", "0.5", "--admin-token", "s3cret", "--port", "8123",
+                 "--replica-cpus", "0.5", "--admin-token", "s3cret", "--api-key", "k1", "--port", "8123",
                  "--autoscaling", '{"min_replicas": 1, "max_replicas": 4}'])
     assert code == 130 and built["deleted"] == built["name"] == "increlora"
     assert built["http"] == {"host": "127.0.0.1", "port": 8123} and built["folder"] == adapters
     assert (built["replicas"], built["max_tasks_per_replica"], built["replica_cpus"]) == (3, 5, 0.5)
     assert built["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
-    assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the token itself, not a mask
+    assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the secrets themselves, not masks
+    assert built["settings"]["api_keys"] == ["k1"]

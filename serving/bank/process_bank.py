@@ -79,6 +79,25 @@ class ProcessBank:
     def alive(self) -> bool:
         return self._process.is_alive()
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code once it has ended (negative: the signal that ended it), else None."""
+        return self._process.exitcode
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Wait up to `timeout` s for the child to end; its exit code, None while it runs."""
+        self._process.join(timeout)
+        return self._process.exitcode
+
+    @property
+    def sentinel(self) -> int:
+        """A handle that becomes ready when the child ends (for multiprocessing.connection.wait)."""
+        return self._process.sentinel
+
     def predict(self, inputs: list[Any], tasks: list[str]) -> list[dict]:
         return self._call("predict", inputs, tasks)
 
@@ -143,7 +162,9 @@ def _passive_openmp(on: bool) -> Iterator[None]:
 
 def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
     """The child: load the bank, then answer calls until "close" or the parent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    # Ctrl-C, and SIGTERM from `timeout` or systemd, reach the whole group: the parent stops us after draining
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         bank = loader()

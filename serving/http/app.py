@@ -17,8 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from . import access as http_access
 from . import admin as http_admin
 from . import service as http_service
+from .disconnect import unless_disconnected
 from .errors import HTTP_STATUS, error_body, error_headers, http_status
 from .limits import BodyGuard
 from .metrics import ServiceMetrics
@@ -63,6 +65,8 @@ def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
         app.add_exception_handler(error_type, _error_response)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.include_router(router)
+    # with API keys, the prediction and listing routes need one (and the OpenAPI schema says so)
+    app.include_router(keyed_router, dependencies=[Depends(require_api_key)] if settings.api_keys else [])
     return app
 
 
@@ -92,11 +96,18 @@ async def get_bank(service: ServiceDep) -> Any:
 
 BankDep = Annotated[Any, Depends(get_bank)]
 _bearer = HTTPBearer(auto_error=False, description="The server's admin token (--admin-token).")
+_api_key = HTTPBearer(auto_error=False, scheme_name="APIKey",
+                      description="One of the server's API keys (--api-key), when it has any.")
 
 
 async def require_admin(service: ServiceDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     http_admin.check_admin_token(service.settings, credentials.credentials if credentials else None)
+
+
+async def require_api_key(service: ServiceDep,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_api_key)]) -> None:
+    http_access.check_api_key(service.settings, credentials.credentials if credentials else None)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -106,15 +117,22 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
+keyed_router = APIRouter()  # the routes an API key opens, when the server has any
 
 
-@router.get("/health", response_model=Health, tags=["service"], summary="The process is alive")
-async def health() -> Health:
-    return Health()
+@router.get("/health", response_model=Health, response_model_exclude_none=True, tags=["service"],
+            summary="The process is alive and can recover",
+            responses={503: {"model": Health, "description": "The model process crashed too often: replace it"}})
+async def health(service: ServiceDep, response: Response) -> Health:
+    health = service.health()
+    if health.status != "ok":
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return health
 
 
 @router.get("/ready", response_model=Readiness, tags=["service"], summary="Adapters loaded: predictions are served",
-            responses={503: {"model": Readiness, "description": "Still loading, or loading failed"}})
+            responses={503: {"model": Readiness,
+                             "description": "Loading, restarting the model process, shutting down, or failed"}})
 async def ready(service: ServiceDep, response: Response) -> Readiness:
     readiness = service.readiness()
     if readiness.status != "ready":
@@ -129,22 +147,22 @@ async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
 
-@router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, tags=["predict"],
-             summary="Predict for one task; concurrent requests of any tasks share model calls",
-             responses=_errors(404, 413, 500, 503, 504))
-async def predict(body: PredictRequest, service: ServiceDep) -> PredictResponse:
-    return await http_service.predict(service, body)
+@keyed_router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+                   tags=["predict"], summary="Predict for one task; concurrent requests of any tasks share model calls",
+                   responses=_errors(401, 404, 413, 500, 503, 504))
+async def predict(body: PredictRequest, service: ServiceDep, request: Request) -> PredictResponse:
+    return await unless_disconnected(request, http_service.predict(service, body))
 
 
-@router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="Loaded tasks",
-            responses=_errors(503))
+@keyed_router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="Loaded tasks",
+                  responses=_errors(401, 503))
 async def list_tasks(bank: BankDep) -> TaskList:
     # off the event loop: the model process answers task_info between batches
     return TaskList(tasks=await asyncio.to_thread(http_service.task_infos, bank))
 
 
-@router.get("/v1/tasks/{task}", response_model=TaskInfo, tags=["tasks"], summary="One loaded task",
-            responses=_errors(404, 503))
+@keyed_router.get("/v1/tasks/{task}", response_model=TaskInfo, tags=["tasks"], summary="One loaded task",
+                  responses=_errors(401, 404, 503))
 async def get_task(task: str, bank: BankDep) -> TaskInfo:
     return await asyncio.to_thread(http_service.task_info, bank, task)
 

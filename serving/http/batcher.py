@@ -7,6 +7,7 @@ larger than `max_batch_size` runs alone (in chunks of `max_batch_size` rows, sti
 
 When `bank.predict` fails, only the requests it failed for get the error: requests for tasks removed
 meanwhile get `UnknownTaskError` (404), the rest are retried without them; if it still fails, one by one.
+When the model process is gone, every request of the batch gets that error (503) at once.
 """
 from __future__ import annotations
 
@@ -20,11 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..bank.batch_inputs import ModelInput
-from ..bank.errors import UnknownTaskError
-from .errors import BatcherClosedError, PredictionError, QueueFullError, RequestTimeoutError, answered
+from ..bank.errors import UnknownTaskError, WorkerDiedError
+from .errors import (
+    BatcherClosedError,
+    ModelFailedError,
+    ModelRestartingError,
+    PredictionError,
+    QueueFullError,
+    RequestTimeoutError,
+    answered,
+)
 
 logger = logging.getLogger(__name__)
 
+MODEL_DOWN = (WorkerDiedError, ModelRestartingError, ModelFailedError)  # the model process, not the request
 Outcome = Any  # list[dict] (the request's answers, in order) or an Exception for that request
 
 
@@ -82,12 +92,7 @@ class DynamicBatcher:
     async def close(self) -> None:
         """Refuse new requests, fail the queued ones, let the running batch finish, stop the worker."""
         self._closed = True
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():
-                request.future.set_exception(BatcherClosedError("the server is shutting down"))
-        self._queued_rows = 0
-        self._publish_depth()
+        self.fail_queued(BatcherClosedError("the server is shutting down"))
         self._wakeup.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -113,6 +118,18 @@ class DynamicBatcher:
         finally:
             if request.future.cancelled():  # timed out or the client went away: free its queue slot
                 self._discard(request)
+
+    def fail_queued(self, exc: Exception) -> int:
+        """Answer every queued request (not the running batch) with `exc`; the number answered."""
+        failed = 0
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(exc)
+                failed += 1
+        self._queued_rows = 0
+        self._publish_depth()
+        return failed
 
     def _discard(self, request: _Request) -> None:
         try:
@@ -193,6 +210,8 @@ class DynamicBatcher:
     def _run_batch(self, batch: list[_Request]) -> list[Outcome]:
         try:
             return self._predict(batch)
+        except MODEL_DOWN as exc:  # no request's fault: retrying them one by one would only wait again
+            return [exc] * len(batch)
         except Exception as exc:
             return self._isolate(batch, exc)
 

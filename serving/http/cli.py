@@ -11,6 +11,7 @@ from pathlib import Path
 from ..bank import AdapterBank
 from .model_process import ProcessBankLoader
 from .settings import ServiceSettings
+from .supervisor import RestartPolicy
 
 logger = logging.getLogger("increlora.serve")
 
@@ -31,9 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits to fill up (%(default)s ms)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting before 503 (%(default)s)")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                   help="seconds per prediction before 504 (%(default)s)")
+                   help="seconds a prediction may take, queueing included, before 504; its rows then leave the "
+                        "queue (%(default)s)")
     p.add_argument("--admin-token", default=os.environ.get("INCRELORA_ADMIN_TOKEN"),
                    help="bearer token turning on the admin endpoints (default: env INCRELORA_ADMIN_TOKEN; unset: off)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="a key the prediction and listing endpoints then require as 'Authorization: Bearer KEY' "
+                        "(401 otherwise); repeat for several (default: env INCRELORA_API_KEY, keys separated by "
+                        "commas; unset: open). /health, /ready and /metrics stay open")
+    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="on SIGTERM, /ready turns 503 and new work is refused at once; work in flight may take "
+                        "this long to finish before the server exits 0 (%(default)s)")
+    p.add_argument("--max-crashes", type=int, default=RestartPolicy.max_crashes,
+                   help="the model process is restarted when it dies, until its N-th crash within --crash-window; "
+                        "then /health fails so that the orchestrator replaces the server (1: never restart; "
+                        "default %(default)s)")
+    p.add_argument("--crash-window", type=float, default=RestartPolicy.window_s,
+                   help="seconds over which --max-crashes counts crashes (%(default)s)")
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request (%(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (%(default)s)")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -47,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine); no effect with --in-process")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server process (default: a child process, so the model does not "
-                        "fight the event loop for Python's GIL)")
+                        "fight the event loop for Python's GIL, and is restarted if it dies)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_ray_options(p)
     return p
@@ -91,6 +106,13 @@ def _maybe_ray(args: argparse.Namespace, settings: ServiceSettings) -> int | Non
     return serve_on_ray(args, settings) if args.ray is not None else None
 
 
+def api_keys(given: list[str] | None, environ: dict[str, str]) -> list[str]:
+    """The --api-key values, else the comma-separated keys of INCRELORA_API_KEY (blanks around them dropped)."""
+    if given is not None:
+        return given
+    return [k.strip() for k in environ.get("INCRELORA_API_KEY", "").split(",") if k.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServiceSettings(
             adapters=_adapter_folder(args.adapters), max_batch_size=args.max_batch_size,
             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
-            admin_token=args.admin_token or None, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes)
-    except ValueError as exc:
+            admin_token=args.admin_token or None, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
+            api_keys=api_keys(args.api_key, os.environ), drain_seconds=args.drain_seconds)
+        policy = RestartPolicy(max_crashes=args.max_crashes, window_s=args.crash_window)
+    except ValueError as exc:  # the messages never show a key or the token (hide_input_in_errors)
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "ray", None) is not None or hasattr(args, "replicas"):
@@ -113,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .shutdown import DrainingServer
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -125,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
                                args.torch_threads)
     if not args.in_process:
-        loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive")
+        loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive", policy=policy,
+                                   retry_wait_s=settings.request_timeout)
     app = create_app(loader, settings, on_load_error=stop_on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           access_log=args.log_level == "debug"))
-    logger.info("serving %s on http://%s:%d (admin %s)", args.adapters, args.host, args.port,
-                "on" if settings.admin_token else "off")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.log_level == "debug")
+    server = DrainingServer(config, app.state.service, settings.drain_seconds)
+    logger.info("serving %s on http://%s:%d (admin %s, %s)", args.adapters, args.host, args.port,
+                "on" if settings.admin_token else "off",
+                f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API key")
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on

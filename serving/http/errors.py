@@ -57,8 +57,23 @@ class BatcherClosedError(ServiceError):
     """The server is shutting down and takes no new predictions."""
 
 
+class ModelRestartingError(ServiceError):
+    """The model process died and is being started again; the client should retry after a moment."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class ModelFailedError(ServiceError):
+    """The model process crashed too often (--max-crashes in --crash-window); the server stopped restarting it."""
+
+
 class RequestTimeoutError(ServiceError):
     """A prediction did not finish within the server's --request-timeout."""
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client disconnected before its answer; the answer (499, as nginx logs it) reaches nobody."""
 
 
 class PredictionError(ServiceError):
@@ -71,6 +86,13 @@ class AdminDisabledError(ServiceError):
 
 class UnauthorizedError(ServiceError):
     """Missing or wrong bearer token on an admin endpoint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ApiKeyError(ServiceError):
+    """Missing or wrong API key on a prediction or listing endpoint (the server runs with --api-key)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
@@ -96,6 +118,7 @@ class AdapterLoadError(ServiceError):
 HTTP_STATUS: dict[type[Exception], int] = {
     AdapterNameError: 400,
     UnauthorizedError: 401,
+    ApiKeyError: 401,
     AdminDisabledError: 403,
     UnknownTaskError: 404,
     AdapterNotFoundError: 404,
@@ -104,11 +127,14 @@ HTTP_STATUS: dict[type[Exception], int] = {
     InputTooLongError: 413,
     BodyTooLargeError: 413,
     AdapterLoadError: 422,
+    ClientDisconnectedError: 499,
     PredictionError: 500,
     NotReadyError: 503,
     QueueFullError: 503,
     BatcherClosedError: 503,
     WorkerDiedError: 503,
+    ModelRestartingError: 503,
+    ModelFailedError: 503,
     RequestTimeoutError: 504,
 }
 

@@ -6,10 +6,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 UNKNOWN_TASK = "_unknown"  # label for requests naming no loaded task, so clients cannot grow the label set
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class ServiceMetrics:
-    """Requests and latency per task and status; batch shape; queue depth. `render()` is the /metrics body."""
+    """Requests and latency per task and status; batch shape; queue depth; model-process crashes and
+    restarts. `render()` is the /metrics body."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -31,6 +33,13 @@ class ServiceMetrics:
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("increlora_queue_depth", "Requests waiting for the model.", registry=r)
         self.tasks_loaded = Gauge("increlora_tasks_loaded", "Adapters loaded in the bank.", registry=r)
+        self.model_crashes = Counter("increlora_model_crashes", "Model processes that ended unasked.", registry=r)
+        self.model_restarts = Counter("increlora_model_restarts",
+                                      "Model processes started again after a crash, serving.", registry=r)
+        self.model_recovery = Histogram("increlora_model_recovery_seconds",
+                                        "From a model process's end to its successor serving.",
+                                        buckets=_RECOVERY_BUCKETS, registry=r)
+        self.model_up = Gauge("increlora_model_up", "1 while the model process serves, else 0.", registry=r)
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -44,6 +53,15 @@ class ServiceMetrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def observe_crash(self) -> None:
+        self.model_crashes.inc()
+        self.model_up.set(0)
+
+    def observe_recovery(self, seconds: float) -> None:
+        self.model_restarts.inc()
+        self.model_recovery.observe(seconds)
+        self.model_up.set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

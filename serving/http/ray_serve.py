@@ -374,4 +374,5 @@ def settings_dict(settings: ServiceSettings) -> dict[str, Any]:
     values = settings.model_dump(exclude={"adapters"})
     token = settings.admin_token
     values["admin_token"] = token.get_secret_value() if token is not None else None
+    values["api_keys"] = [key.get_secret_value() for key in settings.api_keys]
     return values

@@ -94,11 +94,14 @@ class RemovedTask(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """"failed" (503) once the model process crashed too often and is no longer restarted: replace the server."""
+
+    status: Literal["ok", "failed"] = "ok"
+    detail: str | None = None
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading", "failed"]
+    status: Literal["ready", "loading", "restarting", "draining", "failed"]
     tasks: int = 0
     detail: str | None = None
 

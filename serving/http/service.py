@@ -2,19 +2,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..bank.batch_inputs import ModelInput
 from ..bank.errors import UnknownTaskError
 from .batcher import DynamicBatcher
-from .errors import InputTooLongError, NotReadyError, TooManyInputsError, http_status
+from .errors import (
+    HTTP_STATUS,
+    BatcherClosedError,
+    ClientDisconnectedError,
+    InputTooLongError,
+    ModelFailedError,
+    ModelRestartingError,
+    NotReadyError,
+    RequestTimeoutError,
+    TooManyInputsError,
+    http_status,
+)
 from .metrics import UNKNOWN_TASK, ServiceMetrics
-from .schemas import ClassPrediction, PredictRequest, PredictResponse, Readiness, RegressionPrediction, TaskInfo
+from .schemas import (
+    ClassPrediction,
+    Health,
+    PredictRequest,
+    PredictResponse,
+    Readiness,
+    RegressionPrediction,
+    TaskInfo,
+)
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -26,7 +46,7 @@ def is_bank(obj: Any) -> bool:
 
 
 class Service:
-    """One app's state: settings, metrics, the bank once loaded and its batcher."""
+    """One app's state: settings, metrics, the bank once loaded and its batcher, predictions in flight."""
 
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -39,6 +59,10 @@ class Service:
         self._owns_bank = False  # a bank this service loaded is closed with it (e.g. its model process)
         self._length_tokenizer: Any = None
         self._length_lock = threading.Lock()
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()  # set while no prediction is in flight
+        self._idle.set()
 
     async def start(self, bank_or_loader: Any, on_load_error: Callable[[BaseException], None] | None = None) -> None:
         """Attach a bank now, or start loading one off the event loop (the app answers /health meanwhile)."""
@@ -71,6 +95,17 @@ class Service:
         self.batcher.start()
         self.bank = bank
         self.metrics.tasks_loaded.set(len(bank.tasks))
+        self.metrics.model_up.set(1)
+        listen = getattr(bank, "listen", None)  # a SupervisedBank tells when its model process dies
+        if listen is not None:
+            listen(ModelWatch(self, asyncio.get_running_loop()))
+
+    def model_down(self, error: Exception) -> None:
+        """The model process is gone: answer the queued requests with `error` (503) now, not after the restart."""
+        if self.batcher is not None:
+            failed = self.batcher.fail_queued(error)
+            if failed:
+                logger.warning("answered %d queued requests 503: the model process is gone", failed)
 
     async def close(self) -> None:
         if self._loading is not None and not self._loading.done():
@@ -85,18 +120,64 @@ class Service:
             await asyncio.to_thread(close)
 
     def readiness(self) -> Readiness:
+        tasks = len(self.bank.tasks) if self.bank is not None else 0
+        if self.draining:
+            return Readiness(status="draining", tasks=tasks, detail="the server is shutting down")
+        state = getattr(self.bank, "state", None)  # a SupervisedBank's
+        if state in ("restarting", "failed"):
+            return Readiness(status=state, tasks=tasks, detail=self.bank.detail)
         if self.bank is not None and not getattr(self.bank, "alive", True):
             return Readiness(status="failed", detail="the model process is gone; restart the server")
         if self.bank is not None:
-            return Readiness(status="ready", tasks=len(self.bank.tasks))
+            return Readiness(status="ready", tasks=tasks)
         if self.load_error is not None:
             return Readiness(status="failed", detail=f"loading the adapters failed: {self.load_error}")
         return Readiness(status="loading", detail="the adapters are loading")
 
+    def health(self) -> Health:
+        """Failed only when the model process is no longer restarted: the server cannot recover by itself."""
+        if getattr(self.bank, "state", None) == "failed":
+            return Health(status="failed", detail=self.bank.detail)
+        return Health()
+
     def ready_bank(self) -> Any:
-        if self.bank is None or self.readiness().status != "ready":
-            raise NotReadyError(self.readiness().detail or "not ready")
-        return self.bank
+        readiness = self.readiness()
+        if readiness.status == "ready":
+            return self.bank
+        detail = readiness.detail or "not ready"
+        if readiness.status == "draining":
+            raise BatcherClosedError("the server is shutting down and takes no new work; send it to another replica")
+        if readiness.status == "restarting":
+            raise ModelRestartingError(f"{detail}; retry in a moment")
+        if readiness.status == "failed" and self.bank is not None and hasattr(self.bank, "state"):
+            raise ModelFailedError(detail)
+        raise NotReadyError(detail)
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Count a prediction as in flight (drain waits for it)."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Take no new work (503, /ready too) and let the predictions in flight finish, for up to `seconds`;
+        those still waiting then are answered 503 (the one the model is running finishes)."""
+        self.draining = True
+        logger.info("draining: %d predictions in flight, waiting up to %g s", self._in_flight, seconds)
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        except TimeoutError:
+            logger.warning("%d predictions still in flight after %g s (--drain-seconds); the queued ones are "
+                           "answered 503", self._in_flight, seconds)
+            if self.batcher is not None:
+                await self.batcher.close()
+        logger.info("drained; stopping")
 
     def token_counts(self, inputs: list[ModelInput]) -> list[int]:
         """Tokens per input with special tokens, untruncated, on a private copy of the bank's tokenizer.
@@ -161,26 +242,49 @@ def to_response(task: str, answers: list[dict]) -> PredictResponse:
 
 
 async def predict(service: Service, request: PredictRequest) -> PredictResponse:
-    """Check the request, queue it for the batcher, shape the answers; records the request's metrics."""
+    """Check the request, queue it for the batcher, shape the answers; records the request's metrics.
+
+    The request timeout runs from here: checking lengths counts, queueing and the model the rest.
+    """
     started = time.perf_counter()
     task_label, status = UNKNOWN_TASK, 500
     try:
-        bank = service.ready_bank()
-        inputs = model_inputs(request)
-        check_input_count(inputs, service.settings.max_inputs)
-        check_task(bank, request.task)
-        task_label = request.task
-        if not request.truncate:
-            check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
-        answers = await service.batcher.submit(request.task, inputs, service.settings.request_timeout)
+        with service.in_flight():
+            bank = service.ready_bank()
+            inputs = model_inputs(request)
+            check_input_count(inputs, service.settings.max_inputs)
+            check_task(bank, request.task)
+            task_label = request.task
+            if not request.truncate:
+                check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
+            try:
+                answers = await service.batcher.submit(request.task, inputs, remaining(service, started))
+            except RequestTimeoutError:
+                raise timed_out(service.settings.request_timeout) from None
         response = to_response(request.task, answers)
         status = 200
         return response
+    except asyncio.CancelledError:
+        status = HTTP_STATUS[ClientDisconnectedError]  # the client went away (its rows have left the queue)
+        raise
     except Exception as exc:
         status = http_status(exc)  # 500 for an error the service does not answer on purpose
         raise
     finally:
         service.metrics.observe_request(task_label, status, time.perf_counter() - started)
+
+
+def remaining(service: Service, started: float) -> float:
+    """Seconds left of the request timeout for a request that came at `started`; 504 if none."""
+    left = started + service.settings.request_timeout - time.perf_counter()
+    if left <= 0:
+        raise timed_out(service.settings.request_timeout)
+    return left
+
+
+def timed_out(timeout: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"the prediction did not finish within {timeout:g} s (--request-timeout; server "
+                               f"overloaded?); retry later")
 
 
 def task_info(bank: Any, task: str) -> TaskInfo:
@@ -200,3 +304,27 @@ def task_infos(bank: Any) -> list[TaskInfo]:
         except UnknownTaskError:
             continue  # removed while listing
     return infos
+
+
+class ModelWatch:
+    """Relays what a SupervisedBank's monitor thread sees to the service: metrics, and the queue on its loop."""
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
+        self._service, self._loop = service, loop
+
+    def model_down(self, detail: str) -> None:
+        self._service.metrics.observe_crash()
+        self._on_loop(ModelRestartingError(f"{detail}; retry in a moment"))
+
+    def model_up(self, recovery_s: float) -> None:
+        self._service.metrics.observe_recovery(recovery_s)
+
+    def model_failed(self, detail: str) -> None:
+        self._service.metrics.observe_crash()
+        self._on_loop(ModelFailedError(detail))
+
+    def _on_loop(self, error: Exception) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._service.model_down, error)
+        except RuntimeError:  # the loop has closed: the server is stopping anyway
+            pass

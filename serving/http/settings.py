@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class ServiceSettings(BaseModel):
     """What `create_app` needs besides the adapter bank."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)  # never echo an API key or token
 
     adapters: Path | None = Field(
         None, description="Folder of adapter folders. Admin `POST /v1/tasks` loads names from it; None: admin "
@@ -22,3 +22,15 @@ class ServiceSettings(BaseModel):
         None, description="Bearer token of the admin endpoints; None turns them off.")
     max_inputs: int = Field(64, ge=1, description="Inputs one request may carry (413 above).")
     max_body_bytes: int = Field(1_048_576, ge=1, description="Largest request body in bytes (413 above).")
+    api_keys: tuple[SecretStr, ...] = Field(
+        (), description="Keys accepted as 'Authorization: Bearer <key>' on the prediction and listing endpoints "
+                        "(401 without one); empty: those endpoints are open. /health, /ready, /metrics stay open.")
+    drain_seconds: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long work in flight may take to finish before the server stops.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        if any(not k.get_secret_value().strip() for k in keys):
+            raise ValueError("an API key must not be empty or only whitespace")
+        return keys

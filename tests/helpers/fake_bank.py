@@ -70,6 +70,7 @@ class FakeBank:
     def add(self, path):
         with self._lock:
             self._tasks[Path(path).name] = ["no", "yes"]
+        return Path(path).name
 
     def remove(self, task):
         with self._lock:

@@ -1,0 +1,52 @@
+"""Graceful shutdown: uvicorn's server, except that SIGTERM drains the service before it stops.
+
+Orchestrators stop a server with SIGTERM and kill it a grace period later. uvicorn would close its
+listening socket at once and, once done, re-raise the signal (exit status -15). Here the first
+SIGTERM turns /ready to 503 and refuses new work while the socket stays open (a load balancer
+probing /ready sees it leave), lets the predictions in flight finish for up to --drain-seconds, then
+stops as uvicorn does and exits 0. A second SIGTERM or Ctrl-C stops at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from types import FrameType
+
+import uvicorn
+
+from .service import Service
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: Service, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._service = service
+        self._drain_seconds = drain_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._draining: asyncio.Future | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._loop is None or self._drain_requested or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        self._loop.call_soon_threadsafe(self._start_drain)  # a signal handler must not touch the loop itself
+
+    def _start_drain(self) -> None:
+        logger.info("SIGTERM: draining for up to %g s (--drain-seconds), then stopping", self._drain_seconds)
+        self._draining = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self._service.drain(self._drain_seconds)
+        finally:
+            self.should_exit = True

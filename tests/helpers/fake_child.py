@@ -1,0 +1,97 @@
+"""Stand-ins for the model process under supervision: a FakeBank behind a 'process' that kill() ends."""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+
+from serving.bank.errors import WorkerDiedError
+from serving.http.supervisor import TaskSet, restore
+from tests.helpers.fake_bank import FakeBank
+
+_PIDS = itertools.count(1000)
+
+
+class FakeChild:
+    """The ProcessBank interface over a FakeBank; kill() makes its sentinel ready and its calls fail as a
+    dead child's do (a call running at the kill fails too, once the bank returns)."""
+
+    def __init__(self, bank: FakeBank) -> None:
+        self.bank = bank
+        self.pid = next(_PIDS)
+        self.max_length, self.tokenizer, self.base_model = bank.max_length, bank.tokenizer, "fake-base"
+        self.exitcode: int | None = None
+        self.sentinel, self._write_end = os.pipe()  # the read end is ready once the write end is closed
+        self._lock = threading.Lock()
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.tasks
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.exitcode is None:
+                self.exitcode = -9
+                os.close(self._write_end)
+
+    def join(self, timeout: float | None = None) -> int | None:
+        return self.exitcode
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.kill()
+
+    def predict(self, inputs, tasks):
+        return self._call("predict", inputs, tasks)
+
+    def task_info(self, task):
+        return self._call("task_info", task)
+
+    def add(self, path):
+        return self._call("add", path)
+
+    def remove(self, task):
+        return self._call("remove", task)
+
+    def _call(self, op, *args):
+        self._check()
+        result = getattr(self.bank, op)(*args)
+        self._check()
+        return result
+
+    def _check(self) -> None:
+        if self.exitcode is not None:
+            raise WorkerDiedError(f"the model process is gone (exit code {self.exitcode})")
+
+
+class FakeStarter:
+    """Starts FakeChildren as ProcessBankLoader.start does, recording each task set; `fail` next starts raise,
+    and `gate` (a threading.Event), when set up, holds every start until released."""
+
+    def __init__(self) -> None:
+        self.task_sets: list[TaskSet | None] = []
+        self.children: list[FakeChild] = []
+        self.fail = 0
+        self.gate: threading.Event | None = None
+        self.cancelled = threading.Event()
+        self.started = threading.Event()
+
+    def start(self, task_set: TaskSet | None = None) -> FakeChild:
+        self.task_sets.append(task_set)
+        if self.gate is not None:
+            assert self.gate.wait(10), "test gate never released"
+        if self.fail:
+            self.fail -= 1
+            raise WorkerDiedError("the model process died while loading (exit code -9)")
+        bank = FakeBank()
+        child = FakeChild(restore(bank, task_set) if task_set is not None else bank)
+        self.children.append(child)
+        self.started.set()
+        return child
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def adapter_path(name: str) -> str:
+    return str(Path("/adapters") / name)

@@ -1,0 +1,157 @@
+"""The real `increlora-serve` under faults, on loopback: the model process killed under load, the crash-loop
+limit, SIGTERM with requests in flight. Every answer is checked against the adapter alone; every wait is
+bounded."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.helpers.http_adapters import make_tiny_adapters
+from tests.helpers.server import close_to, exit_code_and_log, metric, model_pid, start_server, stop, wait_ready
+
+TASKS = {"sentiment": 2, "topic": 3, "similarity": 1}
+WORDS = "good bad film plot actor story music game team vote market phone".split()
+RECOVERY_S = 60  # a restart of the tiny model took 4-8 s on a busy 2-core VM; the bound leaves room for worse
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, http_base):
+    return make_tiny_adapters(tmp_path_factory.mktemp("resilient"), http_base, TASKS)
+
+
+@pytest.fixture(scope="module")
+def bodies_and_answers(adapters):
+    """Request bodies over every task, and each one's answers from its adapter loaded alone."""
+    from serving import AdapterBank
+
+    names = list(TASKS)
+    bodies = [{"task": names[i % 3], "inputs": [" ".join(WORDS[(i + j) % 12:][:4] + WORDS[:j]) for j in
+                                                   range(1 + i % 2)]} for i in range(24)]
+    alone = {task: AdapterBank.load([adapters / task]) for task in TASKS}
+    answers = [alone[b["task"]].predict(b["inputs"], [b["task"]] * len(b["inputs"])) for b in bodies]
+    return bodies, answers
+
+
+def right(response: httpx.Response, want: list[dict]) -> bool:
+    got = response.json()["predictions"]
+    return len(got) == len(want) and all(close_to(g, w) for g, w in zip(got, want))
+
+
+async def load(base: str, bodies: list[dict], answers: list[list[dict]], stop_event: asyncio.Event,
+               outcomes: list, concurrency: int = 8) -> None:
+    """Send the bodies round-robin from `concurrency` clients until `stop_event`; record (time, status, right)."""
+    async def client(k: int) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            i = k
+            while not stop_event.is_set():
+                body, want = bodies[i % len(bodies)], answers[i % len(bodies)]
+                i += concurrency
+                try:
+                    r = await c.post("/v1/predict", json=body)
+                except httpx.TimeoutException:
+                    outcomes.append((time.monotonic(), "hung", False))
+                    continue
+                except httpx.TransportError:
+                    outcomes.append((time.monotonic(), "no answer", False))
+                    await asyncio.sleep(0.05)
+                    continue
+                outcomes.append((time.monotonic(), r.status_code, r.status_code == 200 and right(r, want)))
+                if r.status_code != 200:
+                    await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+
+
+def test_killing_the_model_process_three_times_under_load_loses_no_right_answer(adapters, bodies_and_answers):
+    bodies, answers = bodies_and_answers
+    proc, base, log = start_server(["--adapters", str(adapters), "--max-batch-size", "8", "--request-timeout", "20"])
+    outcomes: list = []
+    recoveries: list[float] = []
+    try:
+        wait_ready(base)
+        pids = {model_pid(log)}
+
+        async def faults() -> None:
+            stop_event = asyncio.Event()
+            sending = asyncio.ensure_future(load(base, bodies, answers, stop_event, outcomes))
+            async with httpx.AsyncClient(base_url=base, timeout=5) as c:
+                for _ in range(3):
+                    served = sum(1 for o in outcomes if o[1] == 200)
+                    while sum(1 for o in outcomes if o[1] == 200) < served + 20:  # under load, serving
+                        await asyncio.sleep(0.05)
+                    os.kill(max(pids), signal.SIGKILL)
+                    killed = time.monotonic()
+                    while (await c.get("/ready")).status_code != 200 or \
+                            not any(o[1] == 200 and o[0] > killed for o in outcomes):
+                        assert time.monotonic() - killed < RECOVERY_S, "not back in time"
+                        await asyncio.sleep(0.05)
+                    recoveries.append(time.monotonic() - killed)
+                    pids.add(await asyncio.to_thread(model_pid, log, pids))
+            stop_event.set()
+            await sending
+
+        asyncio.run(asyncio.wait_for(faults(), 4 * RECOVERY_S))
+        restarts = metric(base, "increlora_model_restarts_total")
+    finally:
+        stop(proc)
+    statuses = {o[1] for o in outcomes}
+    wrong = [o for o in outcomes if o[1] == 200 and not o[2]]
+    assert not wrong and statuses <= {200, 503, 504}, (statuses, wrong[:3])
+    assert len(recoveries) == 3 and max(recoveries) < RECOVERY_S and restarts == 3
+    assert sum(1 for o in outcomes if o[1] == 200) >= 60, "the load did not keep going"
+
+
+def test_at_the_crash_limit_health_fails_and_the_log_says_why(adapters):
+    proc, base, log = start_server(["--adapters", str(adapters), "--max-crashes", "2", "--crash-window", "600"])
+    try:
+        wait_ready(base)
+        first = model_pid(log)
+        os.kill(first, signal.SIGKILL)
+        wait_ready(base, RECOVERY_S)
+        os.kill(model_pid(log, {first}), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/health", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "/health never failed"
+            time.sleep(0.05)
+        health = httpx.get(f"{base}/health", timeout=5)
+        predicted = httpx.post(f"{base}/v1/predict", json={"task": "topic", "inputs": "x"}, timeout=5)
+        assert proc.poll() is None  # the server stays up for the orchestrator to replace
+    finally:
+        stop(proc)
+    output = "".join(log.queue)
+    assert health.status_code == 503 and "stopped restarting" in health.json()["detail"]
+    assert predicted.status_code == 503
+    assert "CRITICAL" in output and "2 crashes of the model process within 600 s (--max-crashes 2)" in output
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_answers):
+    bodies, answers = bodies_and_answers
+    proc, base, log = start_server(["--adapters", str(adapters), "--max-batch-size", "64", "--max-wait-ms", "1500",
+                                    "--drain-seconds", "20"])
+    try:
+        wait_ready(base)
+
+        async def drain() -> tuple:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                flying = [asyncio.ensure_future(c.post("/v1/predict", json=b)) for b in bodies[:8]]
+                while await asyncio.to_thread(metric, base, "increlora_queue_depth") < 8:
+                    await asyncio.sleep(0.02)  # all eight wait for the batch to fill (1.5 s)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                ready = await c.get("/ready")
+                refused = await c.post("/v1/predict", json=bodies[0])
+                return ready, refused, await asyncio.gather(*flying)
+
+        ready, refused, answered = asyncio.run(asyncio.wait_for(drain(), 30))
+    finally:
+        code, output = exit_code_and_log(proc, log)
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert refused.status_code == 503
+    assert [r.status_code for r in answered] == [200] * 8
+    assert all(right(r, want) for r, want in zip(answered, answers))
+    assert code == 0 and "drained; stopping" in output and "Traceback" not in output, output[-3000:]

@@ -1,0 +1,242 @@
+"""Supervision of the model process (serving.http.supervisor) on stand-in children: restarts with the task
+set of the moment, the retried prediction, back-off, the crash-loop limit, and what the app answers meanwhile."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.http import ServiceSettings, create_app
+from serving.http.cli import main as serve_main
+from serving.http.errors import ModelFailedError, ModelRestartingError
+from serving.http.supervisor import RestartPolicy, SupervisedBank, TaskSet, restore
+from tests.helpers.asgi import in_the_model, in_the_queue, serving
+from tests.helpers.fake_bank import FakeBank, answer
+from tests.helpers.fake_child import FakeStarter, adapter_path
+
+FAST = RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, max_backoff_s=0.2)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def model_down(self, detail):
+        self.events.append(("down", detail))
+
+    def model_up(self, recovery_s):
+        self.events.append(("up", recovery_s))
+
+    def model_failed(self, detail):
+        self.events.append(("failed", detail))
+
+
+def supervised(policy: RestartPolicy = FAST, retry_wait_s: float = 5.0) -> tuple[SupervisedBank, FakeStarter]:
+    starter = FakeStarter()
+    return SupervisedBank(starter.start(), starter, policy, retry_wait_s), starter
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_restart_policy_backs_off_from_the_second_crash_and_refuses_nonsense():
+    policy = RestartPolicy(max_crashes=9, backoff_s=1.0, max_backoff_s=5.0)
+    assert [policy.delay(n) for n in range(1, 7)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
+    for bad in ({"max_crashes": 0}, {"window_s": 0}, {"backoff_s": -1}):
+        with pytest.raises(ValueError, match="--max-crashes"):
+            RestartPolicy(**bad)
+
+
+def test_the_command_refuses_a_crash_limit_below_one(tmp_path, capsys):
+    assert serve_main(["--adapters", str(tmp_path), "--max-crashes", "0"]) == 2
+    assert "--max-crashes (max_crashes) >= 1" in capsys.readouterr().err
+
+
+def test_restore_drops_removed_tasks_and_loads_admin_added_ones_again(caplog):
+    bank = FakeBank()  # sst2, topic, stsb
+    task_set = TaskSet(("sst2", "extra", "gone"), (("extra", adapter_path("extra")), ("gone", "/nowhere/gone")))
+    bank.add = lambda path, add=bank.add: add(path) if "nowhere" not in str(path) else (_ for _ in ()).throw(
+        FileNotFoundError(path))
+    assert sorted(restore(bank, task_set).tasks) == ["extra", "sst2"]
+    assert "'gone'" in caplog.text and "no longer load" in caplog.text
+
+
+def test_a_dead_child_is_replaced_by_one_serving_the_tasks_of_that_moment():
+    bank, starter = supervised()
+    recorder = Recorder()
+    bank.listen(recorder)
+    try:
+        assert bank.add(adapter_path("extra")) == "extra"
+        bank.remove("stsb")
+        first = starter.children[0]
+        first.kill()
+        wait_until(lambda: bank.state == "up" and bank.pid != first.pid)
+        assert starter.task_sets[-1] == TaskSet(("sst2", "topic", "extra"), (("extra", adapter_path("extra")),))
+        assert sorted(bank.tasks) == ["extra", "sst2", "topic"]
+        assert bank.predict(["good"], ["extra"]) == [answer("extra", "good", ["no", "yes"])]
+        assert [e[0] for e in recorder.events] == ["down", "up"]
+        assert f"model process {first.pid} ended (exit code -9)" in recorder.events[0][1]
+    finally:
+        bank.close()
+
+
+def test_a_prediction_running_when_the_child_dies_is_retried_once_on_the_next():
+    bank, starter = supervised()
+    first = starter.children[0]
+    first.bank.gate = threading.Event()
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(bank.predict(["good film"], ["sst2"])))
+    worker.start()
+    try:
+        assert first.bank.entered.wait(5)
+        first.kill()
+        wait_until(lambda: len(starter.children) == 2)
+        first.bank.gate.set()  # the dead child's call now fails: the prediction goes to the new child
+        worker.join(10)
+        assert outcome == [[answer("sst2", "good film", ["negative", "positive"])]]
+        assert len(starter.children[1].bank.calls) == 1
+    finally:
+        bank.close()
+
+
+def test_a_retry_that_fails_too_is_answered_503():
+    bank, starter = supervised(retry_wait_s=0.5)
+    starter.children[0].kill()
+    wait_until(lambda: len(starter.children) == 2 and bank.state == "up")
+    second = starter.children[1]
+    second.bank.gate = threading.Event()
+    errors: list[BaseException] = []
+
+    def predict():
+        try:
+            bank.predict(["x"], ["sst2"])
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    worker = threading.Thread(target=predict)
+    worker.start()
+    try:
+        assert second.bank.entered.wait(5)
+        starter.gate = threading.Event()  # the third child never comes while the retry waits
+        second.kill()
+        second.bank.gate.set()
+        worker.join(10)
+        assert not worker.is_alive() and isinstance(errors[0], ModelRestartingError)
+    finally:
+        starter.gate.set()
+        bank.close()
+
+
+def test_failed_starts_count_as_crashes_and_back_off():
+    policy = RestartPolicy(max_crashes=4, window_s=60, backoff_s=0.3, max_backoff_s=1.0)
+    bank, starter = supervised(policy)
+    try:
+        starter.fail = 1
+        killed = time.monotonic()
+        starter.children[0].kill()
+        wait_until(lambda: len(starter.children) == 2 and bank.state == "up")
+        assert len(starter.task_sets) == 3  # the first start, the failed one, the one that serves
+        assert time.monotonic() - killed >= 0.3  # the second attempt waited its back-off
+    finally:
+        bank.close()
+
+
+def test_at_the_crash_limit_the_bank_gives_up_and_says_why():
+    bank, starter = supervised()
+    recorder = Recorder()
+    bank.listen(recorder)
+    try:
+        for n in range(1, 3):
+            starter.children[-1].kill()
+            wait_until(lambda n=n: len(starter.children) == n + 1 and bank.state == "up")
+        starter.children[-1].kill()
+        wait_until(lambda: bank.state == "failed")
+        assert "3 crashes of the model process within 60 s (--max-crashes 3)" in bank.detail
+        assert recorder.events[-1][0] == "failed" and len(starter.children) == 3
+        with pytest.raises(ModelFailedError, match="no longer answers"):
+            bank.predict(["x"], ["sst2"])
+    finally:
+        bank.close()
+
+
+def test_close_cancels_a_start_and_no_restart_follows():
+    bank, starter = supervised()
+    bank.close()
+    starter.children[0].kill()
+    time.sleep(0.2)
+    assert starter.cancelled.is_set() and bank.state == "closed" and len(starter.task_sets) == 1
+    with pytest.raises(ModelRestartingError, match="shutting down"):
+        bank.predict(["x"], ["sst2"])
+
+
+# --- what the app answers ---------------------------------------------------------------------------
+
+def test_the_app_answers_503_with_retry_after_while_restarting_and_serves_after():
+    bank, starter = supervised()
+    app = create_app(bank, ServiceSettings(max_wait_ms=0))
+    try:
+        with TestClient(app) as c:
+            starter.gate = threading.Event()  # hold the restart
+            starter.children[0].kill()
+            wait_until(lambda: bank.state == "restarting")
+            r = c.get("/ready")
+            assert r.status_code == 503 and r.json()["status"] == "restarting" and r.headers["Retry-After"] == "1"
+            r = c.post("/v1/predict", json={"task": "sst2", "inputs": "x"})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "restart" in r.json()["detail"]
+            assert c.get("/health").status_code == 200
+            starter.gate.set()
+            wait_until(lambda: bank.state == "up")
+            assert c.get("/ready").status_code == 200
+            assert c.post("/v1/predict", json={"task": "sst2", "inputs": "x"}).status_code == 200
+            metrics = c.get("/metrics").text
+            assert "increlora_model_crashes_total 1.0" in metrics and "increlora_model_restarts_total 1.0" in metrics
+            assert "increlora_model_recovery_seconds_count 1.0" in metrics and "increlora_model_up 1.0" in metrics
+    finally:
+        bank.close()
+
+
+def test_queued_requests_get_503_at_once_and_the_running_one_is_retried():
+    bank, starter = supervised()
+    first = starter.children[0]
+    first.bank.gate = threading.Event()
+    app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0))
+
+    async def go():
+        async with serving(app) as c:
+            running = await in_the_model(c, first.bank)
+            queued = await in_the_queue(c, app)
+            starter.gate = threading.Event()  # the new child comes only when the test says
+            first.kill()
+            refused = await asyncio.wait_for(queued, 5)  # answered before any new child serves
+            starter.gate.set()
+            first.bank.gate.set()
+            return refused, await asyncio.wait_for(running, 10)
+
+    try:
+        refused, retried = asyncio.run(asyncio.wait_for(go(), 30))
+    finally:
+        bank.close()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert retried.status_code == 200
+    assert retried.json()["predictions"][0]["label"] == answer("sst2", "runs", ["negative", "positive"])["label"]
+
+
+def test_health_fails_once_the_server_stopped_restarting():
+    bank, starter = supervised(RestartPolicy(max_crashes=1))
+    with TestClient(create_app(bank, ServiceSettings())) as c:
+        starter.children[0].kill()
+        wait_until(lambda: bank.state == "failed")
+        health, ready = c.get("/health"), c.get("/ready")
+        predicted = c.post("/v1/predict", json={"task": "sst2", "inputs": "x"})
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    assert "stopped restarting" in health.json()["detail"] and "--max-crashes 1" in health.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
+    assert predicted.status_code == 503 and "stopped restarting" in predicted.json()["detail"]
+    assert len(starter.task_sets) == 1
