@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
-from tests.helpers.train_cli import FAST, write_csv
+from tests.helpers.train_cli import FAST, assert_same_adapter, write_csv
 from tests.tiny import tiny_classifier
 from training.cli import build_parser, main, options_from
 
@@ -56,16 +56,6 @@ class InterruptAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
-
-
-def assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
-    a, b = read_adapter(a_dir), read_adapter(b_dir)
-    assert a.rank_pattern == b.rank_pattern
-    for name, f in a.modules.items():
-        for key in "AEB":
-            torch.testing.assert_close(getattr(b.modules[name], key), getattr(f, key), atol=atol, rtol=0)
-    for key, t in a.saved.items():
-        torch.testing.assert_close(b.saved[key], t, atol=atol, rtol=0)
 
 
 def test_train_outputs_and_resume_after_ctrl_c(tiny_base, files, tmp_path, capsys):

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from serving import AdapterBank
 from serving.http import ServiceSettings, create_app
 from tests.helpers.fake_bank import FakeBank
-from tests.helpers.http_adapters import make_tiny_adapters
+from tests.helpers.http_adapters import assert_predictions, expected, make_tiny_adapters
 
 TOKEN = "s3cret-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,22 +40,6 @@ def client(bank, adapter_dir):
                                max_wait_ms=1)
     with TestClient(create_app(bank, settings)) as c:
         yield c
-
-
-def expected(bank, task, inputs):
-    rows = bank.predict([x if isinstance(x, str) else tuple(x) for x in inputs], [task] * len(inputs))
-    return [{k: v for k, v in r.items() if k != "task"} for r in rows]
-
-
-def assert_predictions(got, want):
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        if "value" in w:
-            assert g["value"] == pytest.approx(w["value"], abs=1e-5)
-        else:
-            assert g["label"] == w["label"] and g["score"] == pytest.approx(w["score"], abs=1e-5)
-            assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)
 
 
 # --- service endpoints ----------------------------------------------------------------------------

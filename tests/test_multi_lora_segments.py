@@ -10,25 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serving import lora_segments, lora_segments_reference
+from tests.helpers.segments import random_case
 from tests.helpers.threads import shared_out
 
 lora_math = importlib.import_module("serving.ops.lora_segments")
-
-
-def random_case(seed: int, rows: list[int], ranks: list[int], fan_in: int = 24, fan_out: int = 40,
-                dtype: torch.dtype = torch.float32):
-    """Factors scaled so that an update is of the order of the activations, as in a trained adapter
-    (unit-variance factors would make updates of ~sqrt(in * r), beyond what a 1e-5 float32 check means)."""
-    g = torch.Generator().manual_seed(seed)
-    bounds, start = [], 0
-    for n in rows:
-        bounds.append((start, start + n))
-        start += n
-    x = torch.randn(start, fan_in, generator=g).to(dtype)
-    out = torch.randn(start, fan_out, generator=g).to(dtype)
-    a_list = [(torch.randn(r, fan_in, generator=g) / fan_in ** 0.5).to(dtype) for r in ranks]
-    b_list = [(torch.randn(fan_out, r, generator=g) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
-    return x, bounds, a_list, b_list, out
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["one-thread", "shared-out"])

@@ -12,8 +12,8 @@ import pytest
 
 from serving import AdapterBank
 from tests.helpers.adapters import TASKS, adapter_set
+from tests.helpers.http_adapters import assert_predictions, expected
 from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
-from tests.test_http_app import assert_predictions, expected
 
 INPUTS = ["great film", "bad movie", ["a good plot", "the story"], "hello", "the best movie ever", "dull"]
 TOKEN = "ray-admin"
@@ -38,12 +38,12 @@ def wait_ready(url: str, seconds: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_base, tmp_path_factory):  # noqa: F811
+def served(ray_cluster, http_base, tmp_path_factory):  # noqa: F811
     from ray import serve
 
     from serving.http.ray_serve import build_application
 
-    adapters = adapter_set(tiny_base, tmp_path_factory.mktemp("ray_adapters"))
+    adapters = adapter_set(http_base, tmp_path_factory.mktemp("ray_adapters"))  # a tokenizer that knows its words
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_application(adapters, replicas=2, max_tasks_per_replica=2, replica_cpus=0.25,

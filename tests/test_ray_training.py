@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
-from tests.test_cli import assert_same_adapter
+from tests.helpers.train_cli import assert_same_adapter
 from training.cli import main
 
 ARGS = ["--steps", "3", "--batch-size", "8", "--max-length", "16", "--init-warmup", "1", "--interval", "1",

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from serving import lora_segments_reference
 from serving.ops import PackedFactors, PackedSlot
 from serving.ops.triton_segments import BLOCK_M, BLOCK_R, build_table, lora_segments_packed, lora_segments_triton
+from tests.helpers.segments import random_case
 from tests.helpers.triton_compile import variants
-from tests.test_multi_lora_segments import random_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative to the largest value of the result: float32 sums in another order; the half types round h

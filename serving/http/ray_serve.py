@@ -19,12 +19,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +108,27 @@ class BankReplica:
         self.loading = asyncio.Lock()
 
     async def predict(self, task: str, inputs: list) -> list[dict]:
-        await self._ready(task)
+        with self._holding(task):
+            await self._ready(task)
+            return await self.batcher.submit(task, inputs, self.settings.request_timeout)
+
+    async def task_info(self, task: str) -> dict[str, Any]:
+        with self._holding(task):
+            await self._ready(task)
+            return self.bank.task_info(task)
+
+    @contextlib.contextmanager
+    def _holding(self, task: str) -> Iterator[None]:
+        """Count a request for `task` from before it is loaded until it is answered: an eviction (on
+        Serve's thread, at any moment) leaves the task in the bank until the count is back to 0."""
         with self.lock:
             self.inflight[task] += 1
         try:
-            return await self.batcher.submit(task, inputs, self.settings.request_timeout)
+            yield
         finally:
             with self.lock:
                 self.inflight[task] -= 1
                 self._drop_if_evicted(task)
-
-    async def task_info(self, task: str) -> dict[str, Any]:
-        await self._ready(task)
-        return self.bank.task_info(task)
 
     async def check_adapter(self, path: str) -> str:
         """Load an adapter folder here (the admin's add is refused if this fails); returns its task."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.tiny import _vocab, make_tiny_base, tiny_classifier
 
 
@@ -40,3 +42,19 @@ def make_tiny_adapters(folder: Path, base_dir: Path, tasks: dict[str, int]) -> P
         kw = {"labels": [f"{task}_{j}" for j in range(num_labels)]} if num_labels > 1 else {}
         save_adapter(model.eval(), folder / task, task=task, **kw)
     return folder
+
+
+def expected(bank, task, inputs):
+    rows = bank.predict([x if isinstance(x, str) else tuple(x) for x in inputs], [task] * len(inputs))
+    return [{k: v for k, v in r.items() if k != "task"} for r in rows]
+
+
+def assert_predictions(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        if "value" in w:
+            assert g["value"] == pytest.approx(w["value"], abs=1e-5)
+        else:
+            assert g["label"] == w["label"] and g["score"] == pytest.approx(w["score"], abs=1e-5)
+            assert g["scores"] == pytest.approx(w["scores"], abs=1e-5)

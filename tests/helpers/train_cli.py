@@ -4,6 +4,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
+from increlora import read_adapter
+
 # A schedule short enough for the suite that still grows ranks, saves checkpoints and evaluates.
 FAST = ["--steps", "28", "--batch-size", "16", "--max-length", "24", "--init-warmup", "4", "--interval", "2",
         "--warmup-steps", "4", "--lr", "5e-3", "--save-steps", "8", "--no-progress"]
@@ -22,3 +26,13 @@ def write_csv(path: Path, n: int, seed: int) -> Path:
         lines.append(f"{' '.join(words)},{'pos' if pos else 'neg'}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
+    a, b = read_adapter(a_dir), read_adapter(b_dir)
+    assert a.rank_pattern == b.rank_pattern
+    for name, f in a.modules.items():
+        for key in "AEB":
+            torch.testing.assert_close(getattr(b.modules[name], key), getattr(f, key), atol=atol, rtol=0)
+    for key, t in a.saved.items():
+        torch.testing.assert_close(b.saved[key], t, atol=atol, rtol=0)
