@@ -14,6 +14,7 @@ benchmark continues where it stopped. Training checkpoints in --work let a kille
 
     python benchmarks/quality.py                      # everything, in order; resumable
     python benchmarks/quality.py --report             # tables from the results so far
+    python benchmarks/quality.py --parallel 2         # two runs at a time, one thread each
     python benchmarks/quality.py --variants sms_spam-1k --methods lora --lrs 1e-3 --seeds 0 --steps 20
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,8 @@ def run(args, variant: str, name: str, method: str, lr: float, seed: int, extra:
     # this checkout's code (also where another is installed); idle OpenMP threads sleep, so a run sharing
     # the cores with other work does not spin against it
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT)}
+    if args.parallel > 1:  # runs side by side share the cores out
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], flush=True)
@@ -86,7 +90,7 @@ def run(args, variant: str, name: str, method: str, lr: float, seed: int, extra:
         "plan": (metrics.get("growth") or {}).get("plan"),
         "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
         "loss_curve": [[e["step"], e["loss"]] for e in log if "loss" in e],
-        "code": code, "argv": argv,
+        "code": code, "argv": argv, "threads": env.get("OMP_NUM_THREADS"),
     }
     agreement = out / "scoring_agreement.json"
     if agreement.is_file():
@@ -111,22 +115,32 @@ def chosen_lr(grid: dict[float, dict]) -> float:
     return max(sorted(grid), key=lambda lr: grid[lr]["validation"])
 
 
+def run_all(args, jobs: list[tuple]) -> list[dict]:
+    """run(args, *job) for every job, --parallel at a time; results in the order of the jobs."""
+    if args.parallel == 1:
+        return [run(args, *job) for job in jobs]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        return list(pool.map(lambda job: run(args, *job), jobs))
+
+
 def variant_runs(args, variant: str) -> dict[str, dict]:
     """Every method's grid and seeds on one variant: {method: {"grid": {lr: r}, "lr": lr, "runs": [r...]}}."""
-    out = {}
-    for method in args.methods:  # the grid of every method first, then the seeds
-        out[method] = {"grid": {lr: run(args, variant, method, method, lr, args.seeds[0]) for lr in args.lrs}}
-        out[method]["lr"] = chosen_lr(out[method]["grid"])
+    grid = [(variant, m, m, lr, args.seeds[0]) for m in args.methods for lr in args.lrs]  # every grid first
+    done = iter(run_all(args, grid))
+    out = {m: {"grid": {lr: next(done) for lr in args.lrs}} for m in args.methods}
     for method in args.methods:
-        lr = out[method]["lr"]
-        out[method]["runs"] = [out[method]["grid"][lr]] + [run(args, variant, method, method, lr, s)
-                                                            for s in args.seeds[1:]]
+        out[method]["lr"] = chosen_lr(out[method]["grid"])
+    seeds = [(variant, m, m, out[m]["lr"], s) for m in args.methods for s in args.seeds[1:]]
+    done = iter(run_all(args, seeds))
+    for method in args.methods:
+        out[method]["runs"] = [out[method]["grid"][out[method]["lr"]]] + [next(done) for _ in args.seeds[1:]]
     return out
 
 
 def ablation_runs(args, variant: str, lr: float) -> dict[str, list[dict]]:
-    return {name: [run(args, variant, name, "increlora", lr, s, extra) for s in args.seeds]
-            for name, extra in ABLATIONS.items()}
+    jobs = [(variant, name, "increlora", lr, s, extra) for name, extra in ABLATIONS.items() for s in args.seeds]
+    done = iter(run_all(args, jobs))
+    return {name: [next(done) for _ in args.seeds] for name in ABLATIONS}
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -284,6 +298,8 @@ def main() -> None:
                     help="one JSON per finished run (committed; reused on the next start)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="run folders and checkpoints")
     ap.add_argument("--report", action="store_true", help="print the tables from the results so far and stop")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs side by side, each with cores / N threads (see BENCHMARKS.md)")
     args = ap.parse_args()
     args.variants = args.variants.split(",")
     args.methods = args.methods.split(",")
