@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
-from tests.helpers.train_cli import FAST, assert_same_adapter, write_csv
+from tests.helpers.train_cli import FAST, InterruptAt, assert_same_adapter, write_csv
 from tests.tiny import tiny_classifier
 from training.cli import build_parser, main, options_from
 
@@ -45,17 +43,6 @@ def test_accuracy(tiny_base, adapter_dir: Path, test_csv: Path) -> float:
 
 
 test_accuracy.__test__ = False
-
-
-class InterruptAt(TrainerCallback):
-    """Sends a real SIGINT (Ctrl-C) to this process at the end of a given step."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_train_outputs_and_resume_after_ctrl_c(tiny_base, files, tmp_path, capsys):

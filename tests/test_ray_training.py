@@ -1,5 +1,6 @@
 """increlora-train --ray on a local Ray cluster: each task a Ray task, the same adapters as one process,
-a failed task named without stopping the others, finished tasks skipped on a rerun."""
+a failed task named without stopping the others, an interrupted task continued from its checkpoint and
+finished tasks skipped on a rerun."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
-from tests.helpers.train_cli import assert_same_adapter
+from tests.helpers.train_cli import InterruptAt, assert_same_adapter
 from training.cli import main
 
 ARGS = ["--steps", "3", "--batch-size", "8", "--max-length", "16", "--init-warmup", "1", "--interval", "1",
@@ -20,18 +21,22 @@ def test_tasks_on_ray_equal_single_process_runs_and_failures_are_named(ray_clust
     assert main(["--tasks", "sms_spam,bbc_news", "--output", str(alone), "--model", str(tiny_base), *ARGS]) == 0
     capsys.readouterr()
     fanned = tmp_path / "ray"
+    # sms_spam was interrupted at step 2 (on this machine); --resume continues it on Ray
+    assert main(["--task", "sms_spam", "--output", str(fanned / "sms_spam"), "--model", str(tiny_base), *ARGS],
+                callbacks=[InterruptAt(2)]) == 130
     argv = ["--tasks", "sms_spam,nope,bbc_news", "--output", str(fanned), "--model", str(tiny_base), *ARGS,
-            "--ray", "--cpus-per-task", "0.5"]
+            "--ray", "--cpus-per-task", "0.5", "--resume"]
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert "1 of 3 tasks failed: nope:" in err and "sms_spam: done" in out and "bbc_news: done" in out
+    assert json.loads((fanned / "sms_spam" / "metrics.json").read_text())["resumed_from_step"] == 2
     for task in ("sms_spam", "bbc_news"):
         assert_same_adapter(alone / task, fanned / task)
         assert (json.loads((alone / task / "metrics.json").read_text())["test"]
                 == pytest.approx(json.loads((fanned / task / "metrics.json").read_text())["test"], abs=1e-4))
     # a rerun with --resume skips what finished and retries what failed (still failing here)
     argv[argv.index("sms_spam,nope,bbc_news")] = "sms_spam,bbc_news"
-    assert main(argv + ["--resume"]) == 0
+    assert main(argv) == 0
     assert "sms_spam: done (already finished)" in capsys.readouterr().out
 
 

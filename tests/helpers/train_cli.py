@@ -1,10 +1,13 @@
 """Generated CSV data and a fast schedule for `increlora-train` on the tiny model."""
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from increlora import read_adapter
 
@@ -36,3 +39,14 @@ def assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
             torch.testing.assert_close(getattr(b.modules[name], key), getattr(f, key), atol=atol, rtol=0)
     for key, t in a.saved.items():
         torch.testing.assert_close(b.saved[key], t, atol=atol, rtol=0)
+
+
+class InterruptAt(TrainerCallback):
+    """Sends a real SIGINT (Ctrl-C) to this process at the end of a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
