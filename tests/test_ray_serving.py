@@ -13,7 +13,6 @@ import pytest
 from serving import AdapterBank
 from tests.helpers.adapters import TASKS, adapter_set
 from tests.helpers.http_adapters import assert_predictions, expected
-from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
 
 INPUTS = ["great film", "bad movie", ["a good plot", "the story"], "hello", "the best movie ever", "dull"]
 TOKEN = "ray-admin"
@@ -38,7 +37,7 @@ def wait_ready(url: str, seconds: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, http_base, tmp_path_factory):  # noqa: F811
+def served(ray_cluster, http_base, tmp_path_factory):
     from ray import serve
 
     from serving.http.ray_serve import build_application

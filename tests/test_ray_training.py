@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tests.helpers.ray_cluster import ray_cluster  # noqa: F401 - the module's local cluster
 from tests.helpers.train_cli import InterruptAt, assert_same_adapter
 from training.cli import main
 
@@ -15,8 +14,7 @@ ARGS = ["--steps", "3", "--batch-size", "8", "--max-length", "16", "--init-warmu
         "--top-h", "4", "--save-steps", "10", "--no-progress", "--seed", "3"]
 
 
-def test_tasks_on_ray_equal_single_process_runs_and_failures_are_named(ray_cluster, tiny_base, tmp_path,  # noqa: F811
-                                                                        capsys):
+def test_tasks_on_ray_equal_single_process_runs_and_failures_are_named(ray_cluster, tiny_base, tmp_path, capsys):
     alone = tmp_path / "alone"
     assert main(["--tasks", "sms_spam,bbc_news", "--output", str(alone), "--model", str(tiny_base), *ARGS]) == 0
     capsys.readouterr()
