@@ -13,6 +13,7 @@ import pytest
 from serving import AdapterBank
 from tests.helpers.adapters import TASKS, adapter_set
 from tests.helpers.http_adapters import assert_predictions, expected
+from tests.helpers.server import wait_ready
 
 INPUTS = ["great film", "bad movie", ["a good plot", "the story"], "hello", "the best movie ever", "dull"]
 TOKEN = "ray-admin"
@@ -22,18 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(url: str, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/ready did not answer 200 within {seconds} s")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def served(ray_cluster, http_base, tmp_path_factory):
                             settings={"admin_token": TOKEN, "max_wait_ms": 2.0})
     serve.run(app, name="increlora", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
+    wait_ready(url, seconds=90)
     try:
         yield url, AdapterBank.load(adapters)
     finally:
