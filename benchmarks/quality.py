@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("lora", "increlora", "adalora")
 VARIANTS = ("rotten_tomatoes-1k", "sms_spam-1k", "bbc_news-1k", "rotten_tomatoes", "sms_spam", "bbc_news")
 LOW_RESOURCE = 1000
+# IncreLoRA with a named option, run like a method of its own (its own learning-rate grid, --methods NAME)
+OPTIONS = {"increlora_lora_init": ("increlora", ["--init", "lora"])}
 ABLATIONS = {  # name -> IncreLoRA options changed
     "no_orth": ["--orth-reg-weight", "0"],
     "no_advance_learning": ["--no-advance-learning"],
@@ -115,6 +117,12 @@ def chosen_lr(grid: dict[float, dict]) -> float:
     return max(sorted(grid), key=lambda lr: grid[lr]["validation"])
 
 
+def _job(variant: str, name: str, lr: float, seed: int) -> tuple:
+    """run()'s arguments for a --methods entry: a method, or a name in OPTIONS."""
+    method, extra = OPTIONS.get(name, (name, []))
+    return variant, name, method, lr, seed, extra
+
+
 def run_all(args, jobs: list[tuple]) -> list[dict]:
     """run(args, *job) for every job, --parallel at a time; results in the order of the jobs."""
     if args.parallel == 1:
@@ -125,12 +133,12 @@ def run_all(args, jobs: list[tuple]) -> list[dict]:
 
 def variant_runs(args, variant: str) -> dict[str, dict]:
     """Every method's grid and seeds on one variant: {method: {"grid": {lr: r}, "lr": lr, "runs": [r...]}}."""
-    grid = [(variant, m, m, lr, args.seeds[0]) for m in args.methods for lr in args.lrs]  # every grid first
+    grid = [_job(variant, m, lr, args.seeds[0]) for m in args.methods for lr in args.lrs]  # every grid first
     done = iter(run_all(args, grid))
     out = {m: {"grid": {lr: next(done) for lr in args.lrs}} for m in args.methods}
     for method in args.methods:
         out[method]["lr"] = chosen_lr(out[method]["grid"])
-    seeds = [(variant, m, m, out[m]["lr"], s) for m in args.methods for s in args.seeds[1:]]
+    seeds = [_job(variant, m, out[m]["lr"], s) for m in args.methods for s in args.seeds[1:]]
     done = iter(run_all(args, seeds))
     for method in args.methods:
         out[method]["runs"] = [out[method]["grid"][out[method]["lr"]]] + [next(done) for _ in args.seeds[1:]]
@@ -180,10 +188,11 @@ def main_table(results: dict[str, dict]) -> str:
             if not runs:
                 continue
             diff = ""
-            if method == "increlora" and by_method.get("lora", {}).get("runs"):
+            increlora = _job("", method, 0.0, 0)[2] == "increlora"
+            if increlora and by_method.get("lora", {}).get("runs"):
                 p = paired(runs, by_method["lora"]["runs"])
                 diff = f"{p[0]:+.4f} ({p[1]} of {p[2]} seeds > 0)" if p else ""
-            ended = ", ".join(str(x["growth_ended_at"]) for x in runs) if method == "increlora" else ""
+            ended = ", ".join(str(x["growth_ended_at"]) for x in runs) if increlora else ""
             rows.append(f"| {variant} ({runs[0]['main_metric']}) | {method} | {r['lr']:g} | "
                         f"{mean_std([x['test'] for x in runs])} | {mean_std([x['validation'] for x in runs])} | "
                         f"{len(runs)} | {diff} | {runs[0]['trainable_parameters']:,} | {ended} |")

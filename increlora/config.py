@@ -44,6 +44,7 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
 }
 
 RANK_SCALINGS = ("active", "fixed")
+INITS = ("paper", "lora")
 # 2: orth_reg_weight divides the regulariser by 2 x modules (version 1: by modules), and growth fires at
 # s > init_warmup with s % interval == 0 (version 1: at init_warmup + k x interval).
 CONFIG_VERSION = 2
@@ -105,6 +106,11 @@ class IncreLoraConfig:
         "Weight of the orthogonality regulariser: the loss gains weight x (sum over modules of "
         "||A A^T - I||_F + ||B^T B - I||_F) / (2 x modules), as in the authors' code and PEFT's AdaLoRA.", 0.1)
     init_std: float = _help("Std of the normal init of A and B.", 0.02)
+    init: str = _help(
+        "How every module's first components start. 'paper': A and B normal (init_std), e = 0, as in the "
+        "authors' code. 'lora': as a LoRA adapter, A Kaiming-uniform, B = 0, e = 1, so B learns from the first "
+        "step. Both start with a zero update; components added by growth start the same way under either.",
+        "paper")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -142,6 +148,7 @@ class IncreLoraConfig:
         need(self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         need(self.reserve_e > 0, f"reserve_e must be > 0, got {self.reserve_e!r}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         need(self.rank_scaling in RANK_SCALINGS,
              f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
         need(self.target_total_rank is not None or self.target_avg_rank is not None,

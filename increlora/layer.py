@@ -6,6 +6,7 @@ adds are new tensors (a new optimizer param group) and older blocks keep their o
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -65,6 +66,17 @@ class IncreLoraLinear(nn.Module):
         self.lora_B.append(b)
         self._update_scaling()
         return [a, e, b]
+
+    def add_first_block(self, k: int) -> list[nn.Parameter]:
+        """The module's starting components, initialised as config.init says (the update is zero either way)."""
+        params = self.add_block(k)
+        if self.config.init == "lora":
+            a, e, b = params
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's init of a [k, in] weight
+                e.fill_(1.0)
+                b.zero_()
+        return params
 
     def make_reserves(self) -> list[nn.Parameter]:
         """Create add_rank reserve components: A, B trainable, e frozen at reserve_e."""

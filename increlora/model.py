@@ -102,7 +102,7 @@ def apply_increlora(model: nn.Module, config: IncreLoraConfig) -> nn.Module:
         p.requires_grad_(False)
     for name in names:
         layer = IncreLoraLinear(model.get_submodule(name), config)
-        layer.add_block(config.init_rank)
+        layer.add_first_block(config.init_rank)
         if config.advance_learning:
             layer.make_reserves()
         set_submodule(model, name, layer)

@@ -32,6 +32,7 @@ def test_config_takes_numpy_numbers_as_python_ones():
     ({"beta1": 1.0}, "beta1"),
     ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"rank_scaling": "sqrt"}, "rank_scaling"),
+    ({"init": "kaiming"}, "init must be one of"),
     ({"target_avg_rank": None, "target_total_rank": None}, "budget"),
     ({"target_modules": "query("}, "regex"),
     ({"target_modules": []}, "target_modules"),
@@ -68,11 +69,12 @@ def test_budget_below_start_is_an_error():
         IncreLoraConfig(target_total_rank=5).rank_budget(12)
 
 
-def test_apply_keeps_outputs_and_freezes_backbone(tiny_base):
+@pytest.mark.parametrize("init", ["paper", "lora"])
+def test_apply_keeps_outputs_and_freezes_backbone(tiny_base, init):
     model = tiny_classifier(tiny_base, 3).eval()
     ids = torch.randint(5, 100, (3, 9))
     before = model(input_ids=ids).logits
-    apply_increlora(model, IncreLoraConfig())
+    apply_increlora(model, IncreLoraConfig(init=init))
     after = model.eval()(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     ranks = rank_pattern(model)

@@ -86,6 +86,31 @@ def test_growth_without_advance_learning_starts_at_zero():
     torch.testing.assert_close(layer(x) - layer.base_layer(x), delta_before / 2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("init", ["paper", "lora"])
+def test_first_components_start_as_config_init_says(init):
+    config = IncreLoraConfig(init=init, init_rank=2, lora_dropout=0.0)
+    torch.manual_seed(0)
+    layer = IncreLoraLinear(nn.Linear(64, 5), config)
+    layer.add_first_block(config.init_rank)
+    layer.make_reserves()
+    (a,), (e,), (b,) = layer.lora_A, layer.lora_E, layer.lora_B
+    x = torch.randn(8, 64)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)  # a zero update either way
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    if init == "paper":  # the authors' start: only e has a gradient, A and B are small normals
+        assert torch.all(e == 0) and e.grad.abs().sum() > 0
+        assert a.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+        assert abs(a.std().item() - config.init_std) < 0.01 and abs(b.std().item() - config.init_std) < 0.01
+    else:  # LoRA's start: only B has a gradient; A bounded by nn.Linear's 1 / sqrt(in)
+        assert torch.all(e == 1) and torch.all(b == 0) and b.grad.abs().sum() > 0
+        assert a.grad.abs().sum() == 0 and e.grad.abs().sum() == 0
+        assert a.abs().max() <= 1 / 8 and a.std() > 1 / 8 / 3
+    # reserves start as the paper's under either init (advance learning trains them from there)
+    assert torch.all(layer.reserve_E == config.reserve_e) and layer.reserve_B.abs().sum() > 0
+
+
 def test_fixed_scaling_does_not_rescale_on_growth():
     layer = make_layer(advance_learning=False, rank_scaling="fixed", lora_alpha=8.0)
     x = torch.randn(2, 6)

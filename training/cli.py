@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from increlora import IncreLoraConfig
-from increlora.config import RANK_SCALINGS
+from increlora.config import INITS, RANK_SCALINGS
 from increlora.errors import IncreLoraError
 
 from .methods import METHODS
@@ -58,6 +58,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kw.update(type=_names, metavar="A,B,...")
         elif f.name == "rank_scaling":
             kw.update(choices=RANK_SCALINGS)
+        elif f.name == "init":
+            kw.update(choices=INITS)
         elif isinstance(default, bool):
             kw.update(action=argparse.BooleanOptionalAction)
         elif "int" in str(f.type) and "float" not in str(f.type):
