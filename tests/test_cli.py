@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,20 @@ def test_resume_refuses_changed_options(tiny_base, files, tmp_path, capsys):
         (checkpoint / f"rng_state_{rank}.pth").write_bytes(b"")
     assert cli(tiny_base, files, out, "--resume") == 1
     assert "processes" in capsys.readouterr().err
+
+
+def test_resume_before_the_first_checkpoint_starts_afresh(tiny_base, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_base, files, out, callbacks=[InterruptAt(3)]) == 130
+    for checkpoint in (out / "checkpoints").glob("checkpoint-*"):  # as if killed before its first save
+        shutil.rmtree(checkpoint)
+    (out / "checkpoints" / "checkpoint-2").mkdir()  # a save that was cut off is still refused
+    assert cli(tiny_base, files, out, "--resume") == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+    (out / "checkpoints" / "checkpoint-2").rmdir()
+    assert cli(tiny_base, files, out, "--resume") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] is None and metrics["train_steps"] == 28
 
 
 @pytest.mark.parametrize(("method", "stop_at"), [("lora", 11), ("adalora", 11), ("adalora", 20)])
