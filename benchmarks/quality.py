@@ -201,10 +201,13 @@ def main_table(results: dict[str, dict]) -> str:
 
 def summary_table(results: dict[str, dict], seeds: int) -> str:
     """Mean test score over the variants every method finished."""
-    done = [v for v, by in results.items() if all(len(by.get(m, {}).get("runs") or []) == seeds for m in by)]
+    def finished(variant: str, m: str) -> bool:
+        return len(results[variant].get(m, {}).get("runs") or []) == seeds
+
+    done = [v for v, by in results.items() if all(finished(v, m) for m in by if m not in OPTIONS)]
     if not done:
         return "(no variant finished for every method yet)"
-    methods = list(results[done[0]])
+    methods = [m for m in results[done[0]] if all(finished(v, m) for v in done)]
     rows = ["| method | mean test over " + ", ".join(done) + " |", "|---|---|"]
     for m in methods:
         mean = statistics.mean(statistics.mean(x["test"] for x in results[v][m]["runs"]) for v in done)
@@ -237,7 +240,7 @@ def load_results(args) -> tuple[dict, dict]:
     results, ablations = {}, {}
     for variant in args.variants:
         by_method = {}
-        for method in args.methods:
+        for method in [*args.methods, *(o for o in OPTIONS if o not in args.methods)]:  # options where run
             grid = {lr: json.loads(p.read_text()) for lr in args.lrs
                     if (p := result_path(args, variant, method, lr, args.seeds[0])).is_file()}
             if not grid:
