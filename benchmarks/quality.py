@@ -230,8 +230,9 @@ def ablation_table(variant: str, base: list[dict], ablations: dict[str, list[dic
     if agreements:
         same = sum(a["identical"] for a in agreements)
         total = sum(a["decisions"] for a in agreements)
+        runs = f"{len(agreements)} run" + "s" * (len(agreements) != 1)
         rows.append(f"\nWindowed scoring made the same growth decision as every-step scoring at {same} of {total} "
-                    f"growth steps ({same / max(total, 1):.1%}) over {len(agreements)} runs scored on every step.")
+                    f"growth steps ({same / max(total, 1):.1%}) over {runs} scored on every step.")
     return "\n".join(rows)
 
 
