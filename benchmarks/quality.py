@@ -117,9 +117,14 @@ def chosen_lr(grid: dict[float, dict]) -> float:
     return max(sorted(grid), key=lambda lr: grid[lr]["validation"])
 
 
+def _method(name: str) -> tuple[str, list[str]]:
+    """The method and extra options of a --methods entry: a method, or a name in OPTIONS."""
+    return OPTIONS.get(name, (name, []))
+
+
 def _job(variant: str, name: str, lr: float, seed: int) -> tuple:
-    """run()'s arguments for a --methods entry: a method, or a name in OPTIONS."""
-    method, extra = OPTIONS.get(name, (name, []))
+    """run()'s arguments for a --methods entry."""
+    method, extra = _method(name)
     return variant, name, method, lr, seed, extra
 
 
@@ -188,7 +193,7 @@ def main_table(results: dict[str, dict]) -> str:
             if not runs:
                 continue
             diff = ""
-            increlora = _job("", method, 0.0, 0)[2] == "increlora"
+            increlora = _method(method)[0] == "increlora"
             if increlora and by_method.get("lora", {}).get("runs"):
                 p = paired(runs, by_method["lora"]["runs"])
                 diff = f"{p[0]:+.4f} ({p[1]} of {p[2]} seeds > 0)" if p else ""

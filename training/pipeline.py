@@ -210,12 +210,12 @@ def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> s
     if checkpoint is not None:
         _check_resume_options(folder / RUN_FILE, opts, checkpoint)
         return checkpoint
-    if resume and folder.is_dir() and any(folder.glob("checkpoint-*")):
-        raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")
-    if resume and folder.is_dir():  # stopped (e.g. killed) before its first save: nothing to keep
+    if resume and folder.is_dir():
+        if any(folder.glob("checkpoint-*")):  # every save there was cut off
+            raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")
+        # stopped (e.g. killed) before its first save: nothing to keep
         logger.info("%s: the run in %s stopped before its first checkpoint; starting from step 0", task, output)
-        return None
-    if resume:
+    elif resume:
         logger.info("%s: nothing to resume in %s; starting", task, output)
     return None
 
