@@ -183,10 +183,16 @@ def paired(inc: list[dict], base: list[dict]) -> tuple[float, int, int] | None:
     return (statistics.mean(diffs), sum(d > 0 for d in diffs), len(diffs)) if diffs else None
 
 
+def final_loss(run: dict) -> float:
+    """Mean training loss over the last tenth of the logged steps: how far a run fit its training data."""
+    losses = [loss for _, loss in run["loss_curve"]]
+    return statistics.mean(losses[-max(1, len(losses) // 10):])
+
+
 def main_table(results: dict[str, dict]) -> str:
     rows = ["| variant (test metric) | method | lr | test (mean ± std) | validation | seeds | "
-            "IncreLoRA - LoRA (test, paired) | trainable params | growth ended at step |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "IncreLoRA - LoRA (test, paired) | final train loss | trainable params | growth ended at step |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, by_method in results.items():
         for method, r in by_method.items():
             runs = r.get("runs") or []
@@ -200,7 +206,8 @@ def main_table(results: dict[str, dict]) -> str:
             ended = ", ".join(str(x["growth_ended_at"]) for x in runs) if increlora else ""
             rows.append(f"| {variant} ({runs[0]['main_metric']}) | {method} | {r['lr']:g} | "
                         f"{mean_std([x['test'] for x in runs])} | {mean_std([x['validation'] for x in runs])} | "
-                        f"{len(runs)} | {diff} | {runs[0]['trainable_parameters']:,} | {ended} |")
+                        f"{len(runs)} | {diff} | {statistics.mean(map(final_loss, runs)):.3f} | "
+                        f"{runs[0]['trainable_parameters']:,} | {ended} |")
     return "\n".join(rows)
 
 
