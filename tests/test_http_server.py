@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import signal
 import subprocess
@@ -73,7 +74,9 @@ def test_the_command_exits_when_the_adapters_fail_to_load(tmp_path):
 
 
 def test_ctrl_c_stops_the_server_with_exit_code_130_and_no_traceback(adapters):
-    proc, base, lines = start_server(["--adapters", str(adapters)])
+    # started with SIGINT ignored, as a script's background job (and a test run started as one) is
+    ignore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    proc, base, lines = start_server(["--adapters", str(adapters)], preexec_fn=ignore)
     try:
         wait_ready(base)
         proc.send_signal(signal.SIGINT)

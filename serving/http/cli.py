@@ -5,6 +5,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def api_keys(given: list[str] | None, environ: dict[str, str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C (SIGINT) stops the server with exit status 130, also when it was started with SIGINT ignored,
+    # as a script's background job is
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.adapters.exists():
         print(f"increlora-serve: --adapters {args.adapters}: no such file or folder", file=sys.stderr)
