@@ -7,10 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
 
+from serving.http.cli import main as serve_main
 from tests.helpers.http_adapters import make_tiny_adapters
 from tests.helpers.server import close_to, exit_code_and_log, start_server, stop, wait_ready
 
@@ -71,6 +73,14 @@ def test_the_command_exits_when_the_adapters_fail_to_load(tmp_path):
     r = subprocess.run([sys.executable, "-m", "serving.cli", "--adapters", str(tmp_path / "empty"), "--port", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "loading the adapters failed" in r.stderr, r.stderr[-3000:]
+
+
+def test_the_command_can_be_called_outside_the_main_thread(tmp_path):
+    got = []  # a signal handler set from another thread would raise ValueError and leave this empty
+    thread = threading.Thread(target=lambda: got.append(serve_main(["--adapters", str(tmp_path / "none")])))
+    thread.start()
+    thread.join(60)
+    assert got == [2]
 
 
 def test_ctrl_c_stops_the_server_with_exit_code_130_and_no_traceback(adapters):

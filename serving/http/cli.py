@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..bank import AdapterBank
@@ -117,8 +118,9 @@ def api_keys(given: list[str] | None, environ: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Ctrl-C (SIGINT) stops the server with exit status 130, also when it was started with SIGINT ignored,
-    # as a script's background job is
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # as a script's background job is. Only the main thread may set it (uvicorn, too, skips signals elsewhere).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.adapters.exists():
         print(f"increlora-serve: --adapters {args.adapters}: no such file or folder", file=sys.stderr)
