@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -75,20 +76,25 @@ def snapshot(model, alloc) -> tuple[dict, dict]:
     return tensors, {"ranks": alloc.rank_pattern(), "history": [(e.step, e.module, e.added) for e in alloc.history]}
 
 
-def _replica(rank: int, world: int, base: str, init_file: str, out: str, mode: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _replica(rank: int, world: int, base: str, init_file: str, out: str, modes: tuple[str, ...]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=5))
     try:
-        if mode == "independent":  # one process group, but each process trains its own model on its own data
-            torch.manual_seed(1000)
-            result = train(base, replicas=False, data_seed=123 + rank)
-        elif mode == "missing-grads":
-            _check_missing_gradients(base, rank)
-            return
-        else:
-            result = train(base, rank, world, sync_gradients=mode != "ddp-nosync", loss_from_logits=mode == "logits")
-        tensors, meta = snapshot(*result)
-        save_file(tensors, f"{out}/rank{rank}.safetensors")
-        Path(f"{out}/rank{rank}.json").write_text(json.dumps(meta))
+        for mode in modes:
+            folder = Path(out, mode)
+            folder.mkdir(exist_ok=True)
+            if mode == "independent":  # one process group, but each process trains its own model on its own data
+                torch.manual_seed(1000)
+                result = train(base, replicas=False, data_seed=123 + rank)
+            elif mode == "missing-grads":
+                _check_missing_gradients(base, rank)
+                continue
+            else:
+                result = train(base, rank, world, sync_gradients=mode != "ddp-nosync",
+                               loss_from_logits=mode == "logits")
+            tensors, meta = snapshot(*result)
+            save_file(tensors, folder / f"rank{rank}.safetensors")
+            (folder / f"rank{rank}.json").write_text(json.dumps(meta))
     finally:
         dist.destroy_process_group()
 
@@ -110,12 +116,21 @@ def _check_missing_gradients(base, rank: int) -> None:
     assert sync.syncs == 2
 
 
-def run_replicas(base, tmp_path: Path, mode: str = "ddp", world: int = 2):
-    mp.spawn(_replica, args=(world, str(base), str(tmp_path / "init"), str(tmp_path), mode),
-             nprocs=world, join=True)
-    if mode == "missing-grads":
-        return []
-    return [(load_file(tmp_path / f"rank{r}.safetensors"), json.loads((tmp_path / f"rank{r}.json").read_text()))
+MODES = ("ddp", "logits", "missing-grads", "ddp-nosync", "independent")
+
+
+@pytest.fixture(scope="module")
+def replica_runs(tmp_path_factory, request) -> Path:
+    """Two replicas run every mode, one after another, in one pair of processes: starting them is the slow
+    part. A mode that fails stops the pair, and the tests below report its traceback."""
+    out = tmp_path_factory.mktemp("replicas")
+    mp.spawn(_replica, args=(2, str(request.getfixturevalue("tiny_base")), str(out / "init"), str(out), MODES),
+             nprocs=2, join=True)
+    return out
+
+
+def replicas(out: Path, mode: str, world: int = 2) -> list[tuple[dict, dict]]:
+    return [(load_file(out / mode / f"rank{r}.safetensors"), json.loads((out / mode / f"rank{r}.json").read_text()))
             for r in range(world)]
 
 
@@ -127,8 +142,8 @@ def single(tmp_path_factory, request):
     return snapshot(model, alloc)
 
 
-def test_two_replicas_train_like_one_process_with_the_whole_batch(tiny_base, tmp_path, single):
-    (t0, m0), (t1, m1) = run_replicas(tiny_base, tmp_path)
+def test_two_replicas_train_like_one_process_with_the_whole_batch(replica_runs, single):
+    (t0, m0), (t1, m1) = replicas(replica_runs, "ddp")
     ref_tensors, ref_meta = single
     assert m0 == m1, "replicas grew differently"
     assert t0.keys() == t1.keys()
@@ -143,25 +158,25 @@ def test_two_replicas_train_like_one_process_with_the_whole_batch(tiny_base, tmp
         torch.testing.assert_close(t0[name], ref, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_a_loss_computed_from_the_logits_is_synced_too(tiny_base, tmp_path, single):
-    (t0, m0), (t1, m1) = run_replicas(tiny_base, tmp_path, mode="logits")
+def test_a_loss_computed_from_the_logits_is_synced_too(replica_runs, single):
+    (t0, m0), (t1, m1) = replicas(replica_runs, "logits")
     assert m0 == m1 and all(torch.equal(t0[n], t1[n]) for n in t0)
     assert m0["history"] == [list(h) for h in single[1]["history"]]
 
 
-def test_gradients_missing_on_some_replicas(tiny_base, tmp_path):
-    run_replicas(tiny_base, tmp_path, mode="missing-grads")  # asserts inside each process
+def test_gradients_missing_on_some_replicas(replica_runs):
+    assert (replica_runs / "missing-grads").is_dir()  # the checks ran inside each process, which would have failed
 
 
-def test_without_gradient_sync_the_replicas_drift_apart(tiny_base, tmp_path):
+def test_without_gradient_sync_the_replicas_drift_apart(replica_runs):
     # The check above would pass vacuously if DDP already reduced the adapter: show it does not.
-    (t0, _), (t1, _) = run_replicas(tiny_base, tmp_path, mode="ddp-nosync")
+    (t0, _), (t1, _) = replicas(replica_runs, "ddp-nosync")
     lora = [n for n in t0 if ".lora_A." in n]
     assert lora and any(not torch.equal(t0[n], t1[n]) for n in lora)
 
 
-def test_processes_training_models_of_their_own_do_not_sync_with_replicas_false(tiny_base, tmp_path, single):
-    (t0, m0), (t1, _) = run_replicas(tiny_base, tmp_path, mode="independent")
+def test_processes_training_models_of_their_own_do_not_sync_with_replicas_false(replica_runs, single):
+    (t0, m0), (t1, _) = replicas(replica_runs, "independent")
     ref_tensors, ref_meta = single  # rank 0 trained on the single run's data, alone
     assert m0["history"] == [list(h) for h in ref_meta["history"]]
     for name, ref in ref_tensors.items():

@@ -11,9 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import AdapterBank, BankLoadError, DuplicateTaskError
-from serving.bank.process_bank import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError
+from serving.bank.process_bank import OPENMP_WAIT_VARIABLES, ProcessBank, WorkerDiedError, _passive_openmp
 from serving.http import create_app
 from serving.http.model_process import ProcessBankLoader
+from serving.ops.lora_segments import openmp_threads_sleep
 from tests.helpers.http_adapters import make_tiny_adapters
 from tests.helpers.server import close_to
 
@@ -92,6 +93,10 @@ def _raised(fn) -> list[BaseException]:
     return []
 
 
+def _openmp_env() -> dict:
+    return {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}
+
+
 class EnvBank:
     """A stand-in bank that reports the model process's OpenMP settings."""
 
@@ -101,7 +106,7 @@ class EnvBank:
 
     def task_info(self, name: str) -> dict:
         shares = importlib.import_module("serving.ops.lora_segments").SHARE_OUT
-        return {**{v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES}, "share_out": shares}
+        return {**_openmp_env(), "share_out": shares}
 
 
 @pytest.mark.parametrize("preset, passive, want", [
@@ -110,16 +115,24 @@ class EnvBank:
     ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "ACTIVE"),  # the user's choice wins
     ({"GOMP_SPINCOUNT": "1000"}, True, None),
 ])
-def test_the_model_process_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, preset, passive, want):
+def test_idle_openmp_threads_are_told_to_sleep_unless_the_user_chose(monkeypatch, preset, passive, want):
     for var in OPENMP_WAIT_VARIABLES:
         monkeypatch.delenv(var, raising=False)
     for var, value in preset.items():
         monkeypatch.setenv(var, value)
-    bank = ProcessBank.start(EnvBank, passive_openmp=passive)
+    with _passive_openmp(passive):  # what a model process started now inherits
+        assert os.environ.get("OMP_WAIT_POLICY") == want
+        assert openmp_threads_sleep() is (want == "PASSIVE")  # the multi-adapter math shares out only then
+    assert _openmp_env() == {v: preset.get(v) for v in OPENMP_WAIT_VARIABLES}
+
+
+def test_the_model_process_starts_with_sleeping_openmp_threads(monkeypatch):
+    for var in OPENMP_WAIT_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    bank = ProcessBank.start(EnvBank, passive_openmp=True)
     try:
         info = bank.task_info("env")
-        assert info["OMP_WAIT_POLICY"] == want
-        assert info["share_out"] is (want == "PASSIVE")  # the multi-adapter math shares out only then
+        assert info["OMP_WAIT_POLICY"] == "PASSIVE" and info["share_out"] is True
     finally:
         bank.close()
-    assert {v: os.environ.get(v) for v in OPENMP_WAIT_VARIABLES} == {v: preset.get(v) for v in OPENMP_WAIT_VARIABLES}
+    assert _openmp_env() == dict.fromkeys(OPENMP_WAIT_VARIABLES)
