@@ -88,6 +88,7 @@ def _replica(rank: int, world: int, base: str, init_file: str, out: str, modes: 
                 result = train(base, replicas=False, data_seed=123 + rank)
             elif mode == "missing-grads":
                 _check_missing_gradients(base, rank)
+                (folder / f"rank{rank}.passed").touch()
                 continue
             else:
                 result = train(base, rank, world, sync_gradients=mode != "ddp-nosync",
@@ -165,7 +166,8 @@ def test_a_loss_computed_from_the_logits_is_synced_too(replica_runs, single):
 
 
 def test_gradients_missing_on_some_replicas(replica_runs):
-    assert (replica_runs / "missing-grads").is_dir()  # the checks ran inside each process, which would have failed
+    # the checks run inside each process: a failed one stops the pair before it marks its pass
+    assert all((replica_runs / "missing-grads" / f"rank{r}.passed").is_file() for r in range(2))
 
 
 def test_without_gradient_sync_the_replicas_drift_apart(replica_runs):
