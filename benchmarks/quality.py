@@ -53,7 +53,9 @@ def train_args(args, variant: str, method: str, lr: float, seed: int, out: Path,
             "--save-steps", "200", "--logging-steps", "25", "--no-progress", "--resume"]
     if size:
         argv += ["--max-train-examples", str(LOW_RESOURCE)]
-    return argv + extra
+    if method == "increlora":  # the authors' start, as in every run before the default became "lora"
+        argv += ["--init", "paper"]
+    return argv + extra  # an option's own --init comes later and wins
 
 
 def result_path(args, variant: str, name: str, lr: float, seed: int) -> Path:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
+from increlora.config import CONFIG_VERSION
 from tests.helpers.train_cli import FAST, InterruptAt, assert_same_adapter, write_csv
 from tests.tiny import tiny_classifier
 from training.cli import build_parser, main, options_from
@@ -293,7 +294,7 @@ def test_the_cli_derives_and_prints_the_schedule(tiny_base, files, tmp_path, cap
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
     assert log[-1]["epoch"] == pytest.approx(4.0)  # 100 examples, batch 16: 7 steps an epoch, 28 steps
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["increlora_config"]
-    assert saved["interval"] == growth["plan"]["interval"] and saved["config_version"] == 2
+    assert saved["interval"] == growth["plan"]["interval"] and saved["config_version"] == CONFIG_VERSION
 
 
 def test_max_train_examples_keeps_every_class_of_a_split_stored_by_class():

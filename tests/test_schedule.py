@@ -128,3 +128,13 @@ def test_a_version_1_config_keeps_its_meaning():
     assert IncreLoraConfig.from_dict(new.to_dict()) == new
     with pytest.raises(Exception, match="config_version 99"):
         IncreLoraConfig.from_dict({**new.to_dict(), "config_version": 99})
+
+
+def test_a_config_written_before_init_defaulted_to_lora_keeps_the_paper_start():
+    assert IncreLoraConfig().init == "lora"
+    written = IncreLoraConfig().to_dict()
+    del written["init"]  # as written before the field existed
+    for version in (1, 2):
+        assert IncreLoraConfig.from_dict({**written, "config_version": version}).init == "paper"
+        assert IncreLoraConfig.from_dict({**written, "config_version": version, "init": "lora"}).init == "lora"
+    assert IncreLoraConfig.from_dict(IncreLoraConfig(init="paper").to_dict()).init == "paper"
