@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# one pytest-xdist worker per core; a test module is one unit (tests/conftest.py says why and in which order)
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
 
 .PHONY: venv demo test test-fast lint clean
 
@@ -21,10 +23,10 @@ demo: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 lint: venv
 	$(PY) -m ruff check .

@@ -44,11 +44,44 @@ SLOW = (
 )
 
 
+# `make test` spreads the modules over pytest-xdist workers (--dist loadfile). A module is one unit, so
+# its module fixtures are built once; the Ray modules share a unit, so one worker starts one cluster.
+# Units start longest first, then the rest as collected: the last unit to start should be a short one.
+LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
+    "tests/test_ray_serving.py",       # 130 with test_ray_training
+    "tests/test_ray_training.py",
+    "tests/test_distributed.py",       # 80
+    "tests/test_http_resilience.py",   # 70
+    "tests/test_readme.py",            # 65
+    "tests/test_cli.py",               # 55
+    "tests/test_http_server.py",       # 40
+    "tests/test_triton_kernels.py",    # 40
+    "tests/test_trainer_callback.py",  # 30
+)
+SHARED_UNITS = {"tests/test_ray_training.py": "tests/test_ray_serving.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.nodeid.split("[")[0]
         if any(name == slow or name.startswith(slow + "::") for slow in SLOW):
             item.add_marker(pytest.mark.slow)
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleUnits(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return SHARED_UNITS.get(module, module)
+
+    return ModuleUnits(config, log)
 
 
 @pytest.fixture(scope="session")
