@@ -2,6 +2,13 @@ import logging
 import os
 
 import pytest
+
+# Under `make test` each pytest-xdist worker, and every process it starts, keeps to its share of the
+# cores: OpenMP threads of two processes spinning on the same cores slow both several times over.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # torch reads it once, when imported
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before they are
@@ -100,6 +107,16 @@ def other_tiny_base(tmp_path_factory):
 def http_base(tmp_path_factory):
     """Folder of the tiny base model with a tokenizer that knows its words (see make_http_base)."""
     return make_http_base(tmp_path_factory.mktemp("http_base"))
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads in this test, whatever the worker runs with: for tests that check code which
+    drops to one thread gives the count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -74,7 +74,7 @@ def test_rank_zero_factors_and_empty_segments_add_nothing():
     torch.testing.assert_close(out, before, atol=0, rtol=0)
 
 
-def test_intra_op_threads_are_restored():
+def test_intra_op_threads_are_restored(two_threads):
     threads = torch.get_num_threads()
     x, bounds, a_list, b_list, out = random_case(5, [4, 4], [2, 3])
     lora_segments(x, bounds, a_list, b_list, out)

@@ -203,7 +203,7 @@ def test_bad_adapters_are_reported_and_never_stop_the_others(tiny_base, other_ti
 
 
 @pytest.mark.parametrize("collecting", [True, False])
-def test_loading_many_leaves_the_collector_and_threads_as_they_were(adapters, collecting, monkeypatch):
+def test_loading_many_leaves_the_collector_and_threads_as_they_were(adapters, collecting, monkeypatch, two_threads):
     # loading pauses the garbage collector and runs on one intra-op thread; both come back, also
     # when reading an adapter raises something unexpected
     threads = torch.get_num_threads()
@@ -353,7 +353,7 @@ def test_when_every_folder_is_unreadable_the_error_says_why(tmp_path, adapters, 
     assert bank.tasks == [] and list(bank.load_errors) == [str(folder / "sst2")]
 
 
-def test_overlapping_loads_leave_the_collector_and_threads_as_they_were(adapters, monkeypatch):
+def test_overlapping_loads_leave_the_collector_and_threads_as_they_were(adapters, monkeypatch, two_threads):
     # two loads in two threads: the second starts while the first reads and ends after it; the
     # collector comes back on and the thread count back to what it was
     import threading
