@@ -5,9 +5,8 @@ import pytest
 
 # Under `make test` each pytest-xdist worker, and every process it starts, keeps to its share of the
 # cores: OpenMP threads of two processes spinning on the same cores slow both several times over.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # torch reads it once, when imported
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:  # torch reads it once, on import
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import torch
 
