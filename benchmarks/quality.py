@@ -14,6 +14,7 @@ benchmark continues where it stopped. Training checkpoints in --work let a kille
 
     python benchmarks/quality.py                      # everything, in order; resumable
     python benchmarks/quality.py --report             # tables from the results so far
+    python benchmarks/quality.py --report --curves benchmarks/results/quality/curves.png
     python benchmarks/quality.py --parallel 2         # two runs at a time, one thread each
     python benchmarks/quality.py --variants sms_spam-1k --methods lora --lrs 1e-3 --seeds 0 --steps 20
 """
@@ -292,6 +293,41 @@ def report(args) -> str:
     return "\n\n".join(parts)
 
 
+def plot_curves(results: dict[str, dict], path: Path) -> Path:
+    """Training loss over the steps, one panel per variant, one line per method at its chosen rate
+    (the mean over the seeds finished; IncreLoRA's includes its regulariser's term)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v, by in results.items() if any(r.get("runs") for r in by.values())]
+    cols = min(3, len(variants)) or 1
+    rows = -(-len(variants) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, variant in zip(axes.flat, variants):
+        for method, r in results[variant].items():
+            runs = r.get("runs") or []
+            if not runs:
+                continue
+            curves = [dict(map(tuple, run["loss_curve"])) for run in runs]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps],
+                    label=f"{method} ({r['lr']:g}, {len(runs)} seed{'s' * (len(runs) > 1)})")
+        ax.set_yscale("log")
+        ax.set_title(variant)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(variants):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # -- the scoring comparison, in-process -------------------------------------------------------------
 def one(argv: list[str]) -> int:
     """One training run with a callback that replays windowed scoring next to every-step scoring."""
@@ -325,6 +361,7 @@ def main() -> None:
                     help="one JSON per finished run (committed; reused on the next start)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="run folders and checkpoints")
     ap.add_argument("--report", action="store_true", help="print the tables from the results so far and stop")
+    ap.add_argument("--curves", type=Path, help="also draw the training-loss curves at the chosen rates (PNG)")
     ap.add_argument("--parallel", type=int, default=1,
                     help="runs side by side, each with cores / N threads (see BENCHMARKS.md)")
     args = ap.parse_args()
@@ -334,6 +371,8 @@ def main() -> None:
     args.seeds = [int(x) for x in args.seeds.split(",")]
     if args.report:
         print(report(args))
+        if args.curves:
+            plot_curves(load_results(args)[0], args.curves)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for variant in args.variants:
@@ -341,6 +380,8 @@ def main() -> None:
         if variant == args.ablation_variant and not args.no_ablations and "increlora" in runs:
             ablation_runs(args, variant, runs["increlora"]["lr"])
         print(report(args), flush=True)
+    if args.curves:
+        plot_curves(load_results(args)[0], args.curves)
 
 
 if __name__ == "__main__":
