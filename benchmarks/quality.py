@@ -241,13 +241,18 @@ def ablation_table(variant: str, base: list[dict], ablations: dict[str, list[dic
         diff = f"{p[0]:+.4f} ({p[1]} of {p[2]} > 0)" if p else ""
         rows.append(f"| {name} | {mean_std([r['test'] for r in runs])} | {mean_std([r['validation'] for r in runs])} "
                     f"| {diff} |")
-    agreements = [r["scoring_agreement"] for r in ablations.get("score_every_step", []) if "scoring_agreement" in r]
+    recorded = [r["scoring_agreement"] for r in ablations.get("score_every_step", []) if "scoring_agreement" in r]
+    # a replay that did not reproduce the run's own growth compared something else: it does not count
+    agreements = [a for a in recorded if a["replay_mismatches"] == 0]
     if agreements:
         same = sum(a["identical"] for a in agreements)
         total = sum(a["decisions"] for a in agreements)
         runs = f"{len(agreements)} run" + "s" * (len(agreements) != 1)
         rows.append(f"\nWindowed scoring made the same growth decision as every-step scoring at {same} of {total} "
                     f"growth steps ({same / max(total, 1):.1%}) over {runs} scored on every step.")
+    if len(agreements) < len(recorded):
+        rows.append(f"\n{len(recorded) - len(agreements)} run(s) scored on every step left out of the agreement: "
+                    "the replay's every-step choices differed from the growth the run made.")
     return "\n".join(rows)
 
 

@@ -27,8 +27,8 @@ class WindowedShadow(TrainerCallback):
         config = model.increlora_config
         if not config.score_every_step:
             raise ValueError("WindowedShadow needs a run with score_every_step=True")
-        self.config = config
         self.plan = plan_growth(config, len(self.names), state.max_steps)
+        self.config = config = self.plan.config(config)  # derived schedule fields filled in, as the run's
         self.window = config.effective_score_window
         self.every = ImportanceTracker(self.names, config.beta1, config.beta2)
         self.windowed = ImportanceTracker(self.names, config.beta1, config.beta2)

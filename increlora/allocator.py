@@ -219,6 +219,8 @@ class RankAllocator:
 def choose_modules(scores: dict[str, float], names: list[str], top_h: int, add_rank: int,
                    left: int) -> list[tuple[str, int]]:
     """The top_h modules by score (ties to the earlier module), add_rank each, `left` components at most."""
+    if not isinstance(top_h, int) or top_h < 1:  # None would slice every module in
+        raise ConfigError(f"choose_modules: top_h must be an int >= 1 (derive it with plan_growth), got {top_h!r}")
     order = sorted(range(len(names)), key=lambda i: (-scores[names[i]], i))
     chosen = []
     for i in order[:top_h]:
