@@ -283,8 +283,9 @@ def load_results(args) -> tuple[dict, dict]:
     return results, ablations
 
 
-def report(args) -> str:
-    results, ablations = load_results(args)
+def report(args, loaded: tuple[dict, dict]) -> str:
+    """The tables from load_results(args)."""
+    results, ablations = loaded[0], dict(loaded[1])
     lrs = ", ".join(f"{lr:g}" for lr in args.lrs)
     parts = [f"Setup: {args.model} backbone, {args.steps} steps, batch {args.batch_size}, max {args.max_length} "
              f"tokens, average rank 2, learning rate chosen on validation from {lrs} "
@@ -333,6 +334,14 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def show(args) -> None:
+    """Print the tables from the results so far and, with --curves, redraw the curves from the same read."""
+    loaded = load_results(args)
+    print(report(args, loaded), flush=True)
+    if args.curves:
+        plot_curves(loaded[0], args.curves)
+
+
 # -- the scoring comparison, in-process -------------------------------------------------------------
 def one(argv: list[str]) -> int:
     """One training run with a callback that replays windowed scoring next to every-step scoring."""
@@ -375,18 +384,14 @@ def main() -> None:
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
     if args.report:
-        print(report(args))
-        if args.curves:
-            plot_curves(load_results(args)[0], args.curves)
+        show(args)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for variant in args.variants:
         runs = variant_runs(args, variant)
         if variant == args.ablation_variant and not args.no_ablations and "increlora" in runs:
             ablation_runs(args, variant, runs["increlora"]["lr"])
-        print(report(args), flush=True)
-    if args.curves:
-        plot_curves(load_results(args)[0], args.curves)
+        show(args)
 
 
 if __name__ == "__main__":
