@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from increlora import BaseModelMismatchError, IncreLoraConfig, load_adapter, model_fingerprint, read_adapter
 from increlora.config import CONFIG_VERSION
@@ -115,6 +117,41 @@ def test_resume_before_the_first_checkpoint_starts_afresh(tiny_base, files, tmp_
     assert cli(tiny_base, files, out, "--resume") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] is None and metrics["train_steps"] == 28
+
+
+class SlowThenKilled(TrainerCallback):
+    """Steps that take `pause` seconds, then an error at `killed_at`: a run that ends without a checkpoint
+    of its own (as a killed process does), after the one saved at step 8."""
+
+    def __init__(self, pause: float, killed_at: int):
+        self.pause, self.killed_at = pause, killed_at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.killed_at:
+            raise RuntimeError("killed")
+        time.sleep(self.pause)
+
+
+def test_a_killed_run_resumes_with_the_training_time_its_checkpoint_took(tiny_base, files, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    assert cli(tiny_base, files, out, callbacks=[SlowThenKilled(0.25, killed_at=11)]) == 1
+    assert "killed" in capsys.readouterr().err
+    record = out / "checkpoints" / "checkpoint-8" / "elapsed.json"
+    recorded = json.loads(record.read_text())["train_seconds"]
+    assert recorded >= 8 * 0.25
+    unrecorded = tmp_path / "unrecorded"  # a checkpoint without the record (an older version's) still resumes
+    shutil.copytree(out, unrecorded)
+    (unrecorded / record.relative_to(out)).unlink()
+    with caplog.at_level(logging.WARNING, logger="training.pipeline"):
+        assert cli(tiny_base, files, unrecorded, "--resume") == 0
+    assert "no record of its training time" in caplog.text
+    started = time.perf_counter()
+    assert cli(tiny_base, files, out, "--resume") == 0
+    resumed_for = time.perf_counter() - started
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 8
+    # the time to reach step 8, plus the resumed session's: the killed steps 9-11 are not counted
+    assert recorded < metrics["train_seconds"] < recorded + resumed_for
 
 
 @pytest.mark.parametrize(("method", "stop_at"), [("lora", 11), ("adalora", 11), ("adalora", 20)])

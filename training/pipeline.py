@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from increlora import IncreLoraConfig
 from increlora.assets import resolve_model
@@ -220,6 +226,34 @@ def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> s
     return None
 
 
+class TrainTime(TrainerCallback):
+    """Training time so far, written into every checkpoint: a run killed without warning resumes with
+    the time its checkpoint took to reach, not only the time since the resume."""
+
+    def __init__(self, earlier: float):
+        self.earlier, self.started = earlier, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and saved.is_dir():
+            (saved / ELAPSED_FILE).write_text(json.dumps({"train_seconds": self.seconds()}))
+
+
+def earlier_train_seconds(task: str, checkpoint: str | None) -> float:
+    """The training time recorded up to `checkpoint` (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0.0
+    path = Path(checkpoint) / ELAPSED_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text())["train_seconds"])
+    logger.warning("%s: %s has no record of its training time; train_seconds counts from the resume only",
+                   task, checkpoint)
+    return 0.0
+
+
 def limit_training_examples(data: TaskData, n: int) -> None:
     """Keep n training examples (a low-resource run): the first n in a fixed shuffle, the same for every
     seed and method (a split stored by class, like bbc_news's, would lose whole classes to a plain cut)."""
@@ -287,15 +321,12 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
         callbacks=[*(callbacks or []), *prepared.callbacks, stop], **trainer_kwargs)
 
-    elapsed = folder / ELAPSED_FILE  # training time of earlier, interrupted sessions
-    earlier = json.loads(elapsed.read_text())["train_seconds"] if checkpoint and elapsed.is_file() else 0.0
-    started = time.perf_counter()
+    clock = TrainTime(earlier_train_seconds(task, checkpoint))
+    trainer.add_callback(clock)
     with stop:
         trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = earlier + time.perf_counter() - started
+    train_seconds = clock.seconds()
     if trainer.state.global_step < steps:
-        if procs.is_main_process:
-            elapsed.write_text(json.dumps({"train_seconds": train_seconds}))
         return TaskResult(task, output, False, trainer.state.global_step)
 
     started = time.perf_counter()
