@@ -246,12 +246,12 @@ def earlier_train_seconds(task: str, checkpoint: str | None) -> float:
     """The training time recorded up to `checkpoint` (0 for a fresh start)."""
     if checkpoint is None:
         return 0.0
-    path = Path(checkpoint) / ELAPSED_FILE
-    if path.is_file():
-        return float(json.loads(path.read_text())["train_seconds"])
-    logger.warning("%s: %s has no record of its training time; train_seconds counts from the resume only",
-                   task, checkpoint)
-    return 0.0
+    try:  # absent in an older version's checkpoint; cut off if the process was killed while writing it
+        return float(json.loads((Path(checkpoint) / ELAPSED_FILE).read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("%s: %s has no readable record of its training time; train_seconds counts from the "
+                       "resume only", task, checkpoint)
+        return 0.0
 
 
 def limit_training_examples(data: TaskData, n: int) -> None:
