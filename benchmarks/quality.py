@@ -35,7 +35,8 @@ METHODS = ("lora", "increlora", "adalora")
 VARIANTS = ("rotten_tomatoes-1k", "sms_spam-1k", "bbc_news-1k", "rotten_tomatoes", "sms_spam", "bbc_news")
 LOW_RESOURCE = 1000
 # IncreLoRA with a named option, run like a method of its own (its own learning-rate grid, --methods NAME)
-OPTIONS = {"increlora_lora_init": ("increlora", ["--init", "lora"])}
+OPTIONS = {"increlora_lora_init": ("increlora", ["--init", "lora"]),
+           "increlora_lora_grow": ("increlora", ["--init", "lora", "--grow-init", "lora"])}
 ABLATIONS = {  # name -> IncreLoRA options changed
     "no_orth": ["--orth-reg-weight", "0"],
     "no_advance_learning": ["--no-advance-learning"],

@@ -161,9 +161,13 @@ class RankAllocator:
         chosen = self.choose()
         if self.synced:  # replicas must grow alike even if their scores differ in the last bit
             chosen = distributed.broadcast_object(chosen)
+        restarted: list[nn.Parameter] = []  # grow_init="lora": joined reserves' A and B start over
         for name, k in chosen:
             layer = self.layers[name]
-            new_params += layer.grow(k)
+            added = layer.grow(k)
+            if self.config.grow_init == "lora" and not any(p is layer.lora_A[-1] for p in added):
+                restarted += [layer.lora_A[-1], layer.lora_B[-1]]
+            new_params += added
             events.append(GrowthEvent(step, name, k, layer.active_rank, scores[name]))
         if self.finished:
             for layer in self.layers.values():
@@ -175,6 +179,9 @@ class RankAllocator:
             distributed.broadcast_from_first(new_params)
         if optimizer is not None:
             fit_optimizer_state(optimizer)
+            if restarted:
+                restart_in_new_group(optimizer, restarted)
+                new_params = restarted + new_params
             if new_params:
                 add_param_group(optimizer, new_params, step if self.config.restart_warmup else 0, scheduler)
         return events
@@ -245,6 +252,16 @@ def add_param_group(optimizer: Optimizer, params: list[nn.Parameter], start: int
         if hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs.append(base_lr)
     return added
+
+
+def restart_in_new_group(optimizer: Optimizer, params: list[nn.Parameter]) -> None:
+    """Forget params' optimizer state and take them out of their groups (add_param_group puts them in the
+    step's new group next): Adam's moments from reserve_e-scaled gradients would overstep at e = 1."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in params:
+        optimizer.state.pop(p, None)
 
 
 def fit_optimizer_state(optimizer: Optimizer) -> None:

@@ -45,10 +45,12 @@ DEFAULT_MODULES_TO_SAVE: dict[str, list[str]] = {
 
 RANK_SCALINGS = ("active", "fixed")
 INITS = ("paper", "lora")
+GROW_INITS = ("paper", "lora")
 # 2: orth_reg_weight divides the regulariser by 2 x modules (version 1: by modules), and growth fires at
 # s > init_warmup with s % interval == 0 (version 1: at init_warmup + k x interval).
 # 3: init defaults to "lora" (before: "paper", and configs written before the field existed lack it).
-CONFIG_VERSION = 3
+# 4: grow_init (older configs lack it and mean its default, "paper").
+CONFIG_VERSION = 4
 
 
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
@@ -110,9 +112,14 @@ class IncreLoraConfig:
     init: str = _help(
         "How every module's first components start. 'paper': A and B normal (init_std), e = 0, as in the "
         "authors' code. 'lora': as a LoRA adapter, A Kaiming-uniform, B = 0, e = 1, so B learns from the first "
-        "step. Both start with a zero update; components added by growth start the same way under either. "
+        "step. Both start with a zero update; components added by growth start as grow_init says. "
         "The default is 'lora': it scored higher on validation in the quality benchmark (BENCHMARKS.md).",
         "lora")
+    grow_init: str = _help(
+        "How components added by growth join. 'paper': with e = reserve_e (advance learning) or 0, A and B as "
+        "they are, as in the authors' code. 'lora': as a LoRA component, e = 1 and B = 0, A kept (the reserve's, "
+        "trained in advance, else Kaiming-uniform), and A and B restart their optimizer state. Neither changes "
+        "the module's update at the join by more than the reserve's reserve_e share.", "paper")
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -151,6 +158,7 @@ class IncreLoraConfig:
         need(self.reserve_e > 0, f"reserve_e must be > 0, got {self.reserve_e!r}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        need(self.grow_init in GROW_INITS, f"grow_init must be one of {GROW_INITS}, got {self.grow_init!r}")
         need(self.rank_scaling in RANK_SCALINGS,
              f"rank_scaling must be one of {RANK_SCALINGS}, got {self.rank_scaling!r}")
         need(self.target_total_rank is not None or self.target_avg_rank is not None,
@@ -209,7 +217,7 @@ class IncreLoraConfig:
         """Read a config written by to_dict; one written by an older version is converted to keep its meaning."""
         data = dict(data)
         version = data.pop("config_version", 1)
-        if version not in (1, 2, CONFIG_VERSION):
+        if version not in (1, 2, 3, CONFIG_VERSION):
             raise ConfigError(f"IncreLoraConfig: config_version {version!r} is newer than this library reads "
                               f"({CONFIG_VERSION}); upgrade the library")
         known = {f.name for f in fields(cls)}

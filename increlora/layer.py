@@ -69,13 +69,16 @@ class IncreLoraLinear(nn.Module):
 
     def add_first_block(self, k: int) -> list[nn.Parameter]:
         """The module's starting components, initialised as config.init says (the update is zero either way)."""
+        return self._lora_block(k) if self.config.init == "lora" else self.add_block(k)
+
+    def _lora_block(self, k: int) -> list[nn.Parameter]:
+        """k new components started as a LoRA adapter's: A Kaiming-uniform, B = 0, e = 1 (a zero update)."""
         params = self.add_block(k)
-        if self.config.init == "lora":
-            a, e, b = params
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's init of a [k, in] weight
-                e.fill_(1.0)
-                b.zero_()
+        a, e, b = params
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's init of a [k, in] weight
+            e.fill_(1.0)
+            b.zero_()
         return params
 
     def make_reserves(self) -> list[nn.Parameter]:
@@ -106,6 +109,8 @@ class IncreLoraLinear(nn.Module):
         if k < 1:
             raise ConfigError(f"grow: k must be >= 1, got {k}")
         if self.reserve_A is None or not self.reserves_enabled:
+            if self.config.grow_init == "lora":
+                return self._lora_block(k)
             return self.add_block(k)
         if k > self.config.add_rank:
             raise ConfigError(f"grow: k={k} exceeds the {self.config.add_rank} reserves of this module")
@@ -125,7 +130,20 @@ class IncreLoraLinear(nn.Module):
         self.lora_E.append(e)
         self.lora_B.append(b)
         self._update_scaling()
+        if self.config.grow_init == "lora":
+            self._join_as_lora(a, e, b)
         return [e] + self.make_reserves()
+
+    def _join_as_lora(self, a: nn.Parameter, e: nn.Parameter, b: nn.Parameter) -> None:
+        """grow_init='lora': the new components take LoRA's start, e = 1 and B = 0, so B learns at the pace
+        LoRA's does instead of behind an e near zero; the caller restarts A's and B's optimizer state."""
+        with torch.no_grad():
+            e.fill_(1.0)
+            b.zero_()
+        if b.grad is not None:
+            b.grad = None
+        if a.grad is not None:
+            a.grad = None
 
     def set_structure(self, block_sizes: list[int], reserves: bool) -> None:
         """Rebuild empty blocks of the given sizes (values come from a state dict next)."""

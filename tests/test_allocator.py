@@ -87,6 +87,29 @@ def test_growth_adds_param_groups_with_restarted_warmup(tiny_base):
         assert row == pytest.approx(expected)
 
 
+def test_grow_init_lora_restarts_joined_reserves_in_the_new_group(tiny_base):
+    cfg = IncreLoraConfig(target_total_rank=14, top_h=1, grow_init="lora", **QUICK)
+    model, opt, sched, alloc = build(tiny_base, cfg, total_steps=12)
+    batches = synthetic_batches(5)
+    model.train()
+    for step, (ids, labels) in enumerate(batches):  # steps 0..4: growth at 4
+        model(input_ids=ids, labels=labels).loss.backward()
+        reserves = {n: (alloc.layers[n].reserve_A, alloc.layers[n].reserve_B) for n in alloc.names}
+        if step == 4:  # advance learning gave every reserve Adam moments
+            assert all(opt.state[p] for pair in reserves.values() for p in pair)
+        alloc.step(step, opt, sched)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    grown = alloc.history[0].module
+    a, b = alloc.layers[grown].lora_A[1], alloc.layers[grown].lora_B[1]
+    assert a is reserves[grown][0] and b is reserves[grown][1]
+    assert [g["increlora_start"] for g in opt.param_groups] == [0, 4]
+    assert [i for i, g in enumerate(opt.param_groups) for p in g["params"] if p is a or p is b] == [1, 1]
+    # skipped at the growth step (no gradient), so no moments yet: Adam starts them over at the next step
+    assert a not in opt.state and b not in opt.state and torch.all(b == 0)
+
+
 def test_without_restart_warmup_new_groups_follow_the_global_schedule(tiny_base):
     cfg = IncreLoraConfig(target_total_rank=13, restart_warmup=False, **QUICK)
     model, opt, sched, alloc, lrs = train(tiny_base, cfg, 8)

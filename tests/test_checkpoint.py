@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,13 +10,15 @@ from tests.loop import build, train
 CFG = IncreLoraConfig(target_avg_rank=3.0, top_h=2, add_rank=2, init_warmup=4, interval=3, warmup_steps=3)
 
 
+@pytest.mark.parametrize("grow_init", ["paper", "lora"])  # "lora" moves joined reserves to a new group
 @pytest.mark.parametrize("stop_at", [3, 9, 20])  # before growth, during growth, after the budget
-def test_resume_ends_with_the_same_adapter(tiny_base, tmp_path, stop_at):
+def test_resume_ends_with_the_same_adapter(tiny_base, tmp_path, stop_at, grow_init):
     steps = 24
-    full, opt_full, *_ = train(tiny_base, CFG, steps, micro=2)
+    cfg = dataclasses.replace(CFG, grow_init=grow_init)
+    full, opt_full, *_ = train(tiny_base, cfg, steps, micro=2)
     ckpt = tmp_path / "ckpt"
-    train(tiny_base, CFG, steps, micro=2, stop_at=stop_at, checkpoint_dir=ckpt)
-    resumed, opt_res, *_ = train(tiny_base, CFG, steps, micro=2, resume_from=ckpt)
+    train(tiny_base, cfg, steps, micro=2, stop_at=stop_at, checkpoint_dir=ckpt)
+    resumed, opt_res, *_ = train(tiny_base, cfg, steps, micro=2, resume_from=ckpt)
     assert rank_pattern(resumed) == rank_pattern(full)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()

@@ -33,6 +33,7 @@ def test_config_takes_numpy_numbers_as_python_ones():
     ({"lora_dropout": 1.5}, "lora_dropout"),
     ({"rank_scaling": "sqrt"}, "rank_scaling"),
     ({"init": "kaiming"}, "init must be one of"),
+    ({"grow_init": "kaiming"}, "grow_init must be one of"),
     ({"target_avg_rank": None, "target_total_rank": None}, "budget"),
     ({"target_modules": "query("}, "regex"),
     ({"target_modules": []}, "target_modules"),

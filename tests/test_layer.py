@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -84,6 +86,36 @@ def test_growth_without_advance_learning_starts_at_zero():
     # The old component is rescaled (alpha / r halves), the new one contributes nothing.
     delta_before = before - layer.base_layer(x)
     torch.testing.assert_close(layer(x) - layer.base_layer(x), delta_before / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_grow_init_lora_joins_reserves_as_lora_components():
+    layer = make_layer(add_rank=2, grow_init="lora")
+    x = torch.randn(4, 6)
+    layer(x).pow(2).sum().backward()  # this step's gradients, present when growth runs
+    reserve_a, reserve_b = layer.reserve_A, layer.reserve_B
+    trained_a = reserve_a.detach().clone()
+    layer.eval()
+    delta_before = layer(x) - layer.base_layer(x)
+    new = layer.grow(2)
+    a, e, b = layer.lora_A[1], layer.lora_E[1], layer.lora_B[1]
+    assert a is reserve_a and b is reserve_b and torch.equal(a.detach(), trained_a)  # A as advance learning left it
+    assert torch.all(e == 1) and torch.all(b == 0)
+    assert a.grad is None and b.grad is None  # the gradient taken at e = reserve_e is not applied at e = 1
+    assert set(map(id, new)) == {id(e), id(layer.reserve_A), id(layer.reserve_B)}
+    # the old component is rescaled by active scaling (1 -> 3: a third), the joined ones add nothing yet
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), delta_before / 3, rtol=1e-5, atol=1e-6)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    assert b.grad.abs().sum() > 0 and e.grad.abs().sum() == 0  # B learns first, as LoRA's does
+
+
+def test_grow_init_lora_without_reserves_adds_lora_components():
+    layer = make_layer(advance_learning=False, grow_init="lora")
+    new = layer.grow(1)
+    a, e, b = layer.lora_A[1], layer.lora_E[1], layer.lora_B[1]
+    assert [id(p) for p in new] == [id(a), id(e), id(b)]
+    assert torch.all(e == 1) and torch.all(b == 0)
+    assert a.abs().max() <= 1 / math.sqrt(6) and a.abs().max() > 0  # nn.Linear's Kaiming-uniform bound
 
 
 @pytest.mark.parametrize("init", ["paper", "lora"])

@@ -138,3 +138,11 @@ def test_a_config_written_before_init_defaulted_to_lora_keeps_the_paper_start():
         assert IncreLoraConfig.from_dict({**written, "config_version": version}).init == "paper"
         assert IncreLoraConfig.from_dict({**written, "config_version": version, "init": "lora"}).init == "lora"
     assert IncreLoraConfig.from_dict(IncreLoraConfig(init="paper").to_dict()).init == "paper"
+
+
+def test_a_config_written_before_grow_init_existed_reads_as_the_authors_growth():
+    written = IncreLoraConfig().to_dict()
+    del written["grow_init"]
+    for version in (1, 2, 3):
+        assert IncreLoraConfig.from_dict({**written, "config_version": version}).grow_init == "paper"
+    assert IncreLoraConfig.from_dict(IncreLoraConfig(grow_init="lora").to_dict()).grow_init == "lora"

@@ -21,15 +21,16 @@ from training.callback import RestartWarmupLambda
 STEPS, BATCH, LR = 40, 8, 5e-3
 
 
-def config() -> IncreLoraConfig:
+def config(**kw) -> IncreLoraConfig:
     # 12 modules, budget 24: 12 growth rounds at steps 3, 6, ..., 36 spend it and drop the reserves.
-    return IncreLoraConfig(init_warmup=2, interval=3, top_h=1, warmup_steps=3, lora_dropout=0.0, orth_reg_weight=0.1)
+    return IncreLoraConfig(init_warmup=2, interval=3, top_h=1, warmup_steps=3, lora_dropout=0.0, orth_reg_weight=0.1,
+                           **kw)
 
 
-def model_for(base):
+def model_for(base, **kw):
     model = tiny_classifier(base, 2, seed=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    return apply_increlora(model, config())
+    return apply_increlora(model, config(**kw))
 
 
 class Examples(Dataset):
@@ -51,8 +52,8 @@ class SeedBeforeGrowth(TrainerCallback):
         torch.manual_seed(1000 + state.global_step)
 
 
-def reference(base, micro: int):
-    model = model_for(base)
+def reference(base, micro: int, **kw):
+    model = model_for(base, **kw)
     cfg = model.increlora_config
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     sched = RestartWarmupScheduler(opt, cfg.warmup_steps, STEPS)
@@ -92,9 +93,10 @@ def assert_same(model, alloc, ref_model, ref_alloc):
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_plain_trainer_with_callback_matches_the_loop(tiny_base, tmp_path):
-    ref_model, ref_alloc = reference(tiny_base, micro=1)
-    model = model_for(tiny_base)
+@pytest.mark.parametrize("grow_init", ["paper", "lora"])  # "lora" moves joined reserves between groups
+def test_plain_trainer_with_callback_matches_the_loop(tiny_base, tmp_path, grow_init):
+    ref_model, ref_alloc = reference(tiny_base, micro=1, grow_init=grow_init)
+    model = model_for(tiny_base, grow_init=grow_init)
     callback = IncreLoraCallback()
     trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Examples(1),
                       callbacks=[SeedBeforeGrowth(), callback])
@@ -186,17 +188,18 @@ def test_resume_true_skips_a_checkpoint_whose_save_was_cut_short(tiny_base, tmp_
     assert Steps.done == [3, 4]  # continued from checkpoint-2
 
 
-def test_resume_after_the_budget_is_spent_ends_with_the_same_adapter(tiny_base, tmp_path):
-    # the budget is spent at step 36 and the reserves are dropped; resume from step 38
-    full = model_for(tiny_base)
+@pytest.mark.parametrize("grow_init, stop", [("paper", 38), ("lora", 38), ("lora", 20)])
+def test_resume_after_the_budget_is_spent_ends_with_the_same_adapter(tiny_base, tmp_path, grow_init, stop):
+    # the budget is spent at step 36 and the reserves are dropped; resume from step 38 (or mid-growth, 20)
+    full = model_for(tiny_base, grow_init=grow_init)
     IncreLoraTrainer(model=full, args=args(tmp_path / "full", 1), train_dataset=Examples(1),
                      callbacks=[SeedBeforeGrowth()]).train()
-    saving = dataclasses.replace(args(tmp_path / "part", 1), save_strategy="steps", save_steps=38)
-    IncreLoraTrainer(model=model_for(tiny_base), args=saving, train_dataset=Examples(1),
+    saving = dataclasses.replace(args(tmp_path / "part", 1), save_strategy="steps", save_steps=stop)
+    IncreLoraTrainer(model=model_for(tiny_base, grow_init=grow_init), args=saving, train_dataset=Examples(1),
                      callbacks=[SeedBeforeGrowth()]).train()
-    resumed = model_for(tiny_base)
+    resumed = model_for(tiny_base, grow_init=grow_init)
     trainer = IncreLoraTrainer(model=resumed, args=saving, train_dataset=Examples(1), callbacks=[SeedBeforeGrowth()])
-    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "run" / "checkpoint-38"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "run" / f"checkpoint-{stop}"))
     assert trainer.allocator.total_rank == trainer.allocator.budget
     got, want = trainable_state(resumed), trainable_state(full)
     assert set(got) == set(want)

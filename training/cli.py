@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from increlora import IncreLoraConfig
-from increlora.config import INITS, RANK_SCALINGS
+from increlora.config import GROW_INITS, INITS, RANK_SCALINGS
 from increlora.errors import IncreLoraError
 
 from .methods import METHODS
@@ -60,6 +60,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             kw.update(choices=RANK_SCALINGS)
         elif f.name == "init":
             kw.update(choices=INITS)
+        elif f.name == "grow_init":
+            kw.update(choices=GROW_INITS)
         elif isinstance(default, bool):
             kw.update(action=argparse.BooleanOptionalAction)
         elif "int" in str(f.type) and "float" not in str(f.type):
