@@ -104,7 +104,7 @@ class IncreLoraLinear(nn.Module):
         With reserves, the first k reserves become active: their A and B (already trained, with
         optimizer state) are moved as they are when k == add_rank; their e becomes trainable,
         keeping its value. A fresh set of reserves is created. Without reserves, k new components
-        start with e = 0.
+        start with e = 0. Under grow_init="lora" either kind joins with e = 1 and B = 0 instead.
         """
         if k < 1:
             raise ConfigError(f"grow: k must be >= 1, got {k}")
