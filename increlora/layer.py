@@ -140,10 +140,7 @@ class IncreLoraLinear(nn.Module):
         with torch.no_grad():
             e.fill_(1.0)
             b.zero_()
-        if b.grad is not None:
-            b.grad = None
-        if a.grad is not None:
-            a.grad = None
+        a.grad = b.grad = None
 
     def set_structure(self, block_sizes: list[int], reserves: bool) -> None:
         """Rebuild empty blocks of the given sizes (values come from a state dict next)."""
