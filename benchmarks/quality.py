@@ -366,7 +366,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--ablation-variant", default="rotten_tomatoes-1k")
+    ap.add_argument("--ablation-variant", default="rotten_tomatoes-1k",
+                    help="the ablations run here, at increlora's chosen rate, when increlora is among --methods")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--model", default="default")
     ap.add_argument("--steps", type=int, default=1000)
