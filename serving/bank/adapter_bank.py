@@ -41,6 +41,7 @@ from .adapter_folders import adapter_folders, choose_base_model, modules_to_save
 from .base_layout import BaseLayout
 from .base_model import load_base_model
 from .batch_inputs import ModelInput, check_inputs, tokenize
+from .dtype import resolve_dtype
 from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
 from .predictions import Prediction, answer
 from .registry import TaskRegistry
@@ -73,15 +74,6 @@ def _backend(backend: str, device: torch.device) -> str:
         raise BankLoadError(f"backend='triton' on {device.type} runs only in Triton's interpreter: set "
                             "TRITON_INTERPRET=1 before starting (slow; for tests), or use backend='torch'")
     return backend
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise BankLoadError(f"dtype {dtype!r} is not a torch floating-point type (float32, bfloat16, float16)")
-    return value
 
 
 _BULK_LOCK = threading.Lock()
@@ -161,7 +153,7 @@ class AdapterBank:
         self.device = _device(device)
         self.backend = _backend(backend, self.device)
         self._packed: dict[str, PackedFactors] = {}  # module -> all tasks' factors there (Triton backend)
-        dtype = _dtype(dtype)
+        dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
         self.max_length = self._max_length()
@@ -182,7 +174,8 @@ class AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.
-        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
+        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint; 'auto' is
+        bfloat16 where the device multiplies in it natively, else float32 (serving.bank.dtype).
         backend: 'auto' (Triton kernels on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
         """
         folders = adapter_folders(adapters)
