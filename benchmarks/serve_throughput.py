@@ -384,6 +384,8 @@ def main() -> None:
         if device.type == "cuda":
             gpu_methods(fns, bank, base, enc, tasks, ours)
         fns.update(ort_fns)
+        if device.type == "cpu" and bank.dtype == torch.bfloat16:  # lora_linear against the unfolded loop
+            fns["ours unfolded"] = lambda tasks=tasks: unfolded(lambda: run_ours(bank, enc, tasks))
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
         fb, fl = flops(base, bank, tasks, args.seq)
         rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
@@ -410,6 +412,10 @@ def main() -> None:
 
     if ort_fns:
         print_onnx_table(rows)
+    for k, _, t, _ in rows:
+        if "ours unfolded" in t:
+            print(f"K {k}: ours {t['ours'] / t['B0']:.3f}x B0 with the bias and updates in one product (lora_linear), "
+                  f"{t['ours unfolded'] / t['B0']:.3f}x with the unfolded loop")
 
     infos = [bank.task_info(t) for t in names]
     served = statistics.mean(i["memory_bytes"] for i in infos)
@@ -440,6 +446,16 @@ def gpu_methods(fns: dict, bank: AdapterBank, base: nn.Module, enc: dict, tasks:
     assert close(replay()[torch.argsort(order)], ours, 1e-4), "the CUDA graph replay disagrees"
     assert close(fns["ours loop"](), ours, 1e-4), "the torch loop and the Triton kernels disagree"
     fns["ours graph"] = replay
+
+
+def unfolded(fn):
+    """fn() with bfloat16 on the CPU served by the base layer then the segment loop, not lora_linear."""
+    fold = sys.modules["serving.ops.lora_segments"]
+    fold.FOLD_BF16 = False
+    try:
+        return fn()
+    finally:
+        fold.FOLD_BF16 = True
 
 
 def onnx_methods(base: nn.Module, enc: dict, folder: Path) -> dict:

@@ -63,10 +63,12 @@ def test_intra_op_threads_are_restored(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_only_bfloat16_on_the_cpu_folds():
+def test_only_bfloat16_on_the_cpu_folds(monkeypatch):
     assert folds_into_base(torch.zeros(1, dtype=torch.bfloat16))
     assert not folds_into_base(torch.zeros(1))
     assert not folds_into_base(torch.zeros(1, dtype=torch.float16))
+    monkeypatch.setattr(importlib.import_module("serving.ops.lora_segments"), "FOLD_BF16", False)
+    assert not folds_into_base(torch.zeros(1, dtype=torch.bfloat16))
 
 
 class _Task:

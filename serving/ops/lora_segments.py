@@ -62,9 +62,13 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
     return out
 
 
+# bfloat16 on the CPU: the base product and the updates in one (lora_linear); benchmarks turn it off to compare
+FOLD_BF16 = True
+
+
 def folds_into_base(x: torch.Tensor) -> bool:
     """Whether lora_linear, rather than the base layer then lora_segments, serves x (bfloat16 on the CPU)."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return FOLD_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: Segments,
