@@ -24,7 +24,7 @@ load N adapters (small ranks, MiniLM shape) from disk.
     python benchmarks/serve_throughput.py --k                                    # loading 1000 only
     python benchmarks/serve_throughput.py --kinds-only --reps 9                  # the mixed-kinds batch only
 
-Mixed kinds (--kinds N, default 16 tasks; 0 skips): a third each of sequence-classification,
+Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of sequence-classification,
 embedding (mean pooling, normalised) and token-classification (9 tags) adapters with the same ranks;
 each row's task drawn from all N. Compared with the backbone's own forward (BertModel, last hidden
 state) on the same rows: the bank's backbone pass with every task's adapter, the sequence heads, and
@@ -327,8 +327,10 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
-    p.add_argument("--kinds", type=int, default=16, help="tasks of mixed kinds for the kinds batch (0: skip)")
-    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch")
+    p.add_argument("--kinds", type=int, default=0,
+                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
+    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
+                   "unless --kinds says)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,6 +341,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base_dir, base_name = base_model_dir(work, args.random_weights)
     if args.kinds_only:
+        args.kinds = args.kinds or 16
         measure_kinds(base_dir, work, args)
         return
     if not args.k:  # --k with no values: loading only
