@@ -19,16 +19,17 @@ graph of the whole forward (the batch's table made before capture), and kernel l
 Also: the FLOP floor ((base + true LoRA FLOPs) / base FLOPs), memory per adapter, and the time to
 load N adapters (small ranks, MiniLM shape) from disk.
 
+Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of
+sequence-classification, embedding (mean pooling, normalised) and token-classification (9 tags)
+adapters with the same ranks; each row's task drawn from all N. Compared with the backbone's own
+forward (BertModel, last hidden state) on the same rows: the bank's backbone pass with every task's
+adapter, the sequence heads, and each task's token head or pooling on its rows:
+
+    python -m benchmarks.serve_throughput --kinds-only --reps 9
+
     flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
     python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
     python benchmarks/serve_throughput.py --k                                    # loading 1000 only
-    python benchmarks/serve_throughput.py --kinds-only --reps 9                  # the mixed-kinds batch only
-
-Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of sequence-classification,
-embedding (mean pooling, normalised) and token-classification (9 tags) adapters with the same ranks;
-each row's task drawn from all N. Compared with the backbone's own forward (BertModel, last hidden
-state) on the same rows: the bank's backbone pass with every task's adapter, the sequence heads, and
-each task's token head or pooling on its rows.
 """
 from __future__ import annotations
 
@@ -322,15 +323,15 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--kinds", type=int, default=0,
+                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
+    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
+                   "unless --kinds says)")
     p.add_argument("--device", default="cpu",
                    help="where the models run, e.g. cuda (loading is always timed on the CPU)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
-    p.add_argument("--kinds", type=int, default=0,
-                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
-    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
-                   "unless --kinds says)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
