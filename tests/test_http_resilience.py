@@ -170,7 +170,7 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_ans
 def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_stops_at_once(adapters,
                                                                                           bodies_and_answers):
     bodies, answers = bodies_and_answers
-    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "3", "--drain-seconds", "60"])
+    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60"])
     try:
         wait_ready(base)
         first = model_pid(log)

@@ -19,7 +19,6 @@ from tests.helpers.fake_bank import FakeBank, answer
 from tests.helpers.fake_child import FakeStarter, adapter_path
 
 FAST = RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, max_backoff_s=0.2)
-HANGS = RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, max_backoff_s=0.2, heartbeat_timeout_s=0.3)
 
 
 class Recorder:
@@ -250,7 +249,7 @@ def test_health_fails_once_the_server_stopped_restarting():
 # --- a model process that hangs ---------------------------------------------------------------------
 
 def test_a_stopped_child_is_killed_restarted_and_its_waiting_requests_get_503_meanwhile():
-    bank, starter = supervised(HANGS)
+    bank, starter = supervised(RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, heartbeat_timeout_s=0.3))
     first = starter.children[0]
     app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0))
 

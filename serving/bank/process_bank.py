@@ -111,9 +111,11 @@ class ProcessBank:
 
     def last_beat(self) -> float:
         """When (time.monotonic) the newest heartbeat of the child was read; reads those waiting. A stopped or
-        frozen child falls silent."""
+        frozen child falls silent. Without a heartbeat pipe: now."""
+        if self._beats is None:
+            return time.monotonic()
         try:
-            while self._beats is not None and self._beats.poll():
+            while self._beats.poll():
                 self._beats.recv_bytes()
                 self._last_beat = time.monotonic()
         except (EOFError, OSError):  # the child is gone, or this bank closed: no more beats

@@ -42,15 +42,18 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_requested or self.should_exit:  # a second signal: stop now, whatever waits
-            logger.warning("signal %d while stopping: stopping at once", sig)
             self.force_exit = True
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._service.abort)
+                self._loop.call_soon_threadsafe(self._abort, sig)
         if sig != signal.SIGTERM or self._loop is None or self._drain_requested or self.should_exit:
             super().handle_exit(sig, frame)
             return
         self._drain_requested = True
         self._loop.call_soon_threadsafe(self._start_drain)  # a signal handler must not touch the loop itself
+
+    def _abort(self, sig: int) -> None:
+        logger.warning("%s while stopping: killing the model process and stopping at once", signal.Signals(sig).name)
+        self._service.abort()
 
     def _start_drain(self) -> None:
         logger.info("SIGTERM: draining for up to %g s (--drain-seconds), then stopping", self._drain_seconds)

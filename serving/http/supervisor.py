@@ -207,10 +207,16 @@ class SupervisedBank:
         """`bank.predict` for rows whose crash was counted already: if `bank` dies on them, not counted again."""
         with self._cond:
             self._forgiven.add(bank)
-        answers = bank.predict(inputs, tasks)  # if it dies, it stays forgiven for the monitor to see
-        with self._cond:
-            self._forgiven.discard(bank)
-        return answers
+        died = False
+        try:
+            return bank.predict(inputs, tasks)
+        except WorkerDiedError:
+            died = True  # it stays forgiven for the monitor to see
+            raise
+        finally:
+            if not died:
+                with self._cond:
+                    self._forgiven.discard(bank)
 
     def _once(self, op: str, *args: Any) -> Any:
         bank = self._serving()
