@@ -22,6 +22,7 @@ load N adapters (small ranks, MiniLM shape) from disk.
     flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
     python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
     python benchmarks/serve_throughput.py --k                                    # loading 1000 only
+    python benchmarks/serve_throughput.py --smoke            # seconds: random weights, 2 tasks, batch 4 x 8
 """
 from __future__ import annotations
 
@@ -301,6 +302,10 @@ def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tup
     return len(tasks) * seq * (linear + attention), float(seq * lora)
 
 
+SMOKE = ["--random-weights", "--k", "2", "--reps", "1", "--batch", "4", "--seq", "8", "--max-rank", "4",
+         "--mean-rank", "2", "--load-n", "0", "--skip-peft"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, nargs="*", default=[1, 4, 16, 64, 256],
@@ -320,7 +325,10 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
+    p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
     args = p.parse_args()
+    if args.smoke:  # the smoke values first: options given explicitly still win
+        args = p.parse_args([*SMOKE, *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
