@@ -12,6 +12,7 @@ from serving import AdapterBank, BankLoadError
 from serving.ops import PackedSlot
 from tests.helpers.adapters import TASKS, adapter_set, encode, make_adapter, reference_model
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on the CPU
 INPUTS = ["great film", ("a good plot", "the story"), "bad movie", "hello world", ("win", "prize now"),
           "the best movie ever", "dull", "a plot"]
 MIXED = ["sst2", "topic", "stsb", "tags", "sst2", "mrpc", "topic", "tags"]
@@ -92,7 +93,7 @@ def test_a_forward_reads_no_device_value_back(bank, monkeypatch):
 
     tasks = [bank._registry.get(t) for t in sorted(MIXED)]
     enc = tokenize(bank.tokenizer, [INPUTS[0]] * len(tasks), bank.max_length)
-    enc = {k: v for k, v in enc.items() if k in bank._input_names}
+    enc = {k: v.to(bank.device) for k, v in enc.items() if k in bank._input_names}
     for name in ("item", "tolist"):
         def refuse(self, *args, _name=name):
             raise AssertionError(f"Tensor.{_name}() called in the forward")
@@ -147,7 +148,7 @@ def _granularity_tasks(seed, ranks=(2, 5, 3), width=16):
     from serving.ops import PackedFactors, PackedSlot
 
     g = torch.Generator().manual_seed(seed)
-    stores = {m: PackedFactors(width, width, "cpu", torch.float32, capacity=0) for m in ("tok1", "seq", "tok2")}
+    stores = {m: PackedFactors(width, width, DEVICE, torch.float32, capacity=0) for m in ("tok1", "seq", "tok2")}
     tasks = []
     for i, rank in enumerate(ranks):
         lora = {m: PackedSlot(store, store.add(torch.randn(rank, width, generator=g) / 4,
@@ -162,10 +163,10 @@ def test_layers_of_two_row_granularities_in_one_forward_each_read_their_own_tabl
     layer reads after it; the torch loop over the same packed factors is the reference."""
     from serving.layers import BatchContext, using_batch
 
-    model = _Granularities()
+    model = _Granularities().to(DEVICE)
     tasks = _granularity_tasks(0)
     rows = [tasks[0]] * 3 + [tasks[1]] * 2 + [tasks[2]] * 4
-    x = torch.randn(len(rows), 5, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(len(rows), 5, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         with using_batch(BatchContext(rows, "torch")):
             want = model(x)
@@ -214,17 +215,17 @@ def test_an_adapted_pooler_in_a_mixed_batch_equals_each_adapter_alone_forward_af
         torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-5)
 
     enc = tokenize(bank.tokenizer, inputs, bank.max_length)
-    enc = {k: v for k, v in enc.items() if k in bank._input_names}
+    enc = {k: v.to(bank.device) for k, v in enc.items() if k in bank._input_names}
     ctx = BatchContext([bank._registry.get(t) for t in tasks], "triton")
     with torch.inference_mode(), using_batch(ctx):
-        first = bank.model(**enc).logits.clone()
+        first = bank.model(**enc).logits.float().cpu()
     bank.logits(INPUTS[5:], ["pool_b", "pool_a", "pool_b"])  # other tables built on this thread
     for store in bank._packed.values():  # the packed buffers grow (copied), as adding many tasks does
         old = store.A
         store.add(torch.zeros(store.capacity + 1, store.fan_in), torch.zeros(store.fan_out, store.capacity + 1))
         assert store.A is not old
     with torch.inference_mode(), using_batch(ctx):
-        second = bank.model(**enc).logits
+        second = bank.model(**enc).logits.float().cpu()
     torch.testing.assert_close(second, first, atol=0, rtol=0)
     for row, want in zip(first, got):
         torch.testing.assert_close(row[:want.shape[0]], want, atol=1e-5, rtol=1e-5)

@@ -76,9 +76,10 @@ def test_kernels_equal_the_reference(seed, segs, fans, dtype, variant):
 def test_the_narrow_signature_and_fp32_precision_options():
     x, bounds, a_list, b_list, out = case_on_device(3, [33, 0, 4], [2, 5, 17], 40, 24)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    for precision in ("ieee", "tf32"):  # tf32 is the same as ieee in the interpreter, and close on a GPU
-        got = lora_segments_triton(x, bounds, a_list, b_list, out.clone(), precision=precision)
-        torch.testing.assert_close(got.float(), want, atol=2e-3 if precision == "tf32" else 1e-5, rtol=0)
+    scale = want.abs().max().item()
+    for precision in ("ieee", "tf32"):  # tf32 is the same as ieee in the interpreter; on an H200 it was
+        got = lora_segments_triton(x, bounds, a_list, b_list, out.clone(), precision=precision)  # 3e-3 off
+        torch.testing.assert_close(got.float(), want, atol=1e-2 * scale if precision == "tf32" else 1e-5, rtol=0)
     with pytest.raises(ValueError, match="variant"):
         lora_segments_triton(x, bounds, a_list, b_list, out.clone(), variant="padded")
 

@@ -54,9 +54,29 @@ _staging = threading.local()
 STAGING = 4  # pinned buffers per thread and device, used in turn: a batch's tables rarely wait on a copy
 
 
+class _PinnedRing:
+    """One thread's pinned host buffers for copies to one device; a buffer is refilled only once the
+    copy out of it has run (its event)."""
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * STAGING
+        self.turn = 0
+
+    def stage(self, values: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        i, self.turn = self.turn, (self.turn + 1) % STAGING
+        n, slot = len(values), self.slots[i]
+        if slot is None or slot[0].numel() < n:  # grown, never shrunk
+            slot = self.slots[i] = (torch.empty(max(1024, 1 << (n - 1).bit_length()), dtype=torch.int64,
+                                                pin_memory=True), torch.cuda.Event())
+        else:
+            slot[1].synchronize()  # the last copy out of this buffer has run
+        slot[0][:n] = torch.tensor(values, dtype=torch.int64)
+        return slot[0][:n], slot[1]
+
+
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """values as a new int64 tensor on the device; on CUDA copied without blocking, from this thread's
-    pinned staging buffers (grown, never shrunk; one is refilled once its last copy has run)."""
+    """values as a new int64 tensor on the device; on CUDA copied without blocking through this
+    thread's pinned staging buffers."""
     with torch.inference_mode(False):  # normal tensors: a table is used in and out of inference mode
         if device.type != "cuda":
             return torch.tensor(values, dtype=torch.int64, device=device)
@@ -66,20 +86,12 @@ def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
         rings = getattr(_staging, "rings", None)
         if rings is None:
             rings = _staging.rings = {}
-        ring = rings.setdefault(device, [0] + [None] * STAGING)  # [next turn, (host, event) per buffer]
-        turn = ring[0]
-        ring[0] = turn % STAGING + 1
-        n = len(values)
-        host, done = ring[turn] or (None, None)
-        if host is None or host.numel() < n:
-            host = torch.empty(max(1024, 1 << (n - 1).bit_length()), dtype=torch.int64, pin_memory=True)
-            done = torch.cuda.Event()
-            ring[turn] = (host, done)
-        else:
-            done.synchronize()  # the last copy out of this buffer has run
-        host[:n] = torch.tensor(values, dtype=torch.int64)
-        dev = torch.empty(n, dtype=torch.int64, device=device)
-        dev.copy_(host[:n], non_blocking=True)
+        ring = rings.get(device)
+        if ring is None:
+            ring = rings[device] = _PinnedRing()
+        host, done = ring.stage(values)
+        dev = torch.empty(len(values), dtype=torch.int64, device=device)
+        dev.copy_(host, non_blocking=True)
         done.record()
         return dev
 
