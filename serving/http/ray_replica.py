@@ -19,9 +19,8 @@ import ray
 from ray import serve
 
 from ..bank import AdapterBank
-from ..bank.errors import UnknownTaskError
+from ..bank.errors import DuplicateTaskError, UnknownTaskError
 from .batcher import DynamicBatcher
-from .errors import AdapterConflictError
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
 
@@ -42,8 +41,8 @@ class Catalog:
         return None if version == self.version else (self.version, dict(self.tasks))
 
     def add(self, task: str, path: str) -> None:
-        if task in self.tasks:  # a concurrent admin add got there first
-            raise AdapterConflictError(f"task {task!r} is already loaded; DELETE /v1/tasks/{task} first to reload it")
+        if task in self.tasks:  # a concurrent admin add got there first (409)
+            raise DuplicateTaskError(f"task {task!r} is already loaded; remove it first to load it again")
         self.version += 1
         self.tasks[task] = (path, self.version)
 
