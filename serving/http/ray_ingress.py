@@ -142,9 +142,8 @@ class RayBatcher(DynamicBatcher):
         loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
             call = loop.create_task(self._send(batch))
-            self._calls.add(call)
+            self._calls.add(call)  # (held until done: the loop keeps only weak references to tasks)
             call.add_done_callback(self._calls.discard)
-        await asyncio.gather(*self._calls, return_exceptions=True)
 
     async def _send(self, batch: list) -> None:
         started = time.perf_counter()
