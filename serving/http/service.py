@@ -93,8 +93,9 @@ class Service:
 
     def _attach(self, bank: Any) -> None:
         s = self.settings
-        self.batcher = DynamicBatcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                                      max_queue=s.max_queue, observer=self.metrics)
+        batcher = getattr(bank, "batcher_type", DynamicBatcher)  # a bank may batch its own way (RayBank)
+        self.batcher = batcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                               max_queue=s.max_queue, observer=self.metrics)
         self.batcher.start()
         self.bank = bank
         self.metrics.tasks_loaded.set(len(bank.tasks))
