@@ -46,8 +46,8 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served_app, mode):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case, data):
             # check() runs at once, inside this iteration: op is the current operation
-            if mode == POSITIVE and op.label == "POST /v1/predict" and data.draw(st.booleans()):  # noqa: B023
-                case.body["task"] = data.draw(st.sampled_from(list(TASKS)))  # so the model runs on generated text
+            if mode == POSITIVE and data.draw(st.booleans()):  # so the model runs on generated text
+                name_a_task(op.label, case.body, data)  # noqa: B023
             response = case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
             statuses.setdefault(op.label, set()).add(response.status_code)  # noqa: B023
 
@@ -59,6 +59,15 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served_app, mode):
         assert statuses["POST /v1/predict"] <= {413, 422} and 422 in statuses["POST /v1/predict"]
     else:
         assert {200, 404} <= statuses["POST /v1/predict"] and 200 in statuses["GET /health"]
+        assert {200, 404} <= statuses["POST /v1/rerank"]
+
+
+def name_a_task(label: str, body: dict, data) -> None:
+    """Point a generated request at a loaded task of the kind its route serves."""
+    if label == "POST /v1/predict":
+        body["task"] = data.draw(st.sampled_from(list(TASKS)))
+    elif label in ("POST /v1/rerank", "POST /v2/rerank"):
+        body["model"] = data.draw(st.sampled_from(["sst2", "stsb"]))  # two labels, one output
 
 
 def test_server_still_serves_after_the_fuzzing(served_app):

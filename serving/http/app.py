@@ -77,12 +77,14 @@ def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
 
 async def _validation_error_response(request: Request, exc: RequestValidationError) -> Response:
     # json.dumps escapes what it cannot encode (a lone surrogate echoed back would crash the default handler)
-    body = json.dumps({"detail": jsonable_encoder(exc.errors())})
+    body = json.dumps(http_retrieval.openai_error(request.url.path, 422, {"detail": jsonable_encoder(exc.errors())}))
     return Response(body, status_code=422, media_type="application/json")
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=error_headers(exc))
+    status = http_status(exc)
+    return JSONResponse(http_retrieval.openai_error(request.url.path, status, error_body(exc)), status_code=status,
+                        headers=error_headers(exc))
 
 
 # --- dependencies -------------------------------------------------------------------------------

@@ -36,6 +36,20 @@ from .service import (
     task_kind,
 )
 
+OPENAI_ROUTES = ("/v1/embeddings",)
+
+
+def openai_error(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An error body, with OpenAI's {"error": {...}} beside "detail" on OpenAI's routes: its clients show that
+    message (and only "Error code: 422" without it)."""
+    if path not in OPENAI_ROUTES:
+        return body
+    detail = body.get("detail")
+    message = detail if isinstance(detail, str) else "; ".join(
+        f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in detail or ())
+    return {**body, "error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                              "param": None, "code": None}}
+
 
 async def embeddings(service: Service, request: EmbeddingsRequest) -> EmbeddingsResponse:
     async with observed(service, "/v1/embeddings") as record:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
 
 def _check_unicode(text: str) -> str:
@@ -101,7 +101,7 @@ class EmbeddingsRequest(BaseModel):
         description="One text or a list of texts (not token ids). Embeddings come in this order.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as base64 of its little-endian float32 bytes.")
-    dimensions: StrictInt | None = Field(
+    dimensions: int | None = Field(
         None, ge=1, description="Accepted only when equal to the task's dimension: vectors are not shortened.")
     user: StrictStr | None = Field(None, description="Accepted for compatibility; unused.")
     truncate: StrictBool = Field(
@@ -163,7 +163,7 @@ class RerankRequest(BaseModel):
     query: Text
     documents: Annotated[list[Text | RerankDocument], Field(min_length=1)] = Field(
         description="Texts, or objects with a \"text\" field.")
-    top_n: StrictInt | None = Field(None, ge=1, description="Answer only the best top_n documents (default: all).")
+    top_n: int | None = Field(None, ge=1, description="Answer only the best top_n documents (default: all).")
     return_documents: StrictBool = Field(False, description="Put each document in its result.")
     truncate: StrictBool = Field(
         True, description="Cut pairs longer than the model's max length; false answers 413 for them instead.")
@@ -237,9 +237,20 @@ class ErrorBody(BaseModel):
 
     detail: str
     known_tasks: list[str] | None = None
+    error: OpenAIError | None = None
+
+
+class OpenAIError(BaseModel):
+    """On /v1/embeddings, errors also come in OpenAI's shape, whose message OpenAI's clients show."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
 class ValidationErrorBody(BaseModel):
     """Body of a 422 for an invalid request: FastAPI's list of invalid fields."""
 
     detail: list[dict[str, Any]]
+    error: OpenAIError | None = None
