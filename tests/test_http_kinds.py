@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.http import ServiceSettings, create_app
-from tests.helpers.fake_bank import KIND_TASKS, FakeBank, answer
+from tests.helpers.fake_bank import KIND_TASKS, FakeBank, FakeEmbedding, answer
 
 KEY = "client-key"
 
@@ -93,8 +93,8 @@ def test_embeddings_of_one_string_and_matching_dimensions(client, bank):
     ({"model": "embed", "input": "x", "encoding_format": "int8"}, 422, ["float", "base64"]),
     ({"model": "embed", "input": ["x", "  "]}, 422, ["empty"]),
     ({"model": "embed", "input": []}, 422, ["at least 1"]),
-    ({"model": "sst2", "input": "x"}, 422, ["'sequence-classification'", "/v1/embeddings"]),
-    ({"model": "ner", "input": "x"}, 422, ["'token-classification'"]),
+    ({"model": "sst2", "input": "x"}, 422, ["is a sequence-classification task", "/v1/embeddings"]),
+    ({"model": "ner", "input": "x"}, 422, ["is a token-classification task"]),
     ({"model": "nope", "input": "x"}, 404, ["'nope'", "embed"]),
     ({"model": "embed", "input": ["a"] * 5}, 413, ["5 inputs", "at most 4"]),
     ({"model": "embed", "input": "one two three four five six seven", "truncate": False}, 413, ["max length of 8"]),
@@ -148,8 +148,8 @@ def test_rerank_top_n_and_documents_given_as_objects_come_back_whole(client, ban
 
 
 @pytest.mark.parametrize("body, status, words", [
-    ({"model": "embed", "query": "q", "documents": ["a"]}, 422, ["'embedding'", "/v1/rerank"]),
-    ({"model": "ner", "query": "q", "documents": ["a"]}, 422, ["'token-classification'"]),
+    ({"model": "embed", "query": "q", "documents": ["a"]}, 422, ["embedding task", "reranking needs"]),
+    ({"model": "ner", "query": "q", "documents": ["a"]}, 422, ["is a token-classification task"]),
     ({"model": "topic", "query": "q", "documents": ["a"]}, 422, ["3 labels"]),
     ({"model": "nope", "query": "q", "documents": ["a"]}, 404, ["'nope'"]),
     ({"model": "stsb", "query": "q", "documents": ["a"] * 5}, 413, ["5 inputs"]),
@@ -209,21 +209,28 @@ def test_metrics_count_requests_per_route(client):
         assert f'increlora_request_latency_seconds_count{{route="{route}",status="{status}",task="{task}"}} 1.0' in text
 
 
-def test_the_task_kind_is_asked_once_and_again_after_an_admin_reload(bank, tmp_path):
+def test_the_task_kind_is_asked_once_and_asked_again_when_it_may_have_changed(bank, tmp_path):
     (tmp_path / "extra").mkdir()
     asked = []
     task_info = bank.task_info
     bank.task_info = lambda task: asked.append(task) or task_info(task)
     app = create_app(bank, ServiceSettings(adapters=tmp_path, admin_token="t", max_wait_ms=0))
+    embed = {"model": "embed", "input": "x"}
     with TestClient(app) as c:
         for _ in range(3):
-            assert c.post("/v1/embeddings", json={"model": "embed", "input": "x"}).status_code == 200
+            assert c.post("/v1/embeddings", json=embed).status_code == 200
         assert asked == ["embed"]
-        admin = {"Authorization": "Bearer t"}
-        assert c.delete("/v1/tasks/embed", headers=admin).status_code == 200
+        assert c.delete("/v1/tasks/embed", headers={"Authorization": "Bearer t"}).status_code == 200
         bank._tasks["embed"] = ["no", "yes"]  # the same name, now a classification task
-        r = c.post("/v1/embeddings", json={"model": "embed", "input": "x"})
-        assert r.status_code == 422 and "'sequence-classification'" in r.text and asked[-1] == "embed"
+        r = c.post("/v1/embeddings", json=embed)
+        assert r.status_code == 422 and "is a sequence-classification task" in r.text and len(asked) == 2
+        bank._tasks["embed"] = FakeEmbedding()  # replaced behind the app's back: a refusal asks again first
+        assert c.post("/v1/embeddings", json=embed).status_code == 200 and len(asked) == 3
+        bank._tasks["embed"] = ["no", "yes"]  # and an answer of another kind is refused, and the kind forgotten
+        r = c.post("/v1/embeddings", json=embed)
+        assert r.status_code == 422 and "is a sequence-classification task" in r.text and len(asked) == 3
+        assert c.post("/v1/rerank", json={"model": "embed", "query": "q", "documents": ["d"]}).status_code == 200
+        assert len(asked) == 4
 
 
 # --- the real clients ------------------------------------------------------------------------------
@@ -248,7 +255,7 @@ def test_the_openai_client_gets_the_embeddings(bank, encoding):
         client = openai.AsyncOpenAI(base_url="http://test/v1", api_key=KEY, http_client=http, max_retries=0)
         kw = {"encoding_format": encoding} if encoding else {}  # unset: the client asks for base64 itself
         created = await client.embeddings.create(model="embed", input=texts, **kw)
-        with pytest.raises(openai.UnprocessableEntityError, match="sst2' is of kind 'sequence-classification"):
+        with pytest.raises(openai.UnprocessableEntityError, match="sst2' is a sequence-classification task"):
             await client.embeddings.create(model="sst2", input="x")
         with pytest.raises(openai.UnprocessableEntityError, match="body.input.*Input should be a valid string"):
             await client.embeddings.create(model="embed", input=[{"text": "x"}])
@@ -286,4 +293,4 @@ def test_the_cohere_clients_get_the_ranking(bank):
     assert [r.index for r in first.results] == order[:2] and [r.index for r in second.results] == order
     assert [r.document.text for r in first.results] == [docs[i] for i in order[:2]]
     assert [r.relevance_score for r in second.results] == pytest.approx([scores[i] for i in order])
-    assert wrong_kind.status_code == 422 and "'embedding'" in str(wrong_kind.body)
+    assert wrong_kind.status_code == 422 and "embedding task" in str(wrong_kind.body)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bank.errors import InputError, ServingError, UnknownTaskError, WorkerDiedError
+from ..bank.errors import InputError, ServingError, UnknownTaskError, WorkerDiedError, WrongTaskKindError
 
 
 class ServiceError(ServingError):
@@ -33,10 +33,6 @@ class TooManyInputsError(ServiceError):
 
 class InputTooLongError(ServiceError):
     """An input longer than the model's max length, in a request that asked for no truncation."""
-
-
-class WrongTaskKindError(ServingError):
-    """A task of another kind than the route serves (an embedding task on /v1/rerank, say)."""
 
 
 class DimensionsError(ServiceError):

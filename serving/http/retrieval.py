@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import struct
 from typing import Any
 
-from .errors import DimensionsError, WrongTaskKindError
+from increlora.adapter_file import EMBEDDING
+
+from ..bank.errors import WrongTaskKindError
+from ..bank.kinds import check_reranker, rerank_results
+from .errors import DimensionsError
 from .schemas import (
     EmbeddingData,
     EmbeddingsRequest,
@@ -25,9 +28,8 @@ from .schemas import (
     RerankUsage,
 )
 from .service import (
-    EMBEDDING,
-    SEQUENCE_CLASSIFICATION,
     Service,
+    answered_kind,
     check_input_count,
     check_lengths,
     check_task,
@@ -58,20 +60,24 @@ async def embeddings(service: Service, request: EmbeddingsRequest) -> Embeddings
         check_input_count(texts, service.settings.max_inputs)
         check_task(bank, request.model)
         record.task = request.model
-        info = await service.task_info(bank, request.model)
-        require_kind(request.model, info, EMBEDDING, "/v1/embeddings", "embedding tasks")
+        info = await service.task_info(bank, request.model, check_embedding)
         if request.dimensions is not None and request.dimensions != info.get("dimensions"):
             raise DimensionsError(f"task {request.model!r} gives vectors of {info.get('dimensions')} dimensions; "
                                   f"it cannot give {request.dimensions} (leave out \"dimensions\")")
         answers = await model_answers(service, bank, request.model, texts, record.started, request.truncate)
-        if any("embedding" not in a for a in answers):  # the task was replaced by one of another kind meanwhile
-            service.forget_task(request.model)
-            raise WrongTaskKindError(f"task {request.model!r} is no longer an embedding task; retry")
+        if any("embedding" not in a for a in answers):
+            raise replaced(service, request.model, answers, "/v1/embeddings serves embedding tasks")
         encode = encode_base64 if request.encoding_format == "base64" else list
         data = [EmbeddingData(index=i, embedding=encode(a["embedding"])) for i, a in enumerate(answers)]
         tokens = sum(a["tokens"] for a in answers)
         return EmbeddingsResponse(data=data, model=request.model,
                                   usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+def check_embedding(info: dict[str, Any]) -> None:
+    if task_kind(info) != EMBEDDING:
+        raise WrongTaskKindError(info["name"], task_kind(info), "/v1/embeddings serves embedding tasks "
+                                 "(POST /v1/predict answers every kind)")
 
 
 def encode_base64(vector: list[float]) -> str:
@@ -86,50 +92,22 @@ async def rerank(service: Service, request: RerankRequest, route: str = "/v1/rer
         check_input_count(documents, service.settings.max_inputs)
         check_task(bank, request.model)
         record.task = request.model
-        info = await service.task_info(bank, request.model)
-        require_reranker(request.model, info)
+        await service.task_info(bank, request.model, check_reranker)
         pairs = [(request.query, d.text) for d in documents]
         counts = await asyncio.to_thread(service.token_counts, pairs)
         if not request.truncate:
             check_lengths(counts, bank.max_length)
         answers = await model_answers(service, bank, request.model, pairs, record.started)
-        try:
-            scores = [relevance_score(request.model, a) for a in answers]
-        except WrongTaskKindError:  # the task was replaced by one of another kind meanwhile
-            service.forget_task(request.model)
-            raise
-        best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:request.top_n]
-        results = [RerankResult(index=i, relevance_score=scores[i], document=documents[i])
-                   if request.return_documents else RerankResult(index=i, relevance_score=scores[i]) for i in best]
+        if not all(isinstance(a.get("value"), float | int) or len(a.get("scores") or ()) == 2 for a in answers):
+            raise replaced(service, request.model, answers, "/v1/rerank serves rerankers")
+        results = [RerankResult(**r, document=documents[r["index"]]) if request.return_documents
+                   else RerankResult(**r) for r in rerank_results(answers, request.top_n)]
         return RerankResponse(model=request.model, results=results,
                               usage=RerankUsage(total_tokens=sum(min(n, bank.max_length) for n in counts)))
 
 
-def require_kind(task: str, info: dict[str, Any], kind: str, route: str, serves: str) -> None:
-    if task_kind(info) != kind:
-        raise WrongTaskKindError(f"task {task!r} is of kind {task_kind(info)!r}; {route} serves {serves} "
-                                 f"(POST /v1/predict answers every kind)")
-
-
-def require_reranker(task: str, info: dict[str, Any]) -> None:
-    require_kind(task, info, SEQUENCE_CLASSIFICATION, "/v1/rerank",
-                 "rerankers (sequence-classification tasks over (query, document) pairs)")
-    labels = info.get("num_labels") or len(info.get("labels") or []) or 1
-    if labels > 2:
-        raise WrongTaskKindError(f"task {task!r} is a classification task with {labels} labels; a reranker has one "
-                                 f"output (its score) or two labels (label 1 = relevant)")
-
-
-def relevance_score(task: str, answer: dict) -> float:
-    """A reranker's answer as a score in [0, 1]: sigmoid of its one output, or the probability of its last label
-    (label 1 of two; the bank gives the scores in label order)."""
-    if isinstance(answer.get("value"), float | int):
-        return sigmoid(answer["value"])
-    scores = list((answer.get("scores") or {}).values())
-    if 1 <= len(scores) <= 2:
-        return scores[-1]
-    raise WrongTaskKindError(f"task {task!r} no longer answers as a reranker; retry")
-
-
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+def replaced(service: Service, task: str, answers: list[dict], wanted: str) -> WrongTaskKindError:
+    """The task was replaced by one of another kind since its kind was asked (outside the admin routes):
+    forget what was kept about it, and say what it is now."""
+    service.forget_task(task)
+    return WrongTaskKindError(task, answered_kind(answers[0]), wanted)

@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+
 from ..bank.batch_inputs import ModelInput
-from ..bank.errors import InputError, UnknownTaskError
+from ..bank.errors import InputError, UnknownTaskError, WrongTaskKindError
 from .batcher import DynamicBatcher
 from .errors import (
     HTTP_STATUS,
@@ -41,9 +43,6 @@ from .schemas import (
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
-
-SEQUENCE_CLASSIFICATION, EMBEDDING = "sequence-classification", "embedding"
-TOKEN_CLASSIFICATION = "token-classification"
 
 
 def is_bank(obj: Any) -> bool:
@@ -160,9 +159,29 @@ class Service:
             raise ModelFailedError(detail)
         raise NotReadyError(detail)
 
-    async def task_info(self, bank: Any, task: str) -> dict[str, Any]:
+    async def task_info(self, bank: Any, task: str, check: Callable[[dict[str, Any]], None] = lambda info: None
+                        ) -> dict[str, Any]:
         """The bank's task_info for a loaded task, asked once and kept: a model process answers it between
-        batches, so asking on every request would wait behind the model. Admin changes call forget_task."""
+        batches, so asking on every request would wait behind the model. Admin changes call forget_task.
+
+        check: raises WrongTaskKindError or InputError when the task does not suit the request; a refusal is
+        confirmed on fresh info (the task may have been replaced by one of another kind, through another
+        ingress, say).
+        """
+        kept = task in self._task_infos
+        info = await self._task_info(bank, task)
+        try:
+            check(info)
+            return info
+        except (WrongTaskKindError, InputError):
+            if not kept:
+                raise
+            self.forget_task(task)
+        info = await self._task_info(bank, task)
+        check(info)
+        return info
+
+    async def _task_info(self, bank: Any, task: str) -> dict[str, Any]:
         info = self._task_infos.get(task)
         if info is None:
             try:
@@ -260,6 +279,12 @@ def task_kind(info: dict[str, Any]) -> str:
     return info.get("task_type") or SEQUENCE_CLASSIFICATION  # adapters of format 1 are all classification
 
 
+def answered_kind(answer: dict) -> str:
+    """The kind of task an answer of the bank comes from, by its keys."""
+    return EMBEDDING if "embedding" in answer else TOKEN_CLASSIFICATION if "entities" in answer \
+        else SEQUENCE_CLASSIFICATION
+
+
 def to_prediction(answer: dict) -> Any:
     """One answer of the bank as its response model, by the keys its task's kind gives it."""
     if "value" in answer:
@@ -302,6 +327,12 @@ async def observed(service: Service, route: str) -> AsyncIterator[Observed]:
         service.metrics.observe_request(record.task, status, time.perf_counter() - record.started, route=route)
 
 
+def check_pairs_allowed(info: dict[str, Any]) -> None:
+    if task_kind(info) == TOKEN_CLASSIFICATION:
+        raise InputError(f"task {info['name']!r} is a token-classification task: it takes single texts, "
+                         f"not [text, text_pair] pairs")
+
+
 async def model_answers(service: Service, bank: Any, task: str, inputs: list[ModelInput], started: float,
                         truncate: bool = True) -> list[dict]:
     """The bank's answers for `inputs` of `task`, through the batcher (so that they share model calls with
@@ -326,10 +357,7 @@ async def predict(service: Service, request: PredictRequest) -> PredictResponse:
         check_task(bank, request.task)
         record.task = request.task
         if any(not isinstance(x, str) for x in inputs):
-            info = await service.task_info(bank, request.task)
-            if task_kind(info) == TOKEN_CLASSIFICATION:
-                raise InputError(f"task {request.task!r} is a token-classification task: it takes single texts, "
-                                 f"not [text, text_pair] pairs")
+            await service.task_info(bank, request.task, check_pairs_allowed)
         answers = await model_answers(service, bank, request.task, inputs, record.started, request.truncate)
         return to_response(request.task, answers)
 
