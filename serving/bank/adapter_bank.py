@@ -74,11 +74,21 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _backend(backend: str, device: torch.device) -> str:
-    """The path that applies the factors: 'auto' is Triton on CUDA where it is installed, else the torch loop."""
+    """The path that applies the factors: 'auto' is Triton on CUDA devices of compute capability 8.0 or newer
+    where it is installed, else the torch loop."""
     if backend not in BACKENDS:
         raise BankLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            choice, why = "torch", f"the device is {device.type}, not CUDA"
+        elif not triton_available():
+            choice, why = "torch", "the triton package is not installed"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            choice = "triton" if (major, minor) >= (8, 0) else "torch"
+            why = f"CUDA compute capability {major}.{minor} ({'>=' if choice == 'triton' else '<'} 8.0)"
+        logger.info("backend 'auto' on %s: %s, because %s", device, choice, why)
+        return choice
     if backend == "triton" and not triton_available():
         raise BankLoadError("backend='triton' needs the triton package (CUDA builds of torch bring it; "
                             "or pip install triton)")
