@@ -170,7 +170,8 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_ans
 def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_stops_at_once(adapters,
                                                                                           bodies_and_answers):
     bodies, answers = bodies_and_answers
-    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60"])
+    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60",
+                                    "--request-timeout", "120"])  # the retried batch waits for the restart
     try:
         wait_ready(base)
         first = model_pid(log)
@@ -178,7 +179,7 @@ def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_sto
         stopped = time.monotonic()
 
         async def while_hung() -> tuple:
-            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            async with httpx.AsyncClient(base_url=base, timeout=150) as c:
                 flying = [asyncio.ensure_future(c.post("/v1/predict", json=b)) for b in bodies[:4]]
                 while (health := await c.get("/health")).json().get("model") != "restarting":
                     assert time.monotonic() - stopped < 20, "the hang was never seen"
@@ -216,14 +217,16 @@ def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_sto
 def test_sigterm_stops_within_the_drain_time_while_the_model_process_is_stopped(adapters, bodies_and_answers):
     bodies, _ = bodies_and_answers
     drain = 2.0
-    proc, base, log = start_server(["--adapters", str(adapters), "--drain-seconds", str(drain),
+    proc, base, log = start_server(["--adapters", str(adapters), "--drain-seconds", str(drain), "--max-batch-size", "1",
                                     "--heartbeat-timeout", "600"])  # the hang is not detected: only the drain ends it
     try:
         wait_ready(base)
         pid = model_pid(log)
         os.kill(pid, signal.SIGSTOP)
         answered = [post_in_background(base, b) for b in bodies[:4]]
-        while metric(base, "increlora_queue_depth") < 1:  # one request in the model, the others queued
+        deadline = time.monotonic() + 30
+        while metric(base, "increlora_queue_depth") < 3:  # one request in the model, the others queued
+            assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.05)
         sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
