@@ -61,7 +61,8 @@ def serve_and_query(adapters: str) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     print(f"starting increlora-serve on {base} ...", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--adapters", adapters,
+    # bfloat16 where the processor has it natively: labels as float32's on the three tasks (BENCHMARKS.md)
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--adapters", adapters, "--dtype", "auto",
                              "--host", "127.0.0.1", "--port", str(port)])
     try:
         _wait_ready(base, proc)
