@@ -52,6 +52,8 @@ class TaskDefinition:
     label_range: tuple[float, float] | None = None
     """Allowed label interval for regression."""
     description: str = ""
+    task_type: str = "sequence-classification"
+    """The kind of task (`training.kinds`): "sequence-classification", "embedding" or "token-classification"."""
 
     @property
     def num_labels(self) -> int:
@@ -75,6 +77,10 @@ class Example:
     text: str
     text_pair: str | None
     label: int | float
+    group: str | None = None
+    """Rerankers: the query's id, so ranking metrics compare the documents of one query."""
+    negative: str | None = None
+    """Embedding pairs: a hard negative for the anchor (text), beside the positive (text_pair)."""
 
 
 @dataclass
