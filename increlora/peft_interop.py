@@ -192,6 +192,7 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "task": task or path.resolve().name,
+        "task_type": "sequence-classification",
         "base_model": base_name,
         "base_model_fingerprint": fingerprint,
         "model_type": model_type,
