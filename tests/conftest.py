@@ -47,6 +47,7 @@ SLOW = (
     "tests/test_trainer_callback.py::test_increlora_trainer_with_accumulation_matches_the_loop",
     "tests/test_trainer_callback.py::test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_state",
     "tests/test_trainer_callback.py::test_load_best_model_at_end_restores_the_best_checkpoints_ranks",
+    "tests/test_train_kinds.py::test_every_kind_resumes_after_ctrl_c_to_the_same_adapter",
 )
 
 
@@ -60,6 +61,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_http_resilience.py",   # 70
     "tests/test_readme.py",            # 65
     "tests/test_cli.py",               # 55
+    "tests/test_train_kinds.py",       # 55 in one process
     "tests/test_http_server.py",       # 40
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30

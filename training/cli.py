@@ -172,7 +172,8 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         epochs=args.epochs, steps=args.steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, eval_steps=args.eval_steps, save_steps=args.save_steps,
         logging_steps=args.logging_steps, precision=args.precision, progress=not args.no_progress,
-        glue_dir=args.glue_dir, conll_dir=args.conll_dir, cache_dir=args.cache_dir, local=local, increlora=IncreLoraConfig(**cfg))
+        glue_dir=args.glue_dir, conll_dir=args.conll_dir, cache_dir=args.cache_dir, local=local,
+        increlora=IncreLoraConfig(**cfg))
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Path]]:

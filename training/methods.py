@@ -17,8 +17,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from increlora import IncreLoraConfig, apply_increlora, import_peft, save_adapter, trainable_parameter_count
-from increlora.adapter_file import CONFIG_NAME
+from increlora.adapter_file import CONFIG_NAME, unused_backbone_modules
 from increlora.errors import ConfigError
+from increlora.fingerprint import model_fingerprint
 from increlora.model import find_saved_modules, find_target_modules, resolve_modules_to_save, resolve_target_modules
 
 from .checkpoints import ADALORA_STATE_NAME, read_adalora_state, write_adalora_state
@@ -155,18 +156,21 @@ def save(prepared: Prepared, folder: Path, *, task: str, base_model: str, kind_f
     import_peft(peft_dir, tmp, task=task, labels=fields["labels"] or None, problem_type=fields["problem_type"],
                 base_model=prepared.model.get_base_model())
     if fields["task_type"] != "sequence-classification":
-        _record_kind(tmp, fields, metadata)
+        _record_kind(tmp, fields, metadata, prepared.model.get_base_model())
     for f in tmp.iterdir():
         shutil.move(str(f), folder / f.name)
     tmp.rmdir()
     return folder
 
 
-def _record_kind(folder: Path, fields: dict, metadata: dict) -> None:
-    """import_peft writes a sequence classifier: give the imported adapter its kind's fields."""
+def _record_kind(folder: Path, fields: dict, metadata: dict, model: nn.Module) -> None:
+    """import_peft writes a sequence classifier: give the imported adapter its kind's fields, and the
+    fingerprint without the backbone modules the kind leaves unused (as save_adapter does)."""
     path = folder / CONFIG_NAME
     config = json.loads(path.read_text())
     config.update(fields)
+    config["base_model_fingerprint"] = model_fingerprint(
+        model, config["modules_to_save"] + unused_backbone_modules(model, fields["task_type"]))
     config["num_labels"] = fields.get("num_labels", len(fields["labels"]))
     config["metadata"] = {**config.get("metadata", {}), **metadata}
     tmp = path.with_suffix(".tmp")

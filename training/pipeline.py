@@ -46,8 +46,8 @@ SUBSET_SEED = 0  # the shuffle that picks --max-train-examples, independent of -
 RUN_FILE = "run.json"
 ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
-SAME_ON_RESUME = ("method", "task_type", "model", "seed", "max_length", "max_train_examples", "batch_size", "grad_accum", "epochs",
-                  "steps",
+SAME_ON_RESUME = ("method", "task_type", "model", "seed", "max_length", "max_train_examples", "batch_size",
+                  "grad_accum", "epochs", "steps",
                   "learning_rate", "weight_decay", "increlora", "processes")
 
 

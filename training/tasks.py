@@ -25,8 +25,6 @@ from pathlib import Path
 from increlora.assets import fetch_asset
 
 from . import pair_tasks
-from .kinds import DEFAULT_TASK_TYPE, embedding, kind_of, token_classification
-
 from .data import (
     REGRESSION,
     SINGLE_LABEL,
@@ -42,6 +40,7 @@ from .data import (
     split_rows,
     text_value,
 )
+from .kinds import DEFAULT_TASK_TYPE, embedding, kind_of, token_classification
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ that is over 1). Metrics: for anchor/positive pairs, MRR@10 and recall@1/10 of e
 against the corpus of all held-out positives; for scored pairs, Spearman of cosine against score.
 
 The backbone is trained under its task-head attribute name (`bert` for BERT), so the adapter's
-module names are the full names that every kind shares on one base model.
+module names are the full names that every kind shares on one base model. Pooling follows the
+base model's sentence-transformers config (`increlora.default_pooling`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModel
 from transformers.utils import ModelOutput
 
-from increlora import IncreLoraConfig
+from increlora import IncreLoraConfig, default_pooling
 
 from ..data import REGRESSION, DataError, Example, TaskData, TaskDefinition, check_splits, read_table, text_value
 from ..metrics import reciprocal_rank
@@ -42,22 +42,6 @@ SCORED_COLUMNS = ("sentence1", "sentence2", "score")
 
 # ---------------------------------------------------------------------------------------------------
 # the model: backbone, pooling, loss
-
-
-def base_pooling(model_path: str) -> dict:
-    """The base model's sentence-transformers pooling (modules.json, 1_Pooling/config.json); else mean + normalize."""
-    folder = Path(model_path)
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return {"mode": "mean", "normalize": True}
-    try:
-        modules = json.loads(modules_file.read_text())
-        pooling = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
-        cfg = json.loads((folder / pooling["path"] / "config.json").read_text()) if pooling else {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{folder}: unreadable sentence-transformers pooling config ({exc})") from exc
-    mode = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-    return {"mode": mode, "normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: dict) -> torch.Tensor:
@@ -92,13 +76,13 @@ class BiEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, pooling: dict, scored: bool, scale: float = SCALE):
         super().__init__()
-        self.prefix = backbone.base_model_prefix or "model"
-        setattr(self, self.prefix, backbone)
+        self.base_model_prefix = backbone.base_model_prefix or "model"
+        setattr(self, self.base_model_prefix, backbone)
         self.config, self.pooling, self.scored, self.scale = backbone.config, pooling, scored, scale
 
     @property
     def base_model(self) -> nn.Module:
-        return getattr(self, self.prefix)
+        return getattr(self, self.base_model_prefix)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -126,7 +110,7 @@ class BiEncoder(nn.Module):
 
 
 def load_model(path: str, d: TaskDefinition) -> BiEncoder:
-    return BiEncoder(AutoModel.from_pretrained(path), base_pooling(path), scored=d.problem_type == REGRESSION)
+    return BiEncoder(AutoModel.from_pretrained(path), default_pooling(path), scored=d.problem_type == REGRESSION)
 
 
 def adjust_config(config: IncreLoraConfig) -> IncreLoraConfig:
@@ -228,7 +212,7 @@ def check_train(d: TaskDefinition, rows) -> None:
 
 def adapter_fields(d: TaskDefinition, model_path: str) -> dict:
     return {"task_type": TASK_TYPE, "labels": [], "num_labels": 0, "problem_type": None,
-            "pooling": base_pooling(model_path)}
+            "pooling": default_pooling(model_path)}
 
 
 @torch.no_grad()

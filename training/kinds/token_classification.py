@@ -19,7 +19,16 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 
 from increlora import IncreLoraConfig
 
-from ..data import SINGLE_LABEL, DataError, TaskData, TaskDefinition, check_splits, grouped_split, read_table, split_rows
+from ..data import (
+    SINGLE_LABEL,
+    DataError,
+    TaskData,
+    TaskDefinition,
+    check_splits,
+    grouped_split,
+    read_table,
+    split_rows,
+)
 
 TASK_TYPE = "token-classification"
 IGNORE = -100
@@ -232,7 +241,8 @@ def compute_metrics(d: TaskDefinition, predictions, labels, rows=None) -> dict[s
         y_pred.append([d.label_names[i] for i in p_row[keep]])
     if not any(y_true):
         raise DataError("no tagged words to score")
-    out = {"f1": f1_score(y_true, y_pred, zero_division=0), "precision": precision_score(y_true, y_pred, zero_division=0),
+    out = {"f1": f1_score(y_true, y_pred, zero_division=0),
+           "precision": precision_score(y_true, y_pred, zero_division=0),
            "recall": recall_score(y_true, y_pred, zero_division=0)}
     out = {m: float(out[m]) for m in d.metrics}
     out["combined"] = float(np.mean(list(out.values())))
