@@ -35,9 +35,9 @@ def files(tmp_path_factory):
     conll.mkdir()
     for name, n, seed in (("eng.train", 200, 0), ("eng.testa", 40, 1), ("eng.testb", 40, 2)):
         write_conll(conll / name, n, seed)
-    return {"pairs": [write_pairs(d / f"p{i}.csv", n, i, negatives=True) for i, n in enumerate((320, 48, 48))],
-            "scored": [write_scored(d / f"s{i}.csv", n, i) for i, n in enumerate((320, 48, 48))],
-            "tokens": [write_token_jsonl(d / f"t{i}.jsonl", n, i) for i, n in enumerate((320, 48, 48))],
+    return {"pairs": [write_pairs(d / f"p{i}.csv", n, i, negatives=True) for i, n in enumerate((320, 48, 40))],
+            "scored": [write_scored(d / f"s{i}.csv", n, i) for i, n in enumerate((320, 48, 40))],
+            "tokens": [write_token_jsonl(d / f"t{i}.jsonl", n, i) for i, n in enumerate((320, 48, 40))],
             "conll": conll}
 
 
@@ -151,7 +151,7 @@ def test_token_classification_from_jsonl_scores_entity_f1_like_seqeval(tiny_base
     adapter = read_adapter(out)
     assert adapter.task_type == "token-classification" and adapter.config["label_all_tokens"] is False
     assert adapter.labels == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
-    sentences = tagged_sentences(48, 2)
+    sentences = tagged_sentences(40, 2)
     preds = token_predictions(tiny_base, out, sentences)
     truth = [tags[:len(p)] for (_, tags), p in zip(sentences, preds)]  # words cut by --max-length drop out
     assert metrics["test"]["f1"] == pytest.approx(f1_score(truth, preds), abs=1e-9)

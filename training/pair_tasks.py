@@ -16,7 +16,7 @@ from increlora.assets import fetch_asset
 from .data import DataError, Example, TaskData, TaskDefinition, grouped_split
 
 NEGATIVES_TRAIN = 3
-NEGATIVES_EVAL = 19
+NEGATIVES_EVAL = 9
 SPLITS = ("train", "validation", "test")
 
 

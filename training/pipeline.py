@@ -264,7 +264,7 @@ def evaluate(trainer, data: TaskData, datasets: dict) -> dict[str, dict]:
     d = data.definition
     kind = kind_of(d.task_type)
     names = ["validation", *(s for s in d.test_splits if s in datasets)]
-    out = {}
+    out, trainer.compute_metrics = {}, None  # the Trainer's own is bound to the validation rows
     for n in names:
         p = trainer.predict(datasets[n])
         out[n] = kind.compute_metrics(d, p.predictions, p.label_ids, data.splits[n])

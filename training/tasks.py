@@ -87,7 +87,7 @@ TASKS: dict[str, TaskDefinition] = {t.name: t for t in (
     embedding.definition("bbc_retrieval", scored=False, split_seed=SEED, split_fractions=WHEEL_SPLIT, source="wheel",
                          description="BBC News: headline -> rest of the article, against all held-out articles"),
     _wheel("bbc_rerank", ("query", "document"), ("irrelevant", "relevant"), ("mrr@10", "ndcg@10"), "mrr@10",
-           description="BBC News: rank an article's text for its headline among 19 others of its topic"),
+           description="BBC News: rank an article's text for its headline among 9 others of its topic"),
     token_classification.definition("wnut16", WNUT16_TAGS, split_seed=SEED, split_fractions=WHEEL_SPLIT,
                                     source="wheel", description="WNUT 2016 Twitter NER, 10 entity types"),
     token_classification.definition("conll2003", ("O", *(f"{p}-{t}" for t in ("LOC", "MISC", "ORG", "PER")
