@@ -21,8 +21,8 @@ SPLITS = ("train", "validation", "test")
 
 
 def read_articles(root: Path) -> list[tuple[str, str, str]]:
-    """(topic, headline, body) of each distinct article, topics and files in sorted order."""
-    seen, out = set(), []
+    """(topic, headline, body) of every article file, topics and files in sorted order."""
+    out = []
     for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for path in sorted((root / topic).glob("*.txt")):
             raw = path.read_bytes()
@@ -34,21 +34,20 @@ def read_articles(root: Path) -> list[tuple[str, str, str]]:
             lines = [line for line in lines if line]
             if len(lines) < 2:
                 raise DataError(f"{path}: expected a headline and a body")
-            headline, body = lines[0], " ".join(lines[1:])
-            if (headline, body) not in seen:
-                seen.add((headline, body))
-                out.append((topic, headline, body))
+            out.append((topic, lines[0], " ".join(lines[1:])))
     return out
 
 
 def split_articles(d: TaskDefinition, cache_dir) -> dict[str, list[tuple[str, str, str]]]:
+    """bbc_news's split (the same keys: the article's text; the same strata: its topic), then each
+    article once per split (the corpus holds some twice)."""
     articles = read_articles(fetch_asset("bbc_news", cache_dir))
-    parts = grouped_split([h + "\n" + b for _, h, b in articles], [t for t, _, _ in articles], d.split_fractions,
+    parts = grouped_split([f"{h} {b}" for _, h, b in articles], [t for t, _, _ in articles], d.split_fractions,
                           d.split_seed)
-    out: dict[str, list] = {s: [] for s in SPLITS}
+    out: dict[str, dict] = {s: {} for s in SPLITS}
     for article, j in zip(articles, parts):
-        out[SPLITS[j]].append(article)
-    return out
+        out[SPLITS[j]].setdefault(article[1:], article)
+    return {s: list(rows.values()) for s, rows in out.items()}
 
 
 def load_retrieval(d: TaskDefinition, cache_dir) -> TaskData:
