@@ -30,6 +30,7 @@ SLOW = (
     "tests/test_distributed.py::test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical",
     "tests/test_http_server.py",
     "tests/test_ray_training.py::test_tasks_on_ray_equal_single_process_runs_and_failures_are_named",
+    "tests/test_ray_training.py::test_every_kind_trains_on_ray_like_one_process",
     "tests/test_ray_serving.py",
     "tests/test_http_resilience.py",
     "tests/test_http_guarded_server.py",
