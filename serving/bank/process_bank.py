@@ -25,11 +25,12 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("predict", "task_info", "add", "remove")
+_OPS = ("predict", "embed", "rerank", "task_info", "add", "remove")
 
 
 class ProcessBank:
-    """predict / task_info / add / remove run in the child; tasks, max_length, tokenizer are kept here."""
+    """predict / embed / rerank / task_info / add / remove run in the child; tasks, max_length, tokenizer are
+    kept here. Answers come back as plain dicts and lists."""
 
     def __init__(self, process: mp.process.BaseProcess, conn: Any, info: dict[str, Any]) -> None:
         self._process = process
@@ -100,6 +101,12 @@ class ProcessBank:
 
     def predict(self, inputs: list[Any], tasks: list[str]) -> list[dict]:
         return self._call("predict", inputs, tasks)
+
+    def embed(self, texts: Any, task: str) -> list[list[float]]:
+        return self._call("embed", texts, task)
+
+    def rerank(self, query: str, documents: list[str], task: str, top_n: int | None = None) -> list[dict]:
+        return self._call("rerank", query, documents, task, top_n)
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._call("task_info", task)
