@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bank.errors import ServingError, UnknownTaskError, WorkerDiedError
+from ..bank.errors import InputError, ServingError, UnknownTaskError, WorkerDiedError, WrongTaskKindError
 
 
 class ServiceError(ServingError):
@@ -33,6 +33,10 @@ class TooManyInputsError(ServiceError):
 
 class InputTooLongError(ServiceError):
     """An input longer than the model's max length, in a request that asked for no truncation."""
+
+
+class DimensionsError(ServiceError):
+    """An embeddings request asked for `dimensions` other than the task's own (vectors are not shortened)."""
 
 
 class BodyTooLargeError(ServiceError):
@@ -127,6 +131,9 @@ HTTP_STATUS: dict[type[Exception], int] = {
     InputTooLongError: 413,
     BodyTooLargeError: 413,
     AdapterLoadError: 422,
+    WrongTaskKindError: 422,
+    DimensionsError: 422,
+    InputError: 422,
     ClientDisconnectedError: 499,
     PredictionError: 500,
     NotReadyError: 503,

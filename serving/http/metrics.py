@@ -18,11 +18,11 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("increlora_requests", "Prediction requests answered, by task and HTTP status.",
-                                ["task", "status"], registry=r)
+        self.requests = Counter("increlora_requests", "Model requests answered, by route, task and HTTP status.",
+                                ["route", "task", "status"], registry=r)
         self.latency = Histogram("increlora_request_latency_seconds",
-                                 "Prediction request latency (queueing included), by task and HTTP status.",
-                                 ["task", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 "Model request latency (queueing included), by route, task and HTTP status.",
+                                 ["route", "task", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_requests = Histogram("increlora_batch_size_requests", "Requests merged into one model call.",
                                         buckets=_COUNT_BUCKETS, registry=r)
         self.batch_rows = Histogram("increlora_batch_rows", "Rows (inputs) per model call.",
@@ -41,9 +41,9 @@ class ServiceMetrics:
                                         buckets=_RECOVERY_BUCKETS, registry=r)
         self.model_up = Gauge("increlora_model_up", "1 while the model process serves, else 0.", registry=r)
 
-    def observe_request(self, task: str, status: int, seconds: float) -> None:
-        self.requests.labels(task, str(status)).inc()
-        self.latency.labels(task, str(status)).observe(seconds)
+    def observe_request(self, task: str, status: int, seconds: float, route: str = "/v1/predict") -> None:
+        self.requests.labels(route, task, str(status)).inc()
+        self.latency.labels(route, task, str(status)).observe(seconds)
 
     def observe_batch(self, requests: int, rows: int, tasks: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

@@ -7,11 +7,14 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+
 from ..bank.batch_inputs import ModelInput
-from ..bank.errors import UnknownTaskError
+from ..bank.errors import InputError, UnknownTaskError, WrongTaskKindError
 from .batcher import DynamicBatcher
 from .errors import (
     HTTP_STATUS,
@@ -28,6 +31,8 @@ from .errors import (
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 from .schemas import (
     ClassPrediction,
+    EmbeddingPrediction,
+    EntitiesPrediction,
     Health,
     PredictRequest,
     PredictResponse,
@@ -59,6 +64,7 @@ class Service:
         self._owns_bank = False  # a bank this service loaded is closed with it (e.g. its model process)
         self._length_tokenizer: Any = None
         self._length_lock = threading.Lock()
+        self._task_infos: dict[str, dict[str, Any]] = {}  # task -> bank.task_info(task), asked once
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()  # set while no prediction is in flight
@@ -153,6 +159,41 @@ class Service:
             raise ModelFailedError(detail)
         raise NotReadyError(detail)
 
+    async def task_info(self, bank: Any, task: str, check: Callable[[dict[str, Any]], None] = lambda info: None
+                        ) -> dict[str, Any]:
+        """The bank's task_info for a loaded task, asked once and kept: a model process answers it between
+        batches, so asking on every request would wait behind the model. Admin changes call forget_task.
+
+        check: raises WrongTaskKindError or InputError when the task does not suit the request; a refusal is
+        confirmed on fresh info (the task may have been replaced by one of another kind, through another
+        ingress, say).
+        """
+        kept = task in self._task_infos
+        info = await self._task_info(bank, task)
+        try:
+            check(info)
+            return info
+        except (WrongTaskKindError, InputError):
+            if not kept:
+                raise
+            self.forget_task(task)
+        info = await self._task_info(bank, task)
+        check(info)
+        return info
+
+    async def _task_info(self, bank: Any, task: str) -> dict[str, Any]:
+        info = self._task_infos.get(task)
+        if info is None:
+            try:
+                info = await asyncio.to_thread(bank.task_info, task)
+            except KeyError:  # removed since the request's check
+                raise UnknownTaskError(task, list(bank.tasks)) from None
+            self._task_infos[task] = info
+        return info
+
+    def forget_task(self, task: str) -> None:
+        self._task_infos.pop(task, None)
+
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         """Count a prediction as in flight (drain waits for it)."""
@@ -234,36 +275,48 @@ def check_lengths(counts: list[int], max_length: int) -> None:
                                 f"max length of {max_length}; shorten them or send \"truncate\": true")
 
 
+def task_kind(info: dict[str, Any]) -> str:
+    return info.get("task_type") or SEQUENCE_CLASSIFICATION  # adapters of format 1 are all classification
+
+
+def answered_kind(answer: dict) -> str:
+    """The kind of task an answer of the bank comes from, by its keys."""
+    return EMBEDDING if "embedding" in answer else TOKEN_CLASSIFICATION if "entities" in answer \
+        else SEQUENCE_CLASSIFICATION
+
+
+def to_prediction(answer: dict) -> Any:
+    """One answer of the bank as its response model, by the keys its task's kind gives it."""
+    if "value" in answer:
+        return RegressionPrediction(value=answer["value"])
+    if "embedding" in answer:
+        return EmbeddingPrediction(embedding=answer["embedding"], tokens=answer["tokens"])
+    if "entities" in answer:
+        return EntitiesPrediction(entities=answer["entities"])
+    return ClassPrediction(label=answer["label"], score=answer["score"], scores=answer["scores"],
+                           labels=answer.get("labels"))
+
+
 def to_response(task: str, answers: list[dict]) -> PredictResponse:
-    predictions = [RegressionPrediction(value=a["value"]) if "value" in a
-                   else ClassPrediction(label=a["label"], score=a["score"], scores=a["scores"], labels=a.get("labels"))
-                   for a in answers]
-    return PredictResponse(task=task, predictions=predictions)
+    return PredictResponse(task=task, predictions=[to_prediction(a) for a in answers])
 
 
-async def predict(service: Service, request: PredictRequest) -> PredictResponse:
-    """Check the request, queue it for the batcher, shape the answers; records the request's metrics.
+@dataclass
+class Observed:
+    """What a request's metrics record: the task, once it is known to be loaded, and when it came."""
 
-    The request timeout runs from here: checking lengths counts, queueing and the model the rest.
-    """
-    started = time.perf_counter()
-    task_label, status = UNKNOWN_TASK, 500
+    task: str = UNKNOWN_TASK
+    started: float = field(default_factory=time.perf_counter)
+
+
+@contextlib.asynccontextmanager
+async def observed(service: Service, route: str) -> AsyncIterator[Observed]:
+    """Count the request as in flight and record its route, task, status and latency when it ends."""
+    record, status = Observed(), 500
     try:
         with service.in_flight():
-            bank = service.ready_bank()
-            inputs = model_inputs(request)
-            check_input_count(inputs, service.settings.max_inputs)
-            check_task(bank, request.task)
-            task_label = request.task
-            if not request.truncate:
-                check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
-            try:
-                answers = await service.batcher.submit(request.task, inputs, remaining(service, started))
-            except RequestTimeoutError:
-                raise timed_out(service.settings.request_timeout) from None
-        response = to_response(request.task, answers)
+            yield record
         status = 200
-        return response
     except asyncio.CancelledError:
         status = HTTP_STATUS[ClientDisconnectedError]  # the client went away (its rows have left the queue)
         raise
@@ -271,7 +324,42 @@ async def predict(service: Service, request: PredictRequest) -> PredictResponse:
         status = http_status(exc)  # 500 for an error the service does not answer on purpose
         raise
     finally:
-        service.metrics.observe_request(task_label, status, time.perf_counter() - started)
+        service.metrics.observe_request(record.task, status, time.perf_counter() - record.started, route=route)
+
+
+def check_pairs_allowed(info: dict[str, Any]) -> None:
+    if task_kind(info) == TOKEN_CLASSIFICATION:
+        raise InputError(f"task {info['name']!r} is a token-classification task: it takes single texts, "
+                         f"not [text, text_pair] pairs")
+
+
+async def model_answers(service: Service, bank: Any, task: str, inputs: list[ModelInput], started: float,
+                        truncate: bool = True) -> list[dict]:
+    """The bank's answers for `inputs` of `task`, through the batcher (so that they share model calls with
+    every other request); 413 first when `truncate` is false and an input is over the max length."""
+    if not truncate:
+        check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
+    try:
+        return await service.batcher.submit(task, inputs, remaining(service, started))
+    except RequestTimeoutError:
+        raise timed_out(service.settings.request_timeout) from None
+
+
+async def predict(service: Service, request: PredictRequest) -> PredictResponse:
+    """Check the request, queue it for the batcher, shape the answers; records the request's metrics.
+
+    The request timeout runs from here: checking lengths counts, queueing and the model the rest.
+    """
+    async with observed(service, "/v1/predict") as record:
+        bank = service.ready_bank()
+        inputs = model_inputs(request)
+        check_input_count(inputs, service.settings.max_inputs)
+        check_task(bank, request.task)
+        record.task = request.task
+        if any(not isinstance(x, str) for x in inputs):
+            await service.task_info(bank, request.task, check_pairs_allowed)
+        answers = await model_answers(service, bank, request.task, inputs, record.started, request.truncate)
+        return to_response(request.task, answers)
 
 
 def remaining(service: Service, started: float) -> float:
