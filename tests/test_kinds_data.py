@@ -193,3 +193,21 @@ def test_real_wnut16_sentences_tags_and_split():
     assert set(tags) <= set(WNUT16_TAGS) and tags["B-person"] == 449
     assert all(len(e.tokens) == len(e.tags) for e in rows)
     assert data.sizes()["test"] == 239 and load_task("wnut16").splits == data.splits
+
+
+def test_pairs_cut_to_their_first_tokens_tokenize_as_the_whole_pair(tiny_base):
+    from transformers import AutoTokenizer
+
+    from training.data import cut_to_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    words = "the striker scored twice, and markets rallied on friday; tech shares rose".split()
+    rng = np.random.default_rng(0)
+    a = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 30, size=20)]
+    b = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 300, size=20)]
+    for max_length in (8, 16, 64):
+        whole = tok(a, b, truncation=True, max_length=max_length)
+        cut = tok(cut_to_tokens(tok, a, max_length), cut_to_tokens(tok, b, max_length), truncation=True,
+                  max_length=max_length)
+        assert cut["input_ids"] == whole["input_ids"] and cut["token_type_ids"] == whole["token_type_ids"]
+    assert all(len(t) < 200 for t in cut_to_tokens(tok, b, 8))
