@@ -176,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="override the tasks' steps")
     ap.add_argument("--max-length", type=int, default=None, help="override the tasks' max length")
     ap.add_argument("--max-train-examples", type=int, default=None)
+    ap.add_argument("--lrs", type=lambda s: tuple(float(x) for x in s.split(",")), default=None,
+                    help="override the tasks' learning-rate grids")
     ap.add_argument("--report", action="store_true", help="print the table from the runs so far")
     ap.add_argument("--smoke", action="store_true", help="every path once on a tiny random model")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.lrs:
+        for task, (steps, length, _) in list(TASKS.items()):
+            TASKS[task] = (steps, length, args.lrs)
     if args.smoke:
         tmp = tempfile.TemporaryDirectory(prefix="quality-kinds-smoke-")
         args.work, args.model = Path(tmp.name) / "runs", tiny_model(Path(tmp.name) / "model")
