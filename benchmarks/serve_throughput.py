@@ -19,16 +19,18 @@ graph of the whole forward (the batch's table made before capture), and kernel l
 Also: the FLOP floor ((base + true LoRA FLOPs) / base FLOPs), memory per adapter, and the time to
 load N adapters (small ranks, MiniLM shape) from disk.
 
+Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of
+sequence-classification, embedding (mean pooling, normalised) and token-classification (9 tags)
+adapters with the same ranks; each row's task drawn from all N. Compared with the backbone's own
+forward (BertModel, last hidden state) on the same rows: the bank's backbone pass with every task's
+adapter, the sequence heads, and each task's token head or pooling on its rows:
+
+    python -m benchmarks.serve_throughput --kinds-only --reps 9
+
     flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
     python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
     python benchmarks/serve_throughput.py --k                                    # loading 1000 only
-    python benchmarks/serve_throughput.py --kinds-only --reps 9                  # the mixed-kinds batch only
-
-Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of sequence-classification,
-embedding (mean pooling, normalised) and token-classification (9 tags) adapters with the same ranks;
-each row's task drawn from all N. Compared with the backbone's own forward (BertModel, last hidden
-state) on the same rows: the bank's backbone pass with every task's adapter, the sequence heads, and
-each task's token head or pooling on its rows.
+    python benchmarks/serve_throughput.py --smoke            # seconds: random weights, 2 tasks, batch 4 x 8
 """
 from __future__ import annotations
 
@@ -154,7 +156,11 @@ def graphed(model: nn.Module, enc: dict, ctx: BatchContext | None = None):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static = forward()
-    return lambda: (graph.replay(), static)[1]
+
+    def replay(keep=(ctx, enc)):  # the graph reads the context's tables and workspace: they must outlive it
+        graph.replay()
+        return static
+    return replay
 
 
 def sorted_batch(bank: AdapterBank, enc: dict, tasks: list[str]) -> tuple[dict, BatchContext]:
@@ -308,6 +314,10 @@ def flops(base: nn.Module, bank: AdapterBank, tasks: list[str], seq: int) -> tup
     return len(tasks) * seq * (linear + attention), float(seq * lora)
 
 
+SMOKE = ["--random-weights", "--k", "2", "--reps", "1", "--batch", "4", "--seq", "8", "--max-rank", "4",
+         "--mean-rank", "2", "--load-n", "0", "--skip-peft"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, nargs="*", default=[1, 4, 16, 64, 256],
@@ -322,16 +332,19 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--kinds", type=int, default=0,
+                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
+    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
+                   "unless --kinds says)")
     p.add_argument("--device", default="cpu",
                    help="where the models run, e.g. cuda (loading is always timed on the CPU)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
-    p.add_argument("--kinds", type=int, default=0,
-                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
-    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
-                   "unless --kinds says)")
+    p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
     args = p.parse_args()
+    if args.smoke:  # the smoke values first: options given explicitly still win
+        args = p.parse_args([*SMOKE, *sys.argv[1:]])
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -394,6 +407,7 @@ def main() -> None:
         if device.type == "cuda":
             gpu_methods(fns, bank, base, enc, tasks, ours)
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
+        print(f"K {k}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in t.items()), flush=True)  # kept if cut off
         fb, fl = flops(base, bank, tasks, args.seq)
         rows.append((k, len(set(tasks)), t, (fb + fl) / fb))
         if device.type == "cuda":
@@ -403,9 +417,10 @@ def main() -> None:
     print("| K in bank | tasks in batch | B0 base ms | B1 PEFT ms | B2 per-task ms | B3 padded ms | ours ms "
           "| ours/B0 | FLOP floor | B1/ours | B2/ours | B3/ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    d = 2 if device.type == "cuda" else 0  # decimals of the milliseconds
     for k, distinct, t, floor in rows:
         o = t["ours"]
-        print(f"| {k} | {distinct} | {t['B0']:.0f} | {t['B1']:.0f} | {t['B2']:.0f} | {t['B3']:.0f} | {o:.0f} "
+        print(f"| {k} | {distinct} | {t['B0']:.{d}f} | {t['B1']:.{d}f} | {t['B2']:.{d}f} | {t['B3']:.{d}f} | {o:.{d}f} "
               f"| {o / t['B0']:.3f} | {floor:.3f} | {t['B1'] / o:.2f} | {t['B2'] / o:.2f} | {t['B3'] / o:.2f} |")
 
     if gpu_rows:

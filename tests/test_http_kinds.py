@@ -166,6 +166,14 @@ def test_rerank_errors_name_the_problem(client, bank, body, status, words):
     assert not bank.calls
 
 
+@pytest.mark.parametrize("path, body", [("/v1/embeddings", {"model": "embed", "input": ["word " * 200]}),
+                                        ("/v1/rerank", {"model": "stsb", "query": "q", "documents": ["word " * 200]})])
+def test_bodies_over_the_limit_are_413_on_every_route(bank, path, body):
+    with TestClient(create_app(bank, ServiceSettings(max_body_bytes=512))) as c:
+        r = c.post(path, json=body)
+    assert r.status_code == 413 and "--max-body-bytes" in r.json()["detail"] and not bank.calls
+
+
 # --- one model call, every route -------------------------------------------------------------------
 
 def test_one_model_call_serves_predict_embeddings_and_rerank_requests_together(bank):

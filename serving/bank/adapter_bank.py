@@ -74,11 +74,21 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def _backend(backend: str, device: torch.device) -> str:
-    """The path that applies the factors: 'auto' is Triton on CUDA where it is installed, else the torch loop."""
+    """The path that applies the factors: 'auto' is Triton on CUDA devices of compute capability 8.0 or newer
+    where it is installed, else the torch loop."""
     if backend not in BACKENDS:
         raise BankLoadError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type != "cuda":
+            choice, why = "torch", f"the device is {device.type}, not CUDA"
+        elif not triton_available():
+            choice, why = "torch", "the triton package is not installed"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            choice = "triton" if (major, minor) >= (8, 0) else "torch"
+            why = f"CUDA compute capability {major}.{minor} ({'>=' if choice == 'triton' else '<'} 8.0)"
+        logger.info("backend 'auto' on %s: %s, because %s", device, choice, why)
+        return choice
     if backend == "triton" and not triton_available():
         raise BankLoadError("backend='triton' needs the triton package (CUDA builds of torch bring it; "
                             "or pip install triton)")
@@ -389,19 +399,20 @@ class AdapterBank:
 
     def predict(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[Prediction]:
         """One answer per input, in input order, shaped by its task's kind (see serving.bank.kinds)."""
-        items, adapters = self._checked(inputs, tasks)
-        outputs = self._outputs(items, adapters)
-        answers = []
-        for task, row in zip(adapters, outputs):
-            with self._tokenizer_lock if task.kind.needs_offsets else contextlib.nullcontext():
-                answers.append(answer(task, row, self.tokenizer))
-        return answers
+        items, names = check_inputs(inputs, tasks)
+        with self._adapters_of(names) as adapters:
+            outputs = self._outputs(items, adapters)
+            answers = []
+            for task, row in zip(adapters, outputs):
+                with self._tokenizer_lock if task.kind.needs_offsets else contextlib.nullcontext():
+                    answers.append(answer(task, row, self.tokenizer))
+            return answers
 
     def embed(self, texts: Sequence[str] | str, task: str) -> list[list[float]]:
         """The embedding task's vector of each text."""
-        found = self._registry.get(task)
-        if found.task_type != EMBEDDING:
-            raise WrongTaskKindError(task, found.task_type, "embed needs an embedding task")
+        with self._adapters_of([task]) as (found,):
+            if found.task_type != EMBEDDING:
+                raise WrongTaskKindError(task, found.task_type, "embed needs an embedding task")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
             raise InputError("embed: give a text or a list of texts")
@@ -411,25 +422,27 @@ class AdapterBank:
                top_n: int | None = None) -> list[dict[str, Any]]:
         """[{"index", "relevance_score"}] of the documents, best first: a cross-encoder task's score of each
         (query, document) pair (sigmoid of a single output, else the probability of label index 1)."""
-        check_reranker(self._registry.get(task).info())
+        with self._adapters_of([task]) as (found,):
+            check_reranker(found.info())
         pairs = rerank_pairs(query, documents, top_n)
         return rerank_results(self.predict(pairs, task), top_n)
 
     def logits(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[torch.Tensor]:
         """Each input's raw output in float32 on the CPU, in input order: a sequence task's logits
         [num_labels], a token task's [tokens, num_labels] (specials included), an embedding task's vector."""
-        items, adapters = self._checked(inputs, tasks)
-        return [row.values for row in self._outputs(items, adapters)]
-
-    def _checked(self, inputs: Any, tasks: Any) -> tuple[list[ModelInput], list[TaskAdapter]]:
         items, names = check_inputs(inputs, tasks)
+        with self._adapters_of(names) as adapters:
+            return [row.values for row in self._outputs(items, adapters)]
+
+    @contextlib.contextmanager
+    def _adapters_of(self, names: list[str]) -> Iterator[list[TaskAdapter]]:
+        """The adapters of a batch's task names, from one snapshot of the registry."""
         snapshot = self._registry
-        adapters = [snapshot.get(n) for n in names]
-        for i, (item, task) in enumerate(zip(items, adapters)):
-            task.kind.check_input(task, i, item)
-        return items, adapters
+        yield [snapshot.get(n) for n in names]
 
     def _outputs(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[RowOutput]:
+        for i, (item, task) in enumerate(zip(items, adapters)):  # before the model runs: a kind's input rules
+            task.kind.check_input(task, i, item)
         order = sorted(range(len(items)), key=lambda i: adapters[i].name)  # rows of a task together
         rows: list[RowOutput | None] = [None] * len(items)
         for start in range(0, len(order), self.max_batch_size):

@@ -53,7 +53,8 @@ class WrongTaskKindError(ServingError, ValueError):
 
     def __init__(self, task: str, task_type: str, wanted: str, detail: str = "") -> None:
         self.task, self.task_type, self.wanted, self.detail = task, task_type, wanted, detail
-        super().__init__(f"task {task!r} is a {task_type} task; {wanted}" + (f" ({detail})" if detail else ""))
+        article = "an" if task_type[:1] in ("a", "e", "i", "o", "u") else "a"
+        super().__init__(f"task {task!r} is {article} {task_type} task; {wanted}" + (f" ({detail})" if detail else ""))
 
     def __reduce__(self):  # rebuilt from its fields when it crosses from the model process
         return type(self), (self.task, self.task_type, self.wanted, self.detail)

@@ -11,7 +11,7 @@ _RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 class ServiceMetrics:
     """Requests and latency per task and status; batch shape; queue depth; model-process crashes and
-    restarts. `render()` is the /metrics body."""
+    restarts and hangs. `render()` is the /metrics body."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -34,6 +34,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("increlora_queue_depth", "Requests waiting for the model.", registry=r)
         self.tasks_loaded = Gauge("increlora_tasks_loaded", "Adapters loaded in the bank.", registry=r)
         self.model_crashes = Counter("increlora_model_crashes", "Model processes that ended unasked.", registry=r)
+        self.model_hangs = Counter("increlora_model_hangs", "Model processes killed because they hung (no heartbeat, "
+                                   "or a call past its deadline); each is a crash too.", registry=r)
         self.model_restarts = Counter("increlora_model_restarts",
                                       "Model processes started again after a crash, serving.", registry=r)
         self.model_recovery = Histogram("increlora_model_recovery_seconds",

@@ -220,9 +220,11 @@ class RemovedTask(BaseModel):
 
 
 class Health(BaseModel):
-    """"failed" (503) once the model process crashed too often and is no longer restarted: replace the server."""
+    """"failed" (503) once the model process crashed too often and is no longer restarted: replace the server.
+    `model`, under supervision: "restarting" after a crash or a hang (killed), with the reason in `detail`."""
 
     status: Literal["ok", "failed"] = "ok"
+    model: Literal["up", "restarting", "failed", "closed"] | None = None
     detail: str | None = None
 
 

@@ -44,6 +44,9 @@ from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
+CLOSE_GRACE_S = 2.0  # on shutdown, the batch the model runs gets this long before its requests are answered 503
+CLOSE_TIMEOUT_S = 2.0  # then the model process this long to exit before it is killed
+
 
 def is_bank(obj: Any) -> bool:
     """A loaded bank (has predict) rather than a loader (a callable returning one)."""
@@ -96,8 +99,9 @@ class Service:
 
     def _attach(self, bank: Any) -> None:
         s = self.settings
-        self.batcher = DynamicBatcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                                      max_queue=s.max_queue, observer=self.metrics)
+        batcher = getattr(bank, "batcher_type", DynamicBatcher)  # a bank may batch its own way (RayBank)
+        self.batcher = batcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                               max_queue=s.max_queue, observer=self.metrics)
         self.batcher.start()
         self.bank = bank
         self.metrics.tasks_loaded.set(len(bank.tasks))
@@ -120,10 +124,20 @@ class Service:
             if cancel is not None:  # a ProcessBankLoader: stop the child so that the thread ends now
                 cancel()
         if self.batcher is not None:
-            await self.batcher.close()
+            await self.batcher.close(CLOSE_GRACE_S)
         close = getattr(self.bank, "close", None)
         if self._owns_bank and close is not None:
-            await asyncio.to_thread(close)
+            await asyncio.to_thread(close, CLOSE_TIMEOUT_S)
+
+    def abort(self) -> None:
+        """Stop at once (a second SIGTERM): kill the model process, so that no thread waits for it any longer."""
+        self.draining = True
+        cancel = getattr(self._loader, "cancel", None)
+        if cancel is not None:
+            cancel()
+        close = getattr(self.bank, "close", None)
+        if self._owns_bank and close is not None:
+            close(0)
 
     def readiness(self) -> Readiness:
         tasks = len(self.bank.tasks) if self.bank is not None else 0
@@ -141,10 +155,12 @@ class Service:
         return Readiness(status="loading", detail="the adapters are loading")
 
     def health(self) -> Health:
-        """Failed only when the model process is no longer restarted: the server cannot recover by itself."""
-        if getattr(self.bank, "state", None) == "failed":
-            return Health(status="failed", detail=self.bank.detail)
-        return Health()
+        """Failed only when the model process is no longer restarted: the server cannot recover by itself. Under
+        supervision, `model` says how the model process is, and `detail` why it is not up."""
+        state = getattr(self.bank, "state", None)
+        if state is None:
+            return Health()
+        return Health(status="failed" if state == "failed" else "ok", model=state, detail=self.bank.detail)
 
     def ready_bank(self) -> Any:
         readiness = self.readiness()
@@ -208,7 +224,7 @@ class Service:
 
     async def drain(self, seconds: float) -> None:
         """Take no new work (503, /ready too) and let the predictions in flight finish, for up to `seconds`;
-        those still waiting then are answered 503 (the one the model is running finishes)."""
+        those still waiting then are answered 503 (the batch the model runs gets CLOSE_GRACE_S more)."""
         self.draining = True
         logger.info("draining: %d predictions in flight, waiting up to %g s", self._in_flight, seconds)
         try:
@@ -217,7 +233,7 @@ class Service:
             logger.warning("%d predictions still in flight after %g s (--drain-seconds); the queued ones are "
                            "answered 503", self._in_flight, seconds)
             if self.batcher is not None:
-                await self.batcher.close()
+                await self.batcher.close(CLOSE_GRACE_S)
         logger.info("drained; stopping")
 
     def token_counts(self, inputs: list[ModelInput]) -> list[int]:
@@ -399,6 +415,9 @@ class ModelWatch:
 
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         self._service, self._loop = service, loop
+
+    def model_hung(self, detail: str) -> None:
+        self._service.metrics.model_hangs.inc()
 
     def model_down(self, detail: str) -> None:
         self._service.metrics.observe_crash()
