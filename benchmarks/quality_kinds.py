@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# the checkout first; this folder off the path (its kernels.py would shadow the `kernels` package transformers imports)
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))  # for training and increlora when run as a script from a checkout
 METHODS = ("increlora", "lora")
 # task -> (steps, max_length, learning-rate grid); batch 16 everywhere
 TASKS = {"bbc_retrieval": (120, 128, (5e-4, 2e-3)),
