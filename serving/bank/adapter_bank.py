@@ -41,9 +41,10 @@ from .adapter_folders import adapter_folders, choose_base_model, modules_to_save
 from .base_layout import BaseLayout
 from .base_model import load_base_model
 from .batch_inputs import ModelInput, check_inputs, tokenize
-from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
+from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError, PinError
 from .predictions import Prediction, answer
 from .registry import TaskRegistry
+from .residency import Catalogue, Residency, load_resident_bank
 from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
 
 logger = logging.getLogger(__name__)
@@ -172,19 +173,27 @@ class AdapterBank:
         self._lora_modules: frozenset[str] = frozenset()
         self._head_modules: frozenset[str] = frozenset()
         self.load_errors: dict[str, IncreLoraError] = {}
+        self.residency: Residency | None = None  # set by limit_residency: tasks loaded on first use
 
     # --- loading -----------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-             max_batch_size: int = 64, backend: str = "auto") -> AdapterBank:
+             max_batch_size: int = 64, backend: str = "auto", max_resident: int | None = None,
+             max_resident_mb: float | None = None, pin: Iterable[str] = ()) -> AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.
         device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
         backend: 'auto' (Triton kernels on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
+        max_resident / max_resident_mb: load only the `pin` tasks now; every folder of `adapters` is served,
+        loaded on first use, and at most this many tasks (MB of adapter tensors) are held (see residency.py).
         """
+        if max_resident is not None or max_resident_mb is not None or pin:
+            return load_resident_bank(cls, adapters, base_model, max_tasks=max_resident, max_mb=max_resident_mb,
+                                      pin=list(pin), device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                      backend=backend)
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
         saved_sets = []
@@ -218,6 +227,8 @@ class AdapterBank:
 
     def add(self, path: PathLike) -> str:
         """Load one adapter folder; returns its task name. Raises on a bad or duplicate adapter."""
+        if self.residency is not None:
+            return self.residency.add(Path(path))
         task = self._prepare(Path(path))
         self._commit([task])
         logger.info("added task %r from %s (total rank %d)", task.name, path, task.total_rank)
@@ -225,9 +236,62 @@ class AdapterBank:
 
     def remove(self, task: str) -> None:
         """Unload a task; batches already running with it finish. UnknownTaskError (a KeyError) if absent."""
+        if self.residency is not None:
+            self.residency.remove(task)  # and its pin: its next request loads it again
+        else:
+            self._drop(task)
+        logger.info("removed task %r", task)
+
+    def _drop(self, task: str) -> None:
         with self._lock:
             self._registry = self._registry.without(task)
-        logger.info("removed task %r", task)
+
+    # --- residency: tasks loaded on first use, kept by recency ---------------------------------------
+
+    def limit_residency(self, catalogue: Catalogue, max_tasks: int | None = None,
+                        max_bytes: int | None = None) -> None:
+        """Serve every adapter folder of `catalogue`, loaded on first use, holding at most the limits."""
+        self.residency = Residency(catalogue, self._install, self._drop, TaskAdapter.memory_bytes,
+                                   max_tasks=max_tasks, max_bytes=max_bytes)
+
+    @property
+    def catalogue(self) -> Catalogue | None:
+        return None if self.residency is None else self.residency.catalogue
+
+    def pin(self, tasks: Iterable[str]) -> list[str]:
+        """Load and keep `tasks` from eviction; the pinned tasks. PinError over the limit or without one."""
+        return self._residency_or_refuse().pin(tasks)
+
+    def unpin(self, tasks: Iterable[str]) -> list[str]:
+        return self._residency_or_refuse().unpin(tasks)
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        """Held tasks, loads, evictions, hits and misses (None for a bank holding every task)."""
+        return None if self.residency is None else self.residency.stats()
+
+    def _residency_or_refuse(self) -> Residency:
+        if self.residency is None:
+            raise PinError("this bank holds every task it loaded (no max_resident): there is nothing to pin")
+        return self.residency
+
+    def _install(self, folder: Path, name: str) -> TaskAdapter:
+        """Load `folder` as task `name`, replacing an older version of it (Residency's load)."""
+        task = self._prepare(folder, replace=True)
+        if task.name != name:
+            raise AdapterFormatError(f"{folder}: holds task {task.name!r}; a bank that loads tasks on first use "
+                                     f"serves each folder under its name, so name the folder {task.name!r}")
+        self._commit([task], replace=True)
+        return task
+
+    @contextlib.contextmanager
+    def _adapters_of(self, names: list[str]) -> Iterator[list[TaskAdapter]]:
+        """The adapters of a batch's task names; with a residency limit, loaded if needed and held meanwhile."""
+        if self.residency is None:
+            snapshot = self._registry
+            yield [snapshot.get(n) for n in names]
+            return
+        with self.residency.hold(names) as adapters:
+            yield adapters
 
     def _add_many(self, folders: list[Path]) -> None:
         """Read and check the adapters one after the other, then add the good ones in folder order."""
@@ -259,9 +323,10 @@ class AdapterBank:
         except IncreLoraError as exc:
             return exc
 
-    def _prepare(self, folder: Path) -> TaskAdapter:
+    def _prepare(self, folder: Path, replace: bool = False) -> TaskAdapter:
         adapter = read_any_adapter(folder)
-        self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
+        if not replace:
+            self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
         check_overlaps(folder, adapter.modules, adapter.modules_to_save, self._head_modules, self._lora_modules)
         if adapter.fingerprint:
             check_base_model(adapter, self.model, self._fingerprint(adapter.modules_to_save))
@@ -285,9 +350,12 @@ class AdapterBank:
         weakref.finalize(packed, _release, list(slots.values()))
         return packed
 
-    def _commit(self, tasks: list[TaskAdapter]) -> None:
+    def _commit(self, tasks: list[TaskAdapter], replace: bool = False) -> None:
         with self._lock:
-            registry = self._registry.with_tasks(tasks)  # checks duplicates against the current tasks
+            registry = self._registry
+            for task in tasks if replace else ():  # a new version of a task takes the old one's place
+                registry = registry.without(task.name) if task.name in registry else registry
+            registry = registry.with_tasks(tasks)  # checks duplicates against the current tasks
             heads, loras = set(self._head_modules), set(self._lora_modules)
             for task in tasks:
                 check_overlaps(task.path, task.lora, task.heads, heads, loras)
@@ -356,15 +424,14 @@ class AdapterBank:
     def predict(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[Prediction]:
         """One answer per input, in input order (see serving.bank.predictions for the answer dicts)."""
         items, names = check_inputs(inputs, tasks)
-        snapshot = self._registry
-        adapters = [snapshot.get(n) for n in names]
-        return [answer(a, row) for a, row in zip(adapters, self._logits(items, adapters))]
+        with self._adapters_of(names) as adapters:
+            return [answer(a, row) for a, row in zip(adapters, self._logits(items, adapters))]
 
     def logits(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[torch.Tensor]:
         """Each input's logits [num_labels of its task] in float32 on the CPU, in input order."""
         items, names = check_inputs(inputs, tasks)
-        snapshot = self._registry
-        return self._logits(items, [snapshot.get(n) for n in names])
+        with self._adapters_of(names) as adapters:
+            return self._logits(items, adapters)
 
     def _logits(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[torch.Tensor]:
         order = sorted(range(len(items)), key=lambda i: adapters[i].name)  # rows of a task together

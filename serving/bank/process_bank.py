@@ -25,7 +25,7 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("predict", "task_info", "add", "remove")
+_OPS = ("predict", "task_info", "add", "remove", "pin", "unpin", "residency_stats")
 
 
 class ProcessBank:
@@ -39,6 +39,7 @@ class ProcessBank:
         self.max_length: int = info["max_length"]
         self.tokenizer: Any = info["tokenizer"]
         self.base_model: str = info.get("base_model", "unknown")
+        self.catalogue: Any = info.get("catalogue")  # a bank loading tasks on first use: where they are
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
@@ -110,6 +111,15 @@ class ProcessBank:
     def remove(self, task: str) -> None:
         self._call("remove", task)
 
+    def pin(self, tasks: list[str]) -> list[str]:
+        return self._call("pin", list(tasks))
+
+    def unpin(self, tasks: list[str]) -> list[str]:
+        return self._call("unpin", list(tasks))
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        return self._call("residency_stats")
+
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
             try:
@@ -172,7 +182,8 @@ def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
         conn.send(("err", _picklable(exc)))
         return
     conn.send(("ok", {"tasks": list(bank.tasks), "max_length": bank.max_length, "tokenizer": bank.tokenizer,
-                      "base_model": getattr(bank, "base_model", "unknown")}))
+                      "base_model": getattr(bank, "base_model", "unknown"),
+                      "catalogue": getattr(bank, "catalogue", None)}))
     while True:
         try:
             op, args = conn.recv()

@@ -79,6 +79,7 @@ class SupervisedBank:
         self.policy = policy or RestartPolicy()
         self.retry_wait_s = retry_wait_s
         self.max_length, self.tokenizer, self.base_model = bank.max_length, bank.tokenizer, bank.base_model
+        self.catalogue = getattr(bank, "catalogue", None)
         self._bank = bank
         self._starter = starter
         self._cond = threading.Condition()
@@ -132,6 +133,15 @@ class SupervisedBank:
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._once("task_info", task)
+
+    def pin(self, tasks: list[str]) -> list[str]:
+        return self._once("pin", tasks)
+
+    def unpin(self, tasks: list[str]) -> list[str]:
+        return self._once("unpin", tasks)
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        return self._once("residency_stats")
 
     def add(self, path: Any) -> str:
         task = self._once("add", path)
@@ -286,6 +296,6 @@ def restore(bank: Any, task_set: TaskSet) -> Any:
         except Exception as exc:
             logger.error("task %r (%s) could not be loaded again: %s", task, path, exc)
     missing = sorted(set(task_set.tasks) - set(bank.tasks))
-    if missing:
+    if missing and getattr(bank, "catalogue", None) is None:  # else they load again on first use
         logger.error("the new model process serves without tasks %s: their adapters no longer load", missing)
     return bank
