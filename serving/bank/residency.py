@@ -26,6 +26,8 @@ from typing import Any
 from increlora.adapter_file import CONFIG_NAME
 from increlora.errors import IncreLoraError
 
+from .adapter_folders import choose_base_model, modules_to_save, resolve_base_model
+from .base_model import load_base_model
 from .errors import BankLoadError, NoAdapterFolderError, PinError, TaskLoadError, UnknownTaskError
 
 logger = logging.getLogger(__name__)
@@ -294,9 +296,6 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
     The base model, when not given, is the one most of the pinned folders (or else the first few) name:
     start time does not grow with the catalogue.
     """
-    from .adapter_folders import choose_base_model, modules_to_save, resolve_base_model
-    from .base_model import load_base_model
-
     if max_tasks is None and max_mb is None:
         raise BankLoadError("pin needs max_resident or max_resident_mb: a bank without a limit holds every task")
     if max_tasks is not None and (isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1):
@@ -310,13 +309,13 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
         pinned = [catalogue.folder(name) for name in pin]
     except UnknownTaskError as exc:
         raise BankLoadError(f"cannot pin: {exc}") from None
-    sample = pinned + [catalogue.root / n for n in _first_names(catalogue, 8)]
     try:
-        saved_sets = [modules_to_save(folder) for folder in sample]
-        if base_model is None:
-            base_model = choose_base_model(sample, root)
+        saved_sets = [modules_to_save(folder) for folder in pinned]
     except IncreLoraError as exc:
-        raise BankLoadError(f"{exc}; or pass base_model=") from exc
+        raise BankLoadError(f"cannot pin: {exc}") from exc
+    sample = pinned + _readable_folders(catalogue, 8, saved_sets)
+    if base_model is None:
+        base_model = choose_base_model(sample, root)
     try:
         model, tokenizer, missing_keys = load_base_model(base_model, resolve_base_model(base_model))
     except (OSError, ValueError) as exc:
@@ -337,12 +336,18 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
     return bank
 
 
-def _first_names(catalogue: Catalogue, k: int) -> list[str]:
-    """Up to k adapter folders of the catalogue, in name order (one listing, k config checks)."""
-    names = []
-    for name in sorted(n for n in os.listdir(catalogue.root) if plain_name(n)):
-        if name in catalogue:
-            names.append(name)
-            if len(names) == k:
-                break
-    return names
+def _readable_folders(catalogue: Catalogue, k: int, saved_sets: list[list[str]]) -> list[Path]:
+    """Up to k adapter folders whose config reads, in name order (at most 8k tried), their modules_to_save
+    appended to saved_sets: enough to choose the base model without reading the whole catalogue."""
+    found: list[Path] = []
+    names = sorted(n for n in os.listdir(catalogue.root) if plain_name(n))
+    for name in names[:8 * k]:
+        try:
+            saved = modules_to_save(catalogue.folder(name))
+        except IncreLoraError:
+            continue
+        found.append(catalogue.root / name)
+        saved_sets.append(saved)
+        if len(found) == k:
+            break
+    return found
