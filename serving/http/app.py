@@ -193,7 +193,7 @@ async def remove_task(task: str, service: ServiceDep, bank: BankDep) -> RemovedT
 
 @router.post("/v1/pins", response_model=Pins, tags=["admin"],
              summary="Load tasks now and never evict them (admin; a server with --max-resident)",
-             dependencies=[Depends(require_admin)], responses=_errors(401, 403, 404, 409, 500, 503))
+             dependencies=[Depends(require_admin)], responses=_errors(401, 403, 404, 409, 413, 500, 503))
 async def pin_tasks(body: PinRequest, bank: BankDep) -> Pins:
     return await asyncio.to_thread(http_admin.pin_tasks, bank, body.tasks)
 
