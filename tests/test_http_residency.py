@@ -138,3 +138,13 @@ def test_a_real_server_holding_two_of_five_answers_round_robin_as_a_bank_holding
         assert metric(base, "increlora_tasks_held") == 2
     finally:
         stop(proc)
+
+
+def test_a_restarted_model_process_gets_the_admin_pins_back(adapter_dir):
+    from serving.http.supervisor import TaskSet, restore
+
+    bank = AdapterBank.load(adapter_dir, max_resident=2, pin=["news"])  # as the loader starts it again
+    restore(bank, TaskSet(("news", "sst2"), (), pinned=("sst2",)))
+    assert bank.residency_stats()["pinned"] == ["sst2"] and "sst2" in bank.tasks
+    restore(bank, TaskSet(("sst2",)))  # the admin route never used: the loader's pins stay
+    assert bank.residency_stats()["pinned"] == ["sst2"]
