@@ -61,6 +61,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_readme.py",            # 65
     "tests/test_cli.py",               # 55
     "tests/test_http_server.py",       # 40
+    "tests/test_http_residency.py",    # 30 (a real server)
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30
 )
