@@ -53,9 +53,12 @@ class Catalogue:
     def folder(self, name: str) -> Path:
         """The folder of task `name`; UnknownTaskError unless it is an adapter folder directly under root."""
         if plain_name(name):
-            path = (self.root / name).resolve()  # follows links: one out of root is refused
-            if path.parent == self.root and (path / CONFIG_NAME).is_file():
-                return path
+            try:
+                path = (self.root / name).resolve()  # follows links: one out of root is refused
+                if path.parent == self.root and (path / CONFIG_NAME).is_file():
+                    return path
+            except OSError:  # a name too long, a loop of links
+                pass
         raise NoAdapterFolderError(name, str(self.root))
 
     def __contains__(self, name: object) -> bool:
