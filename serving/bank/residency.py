@@ -165,7 +165,7 @@ class Residency:
         started = time.perf_counter()
         try:
             adapter = self._load(folder, name)
-        except IncreLoraError as exc:
+        except (IncreLoraError, OSError) as exc:  # the folder's fault (an unreadable file included)
             error = TaskLoadError(name, str(exc))
             logger.error("%s", error)
             with self._cond:
