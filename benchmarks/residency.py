@@ -164,6 +164,11 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
+def hits_misses(before: dict, after: dict) -> tuple[int, int]:
+    """Batches that found their tasks held, and that loaded them, between two residency_stats()."""
+    return tuple(sum(after[k].values()) - sum(before[k].values()) for k in ("hits", "misses"))
+
+
 def run_batches(bank, draw, batches: int, batch: int, rng: random.Random, checker: Checker,
                 remap=lambda t: t) -> tuple[float, int]:
     """Seconds for `batches` predict calls of `batch` single-text requests; and the requests."""
@@ -248,8 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             times[name][0] += sec
             times[name][1] += n
     after = bank.residency_stats()
-    hits = sum(after["hits"].values()) - sum(before["hits"].values())
-    misses = sum(after["misses"].values()) - sum(before["misses"].values())
+    hits, misses = hits_misses(before, after)
     rps = {name: n / sec for name, (sec, n) in times.items()}
     out["compare"] = {"resident_rps": round(rps["resident"], 1), "residency_rps": round(rps["residency"], 1),
                       "ratio": round(rps["residency"] / rps["resident"], 3),
@@ -260,15 +264,21 @@ def main(argv: list[str] | None = None) -> dict:
     memory, done, sec_total = [], 0, 0.0
     start_stats = bank.residency_stats()
     chunk = max(args.batch, (args.requests // 50) // args.batch * args.batch)
-    while done < args.requests:
-        sec, n = run_batches(bank, draw, max(1, min(chunk, args.requests - done) // args.batch), args.batch, rng,
-                             checker)
-        done, sec_total = done + n, sec_total + sec
-        memory.append((done, round(rss_mb(), 1)))
-        print(f"long: {done} requests, {done / sec_total:.1f} req/s, RSS {memory[-1][1]} MB", flush=True)
+    try:
+        while done < args.requests:
+            sec, n = run_batches(bank, draw, max(1, min(chunk, args.requests - done) // args.batch), args.batch,
+                                 rng, checker)
+            done, sec_total = done + n, sec_total + sec
+            memory.append((done, round(rss_mb(), 1)))
+            hits, misses = hits_misses(start_stats, bank.residency_stats())
+            print(f"long: {done} requests, {done / sec_total:.1f} req/s, hit rate {hits / (hits + misses):.3f}, "
+                  f"RSS {memory[-1][1]} MB", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C ends the long run early: the results so far are still reported
+        print(f"long: stopped after {done} of {args.requests} requests", flush=True)
+    if not memory:
+        return out
     end = bank.residency_stats()
-    hits = sum(end["hits"].values()) - sum(start_stats["hits"].values())
-    misses = sum(end["misses"].values()) - sum(start_stats["misses"].values())
+    hits, misses = hits_misses(start_stats, end)
     tenth = memory[max(0, len(memory) // 10 - 1)][1]
     out["long"] = {"requests": done, "rps": round(done / sec_total, 1), "hit_rate": round(hits / (hits + misses), 3),
                    "loads": end["loads"], "evictions": end["evictions"], "held": end["held"],
