@@ -3,6 +3,7 @@ of LRU with pins, one load for concurrent first uses, replaced and broken folder
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -294,7 +296,8 @@ def test_names_outside_the_folder_are_unknown(adapters, tmp_path):
     link = adapters / "link_out"
     os.symlink(tmp_path / "outside", link)
     try:
-        for name in ["nope", "../sst2", "sst2/..", ".", "..", "/etc", f"{adapters}/sst2", "link_out", " sst2", "", "x" * 300]:
+        for name in ["nope", "../sst2", "sst2/..", ".", "..", "/etc", f"{adapters}/sst2", "link_out", " sst2", "",
+                     "x" * 300]:
             with pytest.raises(UnknownTaskError, match="no adapter folder"):
                 bank.predict(["x"], [name])
     finally:
@@ -340,3 +343,16 @@ def test_start_reads_only_a_few_folders(adapters, tmp_path):
     assert bank.tasks == [] and bank.load_errors == {}
     with pytest.raises(TaskLoadError, match="zz007"):
         answers(bank, "zz007")
+
+
+def test_evicted_tasks_give_their_packed_rows_back_on_the_triton_backend(adapters, full):
+    pytest.importorskip("triton")
+    bank = AdapterBank.load(adapters, max_resident=1, backend="triton")
+    for task in [*TASKS, "sst2"]:
+        got, want = bank.logits(INPUTS[:2], [task] * 2), full.logits(INPUTS[:2], [task] * 2)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    gc.collect()  # the evicted tasks' rows are given back when their objects are gone
+    slots = dict(bank._registry.get(bank.residency.held[0]).lora)  # the one task held
+    assert {n: store.used_rows for n, store in bank._packed.items()} == {
+        n: slots[n].rank if n in slots else 0 for n in bank._packed}
