@@ -113,6 +113,8 @@ def test_the_command_refuses_residency_options_that_do_not_fit(adapter_dir, caps
     assert "must be positive" in capsys.readouterr().err
     assert serve_main(["--adapters", str(adapter_dir / "sst2"), "--max-resident", "2"]) == 2
     assert "folder of adapter folders" in capsys.readouterr().err
+    assert serve_main(["--adapters", str(adapter_dir), "--max-resident", "2", "--ray", "auto"]) == 2
+    assert "not available with --ray" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -106,6 +106,9 @@ def residency_problem(args: argparse.Namespace) -> str | None:
     if (args.max_resident is not None and args.max_resident < 1) or (
             args.max_resident_mb is not None and not args.max_resident_mb > 0):
         return "--max-resident and --max-resident-mb must be positive"
+    if (limited or args.pin) and getattr(args, "ray", None) is not None:
+        return ("--max-resident, --max-resident-mb and --pin are not available with --ray; its replicas hold "
+                "at most --max-tasks-per-replica tasks each, least recently used first")
     if limited and _adapter_folder(args.adapters) is None:
         return f"--max-resident serves a folder of adapter folders; {args.adapters} is one adapter"
     return None
