@@ -3,7 +3,7 @@
 # own time limit (150 + 120 + 2 x 100 s), so the whole script ends within 8 minutes:
 #   1. the serving correctness tests, every AdapterBank on the GPU (a bank takes the GPU and the Triton
 #      kernels by default), the kernels compiled for this GPU against the reference in three dtypes;
-#   2. kernels.py: per-module timings of the torch loop, the Triton kernels, padded grouped_mm and
+#   2. kernel_timings.py: per-module timings of the torch loop, the Triton kernels, padded grouped_mm and
 #      PEFT's mixed batch, launches per call and GB/s;
 #   3. serve_throughput.py on the GPU, float32 (with PEFT) and bfloat16: the whole bank against the
 #      base model, with and without CUDA graphs (a capture fails if a forward reads a device value).
@@ -39,7 +39,7 @@ if [ -z "${KERNEL_ARGS:-}" ]; then
     KERNEL_ARGS="--reps 30"
     [ "$DEVICE" = cpu ] && KERNEL_ARGS="--k 1 4 --rows 64 --reps 2"
 fi
-timeout 120 $PYTHON benchmarks/kernels.py --device "$DEVICE" $KERNEL_ARGS 2>&1 | grep -v "Warning" \
+timeout 120 $PYTHON benchmarks/kernel_timings.py --device "$DEVICE" $KERNEL_ARGS 2>&1 | grep -v "Warning" \
     | tee "$OUT/kernels.log" || status=1
 
 # random MiniLM-shaped weights: the model hub is not reachable from such machines

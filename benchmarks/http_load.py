@@ -13,6 +13,7 @@ Default adapters: random IncreLoRA adapters (untrained: the speed is the same) o
     python benchmarks/http_load.py                                  # MiniLM, 4 tasks, concurrency 1,8,64
     python benchmarks/http_load.py --backbone tiny --requests 200 --concurrency 1,8
     python benchmarks/http_load.py --adapters adapters/ --rows-per-request 4
+    python benchmarks/http_load.py --smoke         # seconds: the tiny backbone, 2 tasks, 16 requests
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ TINY_WORDS = ("good bad great terrible film movie funny dull boring gripping plo
               "phone computer").split()
 
 
+SMOKE = ["--backbone", "tiny", "--tasks", "2", "--rank", "2", "--requests", "16", "--concurrency", "1,4",
+         "--direct-seconds", "0.2", "--max-seconds", "20"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", type=Path, default=None, help="serve these adapters instead of random ones")
@@ -61,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="more increlora-serve arguments, e.g. '--in-process'")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of a score or value")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
+    args = p.parse_args(argv)
+    # the smoke values first: options given explicitly still win
+    return p.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)]) if args.smoke else args
 
 
 # --- adapters and inputs -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ benchmark continues where it stopped. Training checkpoints in --work let a kille
     python benchmarks/quality.py --report --curves benchmarks/results/quality/curves.png
     python benchmarks/quality.py --parallel 2         # two runs at a time, one thread each
     python benchmarks/quality.py --variants sms_spam-1k --methods lora --lrs 1e-3 --seeds 0 --steps 20
+    python benchmarks/quality.py --smoke              # seconds: --report (a training run takes minutes)
 """
 from __future__ import annotations
 
@@ -377,6 +378,7 @@ def main() -> None:
                     help="one JSON per finished run (committed; reused on the next start)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="run folders and checkpoints")
     ap.add_argument("--report", action="store_true", help="print the tables from the results so far and stop")
+    ap.add_argument("--smoke", action="store_true", help="the smallest run: --report")
     ap.add_argument("--curves", type=Path, help="also draw the training-loss curves at the chosen rates (PNG)")
     ap.add_argument("--parallel", type=int, default=1,
                     help="runs side by side, each with cores / N threads (see BENCHMARKS.md)")
@@ -385,7 +387,7 @@ def main() -> None:
     args.methods = args.methods.split(",")
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.seeds = [int(x) for x in args.seeds.split(",")]
-    if args.report:
+    if args.report or args.smoke:
         show(args)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

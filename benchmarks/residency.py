@@ -31,16 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and benchmarks/kernels.py would shadow the
-# `kernels` package that transformers imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import psutil
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig
 
-import psutil  # noqa: E402 - after the sys.path fix
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, BertConfig  # noqa: E402
-
-from increlora import IncreLoraConfig, apply_increlora, increlora_layers, save_adapter  # noqa: E402
-from serving import AdapterBank  # noqa: E402
+from increlora import IncreLoraConfig, apply_increlora, increlora_layers, save_adapter
+from serving import AdapterBank
 
 logger = logging.getLogger("residency")
 TEXTS = ["a gripping film with a dull ending", "win a free prize now, call today", "the team won the vote",

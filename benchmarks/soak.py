@@ -12,6 +12,7 @@ request, as a well-behaved client does.
 
     nice -n 5 python benchmarks/soak.py                          # MiniLM if available, 16 tasks, 10,000 x 2
     python benchmarks/soak.py --backbone tiny --requests 2000 --kill-every 500
+    python benchmarks/soak.py --smoke        # seconds: the tiny backbone, 2 tasks, 24 requests, no kill
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from http_load import (  # benchmarks/http_load.py, beside this file
 )
 
 WARM_UP = 256  # requests before the first memory reading
+SMOKE = ["--backbone", "tiny", "--tasks", "2", "--rank", "2", "--requests", "24", "--distinct", "12",
+         "--concurrency", "4", "--kill-every", "0"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="more increlora-serve arguments")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of a score or value")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
     args = p.parse_args(argv)
+    if args.smoke:  # the smoke values first: options given explicitly still win
+        args = p.parse_args([*SMOKE, *(sys.argv[1:] if argv is None else argv)])
     args.rows_per_request, args.torch_threads = 1, None  # what http_load.start_server reads
     return args
 

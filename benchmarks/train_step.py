@@ -1,17 +1,20 @@
-"""Training step time: IncreLoRA vs plain LoRA (PEFT, same final ranks) vs a dense-dW reference.
+"""Training step time: IncreLoRA (scoring a window before each growth step, or every step) vs plain
+LoRA (PEFT, same final ranks) vs a dense-dW reference.
 
-One run on a MiniLM-L6-shaped BERT (random weights): the three variants take their steps in turn
-(step i of each, then step i+1), on the same batches, so the machine's drift hits them alike. The
-IncreLoRA run includes growth and scoring steps; the timed step is forward, backward, clipping,
-allocator, optimizer and scheduler.
+One run on a MiniLM-L6-shaped BERT (random weights): the variants take their steps in turn (step i of
+each, then step i+1), on the same batches, so the machine's drift hits them alike. The IncreLoRA runs
+include growth and scoring steps; the timed step is forward, backward, clipping, allocator, optimizer
+and scheduler.
 
     python benchmarks/train_step.py                     # 60 steps, batch 32 x seq 128
     python benchmarks/train_step.py --steps 20 --batch 8 --seq 64
+    python benchmarks/train_step.py --smoke             # seconds: a 2-layer model, 4 steps
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -47,10 +50,16 @@ class DenseDeltaLinear(nn.Module):
         return (self.delta * self.delta.grad).abs().sum().item()
 
 
-def backbone(seed: int) -> BertForSequenceClassification:
+SHAPE = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+         "intermediate_size": 1536}
+SMOKE = ["--steps", "4", "--batch", "2", "--seq", "8", "--init-warmup", "1", "--interval", "2", "--skip", "0"]
+SMOKE_SHAPE = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "intermediate_size": 64}
+
+
+def backbone(seed: int, shape: dict | None = None) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+    cfg = BertConfig(**(shape or SHAPE), max_position_embeddings=512, num_labels=2)
     return BertForSequenceClassification(cfg)
 
 
@@ -82,27 +91,28 @@ class Variant:
         self.times.append(time.perf_counter() - t0)
 
 
-def build_increlora(args) -> tuple[Variant, RankAllocator]:
-    config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, warmup_steps=10)
-    model = apply_increlora(backbone(0), config)
+def build_increlora(args, name: str = "IncreLoRA", every_step: bool = False) -> tuple[Variant, RankAllocator]:
+    config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, warmup_steps=10,
+                             score_every_step=every_step)
+    model = apply_increlora(backbone(0, args.shape), config)
     allocator = RankAllocator(model, config, args.steps)
-    variant = Variant("IncreLoRA", model, args.steps,
+    variant = Variant(name, model, args.steps,
                       after_backward=lambda i, v: allocator.step(i, v.optimizer, v.scheduler))
     return variant, allocator
 
 
-def build_lora(ranks: dict[str, int]) -> nn.Module:
+def build_lora(ranks: dict[str, int], shape: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     cfg = LoraConfig(r=common, lora_alpha=16, lora_dropout=0.1, target_modules=sorted(ranks),
                      rank_pattern={n: r for n, r in ranks.items() if r != common},
                      modules_to_save=["classifier", "pooler"], task_type="SEQ_CLS")
-    return get_peft_model(backbone(0), cfg)
+    return get_peft_model(backbone(0, shape), cfg)
 
 
-def build_dense(ranks: dict[str, int]) -> tuple[nn.Module, dict[str, DenseDeltaLinear]]:
-    model = backbone(0)
+def build_dense(ranks: dict[str, int], shape: dict) -> tuple[nn.Module, dict[str, DenseDeltaLinear]]:
+    model = backbone(0, shape)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
@@ -118,7 +128,7 @@ def build_dense(ranks: dict[str, int]) -> tuple[nn.Module, dict[str, DenseDeltaL
 def summarize(variants: list[Variant], scoring: list[bool], skip: int) -> str:
     lora = next(v for v in variants if v.name == "LoRA (PEFT)")
     base = statistics.mean(lora.times[skip:])
-    rows = ["| variant | mean step (ms) | median (ms) | scoring steps (ms) | other steps (ms) | vs LoRA |",
+    rows = ["| variant | mean step (ms) | median (ms) | steps the window scores (ms) | other steps (ms) | vs LoRA |",
             "|---|---|---|---|---|---|"]
     for v in variants:
         t = v.times[skip:]
@@ -138,13 +148,19 @@ def main() -> None:
     ap.add_argument("--init-warmup", type=int, default=10)
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    ap.add_argument("--smoke", action="store_true", help="the smallest run: a 2-layer model, " + " ".join(SMOKE))
     args = ap.parse_args()
+    args.shape = SHAPE
+    if args.smoke:  # the smoke values first: options given explicitly still win
+        args = ap.parse_args([*SMOKE, *sys.argv[1:]])
+        args.shape = SMOKE_SHAPE
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(1000, 30000, (args.batch, args.seq), generator=g),
                 torch.randint(0, 2, (args.batch,), generator=g)) for _ in range(args.steps)]
 
     inc, allocator = build_increlora(args)
+    every, _ = build_increlora(args, "IncreLoRA, score_every_step=True", every_step=True)
     # LoRA and the dense reference get IncreLoRA's final total rank (init_rank everywhere plus add_rank
     # per growth step), known before the run; where the extra ranks land hardly changes the step time.
     scoring = [allocator.is_scoring_step(i) for i in range(args.steps)]
@@ -154,8 +170,8 @@ def main() -> None:
     for k in range(sum(growth)):
         ranks[names[(7 * k) % len(names)]] += 1  # spread like a typical run; the timing depends on the sum
 
-    lora = Variant("LoRA (PEFT)", build_lora(ranks), args.steps)
-    dense_model, dense_layers = build_dense(ranks)
+    lora = Variant("LoRA (PEFT)", build_lora(ranks, args.shape), args.steps)
+    dense_model, dense_layers = build_dense(ranks, args.shape)
 
     def dense_score(i: int, v: Variant) -> None:
         if scoring[i]:
@@ -163,7 +179,7 @@ def main() -> None:
                 layer.sensitivity()
 
     dense = Variant("dense dW (reference)", dense_model, args.steps, after_backward=dense_score)
-    variants = [lora, inc, dense]
+    variants = [lora, inc, every, dense]
     for v in variants:
         v.model.train()
 
@@ -173,7 +189,7 @@ def main() -> None:
           f"{inc.model.increlora_config.effective_score_window})", flush=True)
     for i, (ids, labels) in enumerate(batches):
         for v in variants:
-            v.step(i, ids, labels, orth_weight=0.1 if v is inc else 0.0)
+            v.step(i, ids, labels, orth_weight=0.1 if v in (inc, every) else 0.0)
         if (i + 1) % 10 == 0:
             print(f"step {i + 1}: " + ", ".join(f"{v.name} {1e3 * v.times[-1]:.0f} ms" for v in variants), flush=True)
     print(f"\nIncreLoRA total rank {allocator.total_rank} (budget {allocator.budget}); "

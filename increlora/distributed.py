@@ -1,22 +1,10 @@
 """Data-parallel IncreLoRA: replicas that stay identical while their adapters grow.
 
-DistributedDataParallel (DDP) registers a model's parameters once, when it wraps the model, so it
-never sees the parameters a growth step adds, and a reserve that shrinks in place would break its
-buckets. The adapter's own tensors are therefore taken out of DDP's hands and kept in step here:
-
-- ``exclude_from_ddp(model)`` lists every IncreLoRA parameter and buffer in
-  ``model._ddp_params_and_buffers_to_ignore`` (DDP's own opt-out). ``apply_increlora`` calls it;
-  it must have run on the final structure before DDP wraps the model.
-- ``GradientSync(model)`` averages the adapter gradients over the replicas at the end of every
-  backward pass, in one all-reduce, before gradient clipping or the optimizer read them. Averaging
-  is linear, so doing it after each micro-batch of an accumulation gives the averaged sum. A
-  parameter that got no gradient on any replica keeps none, as in a single process.
-- ``RankAllocator`` averages the accumulated dL/d(dW) before scoring, takes rank 0's growth
-  decision and rank 0's values of the parameters a growth step creates.
-
-With these, N replicas with b rows each train like one process with N*b rows per step.
-``GradientSync`` does nothing unless torch.distributed is initialised with more than one process;
-the collective helpers below expect such a group.
+DistributedDataParallel registers a model's parameters once, so it never sees the ones a growth step
+adds; the adapter's own tensors are therefore kept out of DDP (``exclude_from_ddp``, called by
+``apply_increlora``) and kept in step here: ``GradientSync`` averages their gradients over the replicas
+after every backward pass, and ``RankAllocator`` takes rank 0's growth decisions and new values. N
+replicas of b rows then train like one process of N*b rows. Why and how: docs/design/data-parallel.md.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def test_loads_every_adapter_of_the_folder(bank, tiny_base):
     assert bank.load_errors == {}
     assert bank.max_length == 64
     assert bank.base_model == str(tiny_base)
-    assert bank.device == torch.device("cpu") and bank.dtype == torch.float32
+    assert bank.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU by default
+    assert bank.dtype == torch.float32
 
 
 def test_mixed_batch_equals_each_adapter_alone(tiny_base, adapters, bank):

@@ -76,9 +76,10 @@ def test_kernels_equal_the_reference(seed, segs, fans, dtype, variant):
 def test_the_narrow_signature_and_fp32_precision_options():
     x, bounds, a_list, b_list, out = case_on_device(3, [33, 0, 4], [2, 5, 17], 40, 24)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    for precision in ("ieee", "tf32"):  # tf32 is the same as ieee in the interpreter, and close on a GPU
-        got = lora_segments_triton(x, bounds, a_list, b_list, out.clone(), precision=precision)
-        torch.testing.assert_close(got.float(), want, atol=2e-3 if precision == "tf32" else 1e-5, rtol=0)
+    scale = want.abs().max().item()
+    for precision in ("ieee", "tf32"):  # tf32 is the same as ieee in the interpreter; on an H200 it was
+        got = lora_segments_triton(x, bounds, a_list, b_list, out.clone(), precision=precision)  # 3e-3 off
+        torch.testing.assert_close(got.float(), want, atol=1e-2 * scale if precision == "tf32" else 1e-5, rtol=0)
     with pytest.raises(ValueError, match="variant"):
         lora_segments_triton(x, bounds, a_list, b_list, out.clone(), variant="padded")
 
@@ -98,7 +99,7 @@ def test_wrong_shapes_and_dtypes_are_refused():
     assert lora_segments_packed(x, out, table, "not-in-the-table") is out  # a module no task adapts
 
 
-def test_table_pads_tiles_to_a_power_of_two_and_refills_one_buffer_in_place():
+def test_table_pads_tiles_to_a_power_of_two_and_owns_its_device_memory():
     store = PackedFactors(8, 8, DEVICE, torch.float32)
     slots = [(store.add(torch.ones(2, 8), torch.ones(8, 2)), 2), (0, 0)]
     first = build_table([(0, BLOCK_M + 1), (BLOCK_M + 1, BLOCK_M + 3)], {"m": slots}, {"m": store}, DEVICE)
@@ -106,11 +107,23 @@ def test_table_pads_tiles_to_a_power_of_two_and_refills_one_buffer_in_place():
     assert first.tiles.tolist() == [[0, 0, BLOCK_M], [0, BLOCK_M, BLOCK_M + 1], [1, BLOCK_M + 1, BLOCK_M + 3],
                                     [0, 0, 0]]
     assert first.meta.tolist() == [[[2, 0], [0, 0]]]  # (rank, offset) per segment
-    ptr = first.tiles.data_ptr()
-    second = build_table([(0, 3), (3, 5)], {"m": slots}, {"m": store}, DEVICE)
-    assert second.tiles.data_ptr() == ptr  # the same device buffer, refilled
+    kept = first.tiles.clone(), first.meta.clone()
+    for _ in range(6):  # more tables than the thread has staging buffers
+        second = build_table([(0, 3), (3, 5)], {"m": slots}, {"m": store}, DEVICE)
+    assert second.tiles.tolist() == [[0, 0, 3], [1, 3, 5]]
+    assert torch.equal(first.tiles, kept[0]) and torch.equal(first.meta, kept[1])  # a later table leaves it be
     with pytest.raises(ValueError, match="slots for"):
         build_table([(0, 3)], {"m": slots}, {"m": store}, DEVICE)
+
+
+def test_no_table_is_built_while_a_cuda_graph_is_captured(monkeypatch):
+    """Building copies from host memory and waits on an event, which a capture cannot hold: the
+    message says to run the forward once before capturing."""
+    store = PackedFactors(8, 8, "cpu", torch.float32)
+    slots = [(store.add(torch.ones(2, 8), torch.ones(8, 2)), 2)]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="before capturing"):
+        build_table([(0, 3)], {"m": slots}, {"m": store}, "cuda")
 
 
 def test_buffers_made_in_inference_mode_are_refilled_outside_it():

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from increlora.adapter_file import CONFIG_NAME
+from increlora.adapter_file import CONFIG_NAME, unused_backbone_modules
 from increlora.errors import IncreLoraError
 
-from .adapter_folders import choose_base_model, modules_to_save, resolve_base_model
+from .adapter_folders import choose_base_model, modules_to_save, resolve_base_model, task_type
 from .base_model import load_base_model
 from .errors import BankLoadError, NoAdapterFolderError, PinError, TaskLoadError, UnknownTaskError
 
@@ -313,7 +313,7 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
     except UnknownTaskError as exc:
         raise BankLoadError(f"cannot pin: {exc}") from None
     try:
-        saved_sets = [modules_to_save(folder) for folder in pinned]
+        saved_sets = [(modules_to_save(folder), task_type(folder)) for folder in pinned]
     except IncreLoraError as exc:
         raise BankLoadError(f"cannot pin: {exc}") from exc
     sample = pinned + _readable_folders(catalogue, 8, saved_sets)
@@ -325,7 +325,8 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
         raise BankLoadError(f"cannot load base model {base_model!r} ({exc}); pass base_model= a local "
                             f"folder or hub id") from exc
     bank = bank_cls(model, tokenizer, base_model=base_model, missing_keys=missing_keys,
-                    fingerprint_sets=saved_sets, **bank_kwargs)
+                    fingerprint_sets=[saved + unused_backbone_modules(model, kind) for saved, kind in saved_sets],
+                    **bank_kwargs)
     bank.limit_residency(catalogue, max_tasks, None if max_mb is None else int(max_mb * 2**20))
     if pin:
         try:
@@ -339,14 +340,15 @@ def load_resident_bank(bank_cls: Any, root: Any, base_model: str | None, *, max_
     return bank
 
 
-def _readable_folders(catalogue: Catalogue, k: int, saved_sets: list[list[str]]) -> list[Path]:
+def _readable_folders(catalogue: Catalogue, k: int, saved_sets: list[tuple[list[str], str]]) -> list[Path]:
     """Up to k adapter folders whose config reads, in name order (at most 8k tried), their modules_to_save
-    appended to saved_sets: enough to choose the base model without reading the whole catalogue."""
+    and task type appended to saved_sets: enough to choose the base model without reading the catalogue."""
     found: list[Path] = []
     names = sorted(n for n in os.listdir(catalogue.root) if plain_name(n))
     for name in names[:8 * k]:
         try:
-            saved = modules_to_save(catalogue.folder(name))
+            folder = catalogue.folder(name)
+            saved = (modules_to_save(folder), task_type(folder))
         except IncreLoraError:
             continue
         found.append(catalogue.root / name)

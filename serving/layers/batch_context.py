@@ -3,7 +3,10 @@
 The context of the running forward is found through a ContextVar, so two threads can run forwards
 of the same model at once, each with its own batch, and a layer never holds per-batch state.
 With the Triton backend the tasks' factors are PackedSlots, and the context makes the kernels' table
-for all modules on the first adapted layer's call (it needs the rows per example, known only there).
+for all modules on the first adapted layer's call at each row granularity (rows per example, known only
+there: token-level layers and sequence-level ones such as a pooler differ). It keeps every table it made,
+each in device memory of its own, so a CUDA graph captured after one eager forward under the context
+replays it (docs/design/gpu-kernels.md).
 """
 from __future__ import annotations
 
@@ -95,7 +98,8 @@ class BatchContext:
         return module in self._modules
 
     def triton_table(self, per_row: int, device: torch.device) -> SegmentTable:
-        """The kernels' table for every module of this batch, rows counted per_row to an example; made once."""
+        """The kernels' table for every module of this batch, rows counted per_row to an example; made once
+        per granularity and kept (its own device memory) for as long as the context lives."""
         key = (per_row, device)
         if key not in self._tables:
             from ..ops.triton_segments import build_table

@@ -1,19 +1,10 @@
 """Triton kernels of the segmented multi-adapter product: one launch per module for every task of a batch.
 
-Rows are sorted by task and cut into tiles of at most BLOCK_M rows, each inside one task's segment
-(tiles [T, 3]: segment, first row, end row). A module's factors live packed in one buffer: task
-segment s uses rows [off, off + rank) of A [*, in] and of Bt [*, out] (Bt = B'^T), with (rank, off) read
-from meta [modules, segments, 2]. A program whose tile is padding, or whose task has rank 0 at this
-module, returns at once; loops over the rank stop at the task's true rank, so nothing is padded to the
-largest rank of the batch.
-
-    shrink:  h[rows, :rank]  = x[rows] A[off:off+rank]^T        grid (tiles,)
-    expand:  out[rows, n]   += h[rows, :rank] Bt[off:off+rank, n] grid (tiles, out / BLOCK_N)
-    fused:   both in one program per (tile, n-block), h recomputed per n-block (no workspace)
-
-Products accumulate in float32. UPCAST casts tiles to float32 before tl.dot: Triton's interpreter
-computes bfloat16 dots wrongly, so interpreter runs set it. The interpreter is chosen by TRITON_INTERPRET=1
-before this module is imported.
+Each program takes one tile of rows of one task (tiles [T, 3]) and that task's rank and offset in the
+module's packed factors (meta [modules, segments, 2]), and loops only up to the task's true rank:
+shrink h = x A^T, expand out += h Bt, or both fused. Products accumulate in float32; UPCAST (set in
+Triton's interpreter, chosen by TRITON_INTERPRET=1 before import) casts tiles to float32 before tl.dot.
+The layout, grids and the reasons: docs/design/gpu-kernels.md.
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """lora_segments through Triton: a per-batch table, then one launch per module (or two: shrink, expand).
 
-The table is made once per batch for every module: tiles [T, 3] (segment, first row, end row; at most
-BLOCK_M rows each, never across two tasks) and meta [modules, segments, 2] (rank, offset of the segment's
-task in the module's packed buffers). Both go to the device in one copy into a buffer that the calling
-thread reuses (refilled in place), and T is rounded up to a power of two so the grids of a batch size
-repeat; padding tiles return at once. Nothing in a forward reads a device value back (no .item()).
+The table is made once per batch and row granularity for every module: tiles [T, 3] (segment, first
+row, end row; at most BLOCK_M rows each, never across two tasks) and meta [modules, segments, 2] (rank,
+offset of the segment's task in the module's packed buffers). Both go to the device in one copy, into
+device memory the table owns (two tables never share it, so a batch may hold several and a CUDA graph
+may keep one), through pinned staging buffers the calling thread reuses in turn. T is rounded up to a
+power of two so the grids of a batch size repeat; padding tiles return at once. Nothing in a forward
+reads a device value back (no .item()), and no table is built while a CUDA graph is being captured.
 
 The launch is registered as the custom op increlora::lora_segments_triton (it writes `out` in place),
 so torch.compile and CUDA graphs see one opaque call per module.
@@ -49,26 +51,49 @@ class SegmentTable:
 
 
 _staging = threading.local()
+STAGING = 4  # pinned buffers per thread and device, used in turn: a batch's tables rarely wait on a copy
+
+
+class _PinnedRing:
+    """One thread's pinned host buffers for copies to one device; a buffer is refilled only once the
+    copy out of it has run (its event)."""
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[torch.Tensor, torch.cuda.Event] | None] = [None] * STAGING
+        self.turn = 0
+
+    def stage(self, values: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        i, self.turn = self.turn, (self.turn + 1) % STAGING
+        n, slot = len(values), self.slots[i]
+        if slot is None or slot[0].numel() < n:  # grown, never shrunk
+            slot = self.slots[i] = (torch.empty(max(1024, 1 << (n - 1).bit_length()), dtype=torch.int64,
+                                                pin_memory=True), torch.cuda.Event())
+        else:
+            slot[1].synchronize()  # the last copy out of this buffer has run
+        slot[0][:n] = torch.tensor(values, dtype=torch.int64)
+        return slot[0][:n], slot[1]
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """values as int64 on the device, through this thread's staging buffers (grown, never shrunk)."""
-    n = len(values)
-    host, dev, done = getattr(_staging, "buffers", {}).get(device, (None, None, None))
-    if dev is None or dev.numel() < n:
-        cap = max(1024, 1 << (n - 1).bit_length())
-        with torch.inference_mode(False):  # normal tensors: refilled in and out of inference mode
-            host = torch.empty(cap, dtype=torch.int64, pin_memory=device.type == "cuda")
-            dev = torch.empty(cap, dtype=torch.int64, device=device)
-        done = torch.cuda.Event() if device.type == "cuda" else None
-        _staging.buffers = {**getattr(_staging, "buffers", {}), device: (host, dev, done)}
-    if done is not None:
-        done.synchronize()  # the previous copy out of the pinned buffer has run
-    host[:n] = torch.tensor(values, dtype=torch.int64)
-    dev[:n].copy_(host[:n], non_blocking=True)
-    if done is not None:
+    """values as a new int64 tensor on the device; on CUDA copied without blocking through this
+    thread's pinned staging buffers."""
+    with torch.inference_mode(False):  # normal tensors: a table is used in and out of inference mode
+        if device.type != "cuda":
+            return torch.tensor(values, dtype=torch.int64, device=device)
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a Triton segment table cannot be built while a CUDA graph is captured: run the "
+                               "forward once under the same BatchContext before capturing (it keeps its tables)")
+        rings = getattr(_staging, "rings", None)
+        if rings is None:
+            rings = _staging.rings = {}
+        ring = rings.get(device)
+        if ring is None:
+            ring = rings[device] = _PinnedRing()
+        host, done = ring.stage(values)
+        dev = torch.empty(len(values), dtype=torch.int64, device=device)
+        dev.copy_(host, non_blocking=True)
         done.record()
-    return dev[:n]
+        return dev
 
 
 def build_table(segments: Sequence[tuple[int, int]], slots: Mapping[str, Sequence[tuple[int, int]]],

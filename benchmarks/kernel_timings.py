@@ -6,20 +6,26 @@ tasks, ranks uniform (8) or mixed (1..64). Every method is first checked against
 On a GPU the times are CUDA-event medians and the launches per call are counted with the profiler;
 achieved GB/s counts x, out (read and written) and the factors of the tasks in the batch once.
 
-    python benchmarks/kernels.py                                   # on a GPU: K 1 4 27 64 256, rows 64 4096
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --k 1 4 --rows 64 --reps 2   # a dry run
+    python benchmarks/kernel_timings.py                                   # on a GPU: K 1 4 27 64 256, rows 64 4096
+    TRITON_INTERPRET=1 python benchmarks/kernel_timings.py --device cpu --k 1 4 --rows 64 --reps 2   # a dry run
+    python benchmarks/kernel_timings.py --smoke    # seconds: small cases (without a GPU: Triton's interpreter)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import time
 
 import torch
 
 from serving.ops import PackedFactors, lora_segments, lora_segments_reference
 from serving.ops.triton_segments import build_table, lora_segments_packed
+
+SMOKE = ["--dtype", "float32", "--k", "1", "3", "--rows", "40", "--ranks", "mixed",
+         "--fan", "24", "40", "--reps", "1"]
 
 
 def make_case(k: int, ranks: str, rows: int, fan_in: int, fan_out: int, dtype: torch.dtype, device: str,
@@ -161,7 +167,13 @@ def main() -> None:
     p.add_argument("--ranks", nargs="*", default=["uniform", "mixed"], choices=["uniform", "mixed"])
     p.add_argument("--fan", type=int, nargs=2, default=[384, 384], metavar=("IN", "OUT"))
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
     args = p.parse_args()
+    if args.smoke:  # the smoke values first: options given explicitly still win
+        on_cpu = [] if torch.cuda.is_available() else ["--device", "cpu"]
+        args = p.parse_args([*SMOKE, *on_cpu, *sys.argv[1:]])
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
     torch.set_grad_enabled(False)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"# kernels: module {args.fan[0]} -> {args.fan[1]}, {where}, torch {torch.__version__}, "
