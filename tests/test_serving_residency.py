@@ -356,3 +356,11 @@ def test_evicted_tasks_give_their_packed_rows_back_on_the_triton_backend(adapter
     slots = dict(bank._registry.get(bank.residency.held[0]).lora)  # the one task held
     assert {n: store.used_rows for n, store in bank._packed.items()} == {
         n: slots[n].rank if n in slots else 0 for n in bank._packed}
+
+
+def test_task_info_loads_a_task_on_disk_and_leaves_recency_alone(adapters):
+    bank = AdapterBank.load(adapters, max_resident=2)
+    answers(bank, "sst2"), answers(bank, "topic")
+    assert bank.task_info("sst2")["name"] == "sst2" and bank.residency.held == ["sst2", "topic"]
+    assert bank.task_info("stsb")["problem_type"] == "regression"  # loaded: sst2 was the least recent
+    assert bank.residency.held == ["topic", "stsb"]

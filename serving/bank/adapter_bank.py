@@ -455,8 +455,10 @@ class AdapterBank:
 
     def task_info(self, task: str) -> dict[str, Any]:
         """name, task_type, labels, problem_type, num_labels, total_rank, parameter_count, base_model, path,
-        memory_bytes; for an embedding task also pooling and dimensions. (A task not held is loaded.)"""
-        with self._adapters_of([task]) as (found,):
+        memory_bytes; for an embedding task also pooling and dimensions."""
+        if self.residency is None or task in self._registry:  # no load, and no use that would count as recent
+            return self._registry.get(task).info()
+        with self._adapters_of([task]) as (found,):  # a task of the catalogue that is not held: loaded
             return found.info()
 
     def describe(self) -> dict[str, Any]:
