@@ -44,12 +44,13 @@ TEXTS = ["a gripping film with a dull ending", "win a free prize now, call today
          "the worst movie ever made", "new music from an old band"]
 
 
-def base_model_dir(work: Path) -> Path:
-    try:
-        from increlora.assets import resolve_model
-        return Path(resolve_model("default"))
-    except Exception as exc:  # noqa: BLE001 - any failure means: use random weights
-        logger.warning("real MiniLM unavailable (%s); using random weights", exc)
+def base_model_dir(work: Path, random_weights: bool) -> Path:
+    if not random_weights:
+        try:
+            from increlora.assets import resolve_model
+            return Path(resolve_model("default"))
+        except Exception as exc:  # noqa: BLE001 - any failure means: use random weights
+            logger.warning("real MiniLM unavailable (%s); using random weights", exc)
     folder = work / "random_minilm"
     if not (folder / "config.json").exists():
         from transformers import BertModel, BertTokenizerFast
@@ -197,26 +198,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "increlora_residency",
                    help="where the adapters are written (reused across runs)")
     p.add_argument("--json", type=Path, default=None, help="write the results here too")
+    p.add_argument("--random-weights", action="store_true", help="a MiniLM-shaped model with random weights")
     p.add_argument("--smoke", action="store_true",
-                   help="the smallest form (60 folders, 6 held, a few hundred requests): seconds")
+                   help="the smallest form (random weights, 60 folders, 6 held, a few hundred requests): seconds; "
+                        "options given beside it win")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.catalogue, args.max_resident, args.distinct, args.requests = 60, 6, 6, 192
-        args.latency_requests, args.compare_rounds, args.compare_batches, args.batch = 40, 2, 2, 8
-        args.work = args.work.with_name(args.work.name + "_smoke")
+    if args.smoke:  # its values become the defaults, so that options given beside it win
+        p.set_defaults(catalogue=60, max_resident=6, distinct=6, requests=192, latency_requests=40, compare_rounds=2,
+                       compare_batches=2, batch=8, random_weights=True)
+        args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-    base = base_model_dir(args.work)
-    protos = write_prototypes(base, args.work / "protos", args.distinct)
+    work = args.work / ("random" if args.random_weights else "minilm")  # adapters are tied to their base
+    base = base_model_dir(work, args.random_weights)
+    protos = write_prototypes(base, work / "protos", args.distinct)
     made = time.perf_counter()
-    catalogue = write_catalogue(protos, args.work / f"catalogue{args.catalogue}", args.catalogue)
-    small = write_catalogue(protos, args.work / f"fits{args.max_resident}", args.max_resident)
+    catalogue = write_catalogue(protos, work / f"catalogue{args.catalogue}", args.catalogue)
+    small = write_catalogue(protos, work / f"fits{args.max_resident}", args.max_resident)
     out["catalogue_written_s"] = round(time.perf_counter() - made, 1)
-    checker = Checker(args.work / "protos", args.distinct)
+    checker = Checker(work / "protos", args.distinct)
     s = args.zipf or min((1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0),
                          key=lambda e: abs(lru_hit_rate(args.catalogue, e, args.max_resident) - 0.9))
     out["zipf"] = s
