@@ -64,6 +64,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_cli.py",               # 55
     "tests/test_train_kinds.py",       # 55 in one process
     "tests/test_http_server.py",       # 40
+    "tests/test_http_residency.py",    # 30 (a real server)
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30
     "tests/test_serving_kinds.py",     # 25
