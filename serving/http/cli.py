@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server process (default: a child process, so the model does not "
                         "fight the event loop for Python's GIL, and is restarted if it dies)")
+    p.add_argument("--max-resident", type=int, default=None, metavar="N",
+                   help="serve every adapter folder under --adapters, loading each on its first request and "
+                        "holding at most N (the least recently used go first); start-up loads only --pin")
+    p.add_argument("--max-resident-mb", type=float, default=None, metavar="MB",
+                   help="as --max-resident, a limit on the held adapters' tensors in MB (both may be given)")
+    p.add_argument("--pin", type=lambda s: [t for t in s.split(",") if t], default=[], metavar="TASK,...",
+                   help="tasks loaded at start and never evicted (needs --max-resident or --max-resident-mb)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_ray_options(p)
     return p
@@ -87,12 +94,30 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None,
-              torch_threads: int | None = None):
+              torch_threads: int | None = None, max_resident: int | None = None,
+              max_resident_mb: float | None = None, pin: tuple[str, ...] = ()):
     """Load the bank (in the model process, or off the event loop in the server process)."""
     if torch_threads:
         import torch
         torch.set_num_threads(torch_threads)
-    return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype)
+    return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype, max_resident=max_resident,
+                            max_resident_mb=max_resident_mb, pin=pin)
+
+
+def residency_problem(args: argparse.Namespace) -> str | None:
+    """Why the residency options do not fit together, or None."""
+    limited = args.max_resident is not None or args.max_resident_mb is not None
+    if args.pin and not limited:
+        return "--pin needs --max-resident or --max-resident-mb (without them every task is held)"
+    if (args.max_resident is not None and args.max_resident < 1) or (
+            args.max_resident_mb is not None and not args.max_resident_mb > 0):
+        return "--max-resident and --max-resident-mb must be positive"
+    if (limited or args.pin) and getattr(args, "ray", None) is not None:
+        return ("--max-resident, --max-resident-mb and --pin are not available with --ray; its replicas hold "
+                "at most --max-tasks-per-replica tasks each, least recently used first")
+    if limited and _adapter_folder(args.adapters) is None:
+        return f"--max-resident serves a folder of adapter folders; {args.adapters} is one adapter"
+    return None
 
 
 def _adapter_folder(path: Path) -> Path | None:
@@ -131,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.adapters.exists():
         print(f"increlora-serve: --adapters {args.adapters}: no such file or folder", file=sys.stderr)
         return 2
+    if problem := residency_problem(args):
+        print(f"increlora-serve: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = ServiceSettings(
             adapters=_adapter_folder(args.adapters), max_batch_size=args.max_batch_size,
@@ -162,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
-                               args.torch_threads)
+                               args.torch_threads, args.max_resident, args.max_resident_mb, tuple(args.pin))
     if not args.in_process:
         loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive", policy=policy,
                                    retry_wait_s=settings.request_timeout)
