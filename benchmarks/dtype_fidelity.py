@@ -7,20 +7,49 @@ and every metric moves by <= 0.2 points.
 
     python -m benchmarks.dtype_fidelity --adapters adapters            # after `make demo`
     python -m benchmarks.dtype_fidelity --adapters adapters --dtype bfloat16 --max-length 64
+    python benchmarks/dtype_fidelity.py --smoke     # seconds: a tiny random model, generated rows
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from increlora import IncreLoraConfig, apply_increlora, save_adapter
 from serving import AdapterBank
+from training.data import Example
 from training.metrics import compute_metrics
-from training.tasks import load_task
+from training.tasks import get_definition, load_task
+
+SMOKE_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "plot", "dull", "fun"]
+
+
+def smoke_adapter(folder: Path, task: str) -> None:
+    """A tiny random BERT and one IncreLoRA adapter for task on it, in folder (for --smoke)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(0)
+    base = folder / "tiny_base"
+    config = BertConfig(vocab_size=len(SMOKE_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertForSequenceClassification(config).bert.save_pretrained(base)
+    (base / "vocab.txt").write_text("\n".join(SMOKE_WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(base / "vocab.txt")).save_pretrained(base)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
+    apply_increlora(model, IncreLoraConfig(init_rank=2, lora_dropout=0.0))
+    save_adapter(model.eval(), folder / "adapters" / task, task=task, base_model=str(base))
+
+
+def smoke_rows(n: int = 24) -> list[Example]:
+    rng = random.Random(0)
+    return [Example(" ".join(rng.choices(SMOKE_WORDS[5:], k=5)), None, rng.randrange(2)) for _ in range(n)]
 
 
 def predict(bank: AdapterBank, task: str, rows: list, batch: int) -> tuple[np.ndarray, float, float]:
@@ -41,8 +70,15 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="the candidate (default: auto)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs (default: as served)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--smoke", action="store_true", help="the smallest run: a tiny random model and adapter, "
+                   "24 generated rows of rotten_tomatoes' shape, --batch 8")
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    smoke_dir = tempfile.TemporaryDirectory() if args.smoke else None
+    if smoke_dir is not None:
+        args = p.parse_args(["--tasks", "rotten_tomatoes", "--batch", "8", *sys.argv[1:]])
+        smoke_adapter(Path(smoke_dir.name), "rotten_tomatoes")
+        args.adapters = Path(smoke_dir.name) / "adapters"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     banks = {name: AdapterBank.load([args.adapters / t for t in tasks], dtype=dtype, device="cpu")
              for name, dtype in (("float32", "float32"), ("candidate", args.dtype))}
@@ -56,8 +92,11 @@ def main() -> None:
           "wall float32/candidate | CPU float32/candidate |")
     print("|---|---|---|---|---|---|---|---|---|")
     for task in tasks:
-        data = load_task(task)
-        rows, definition = data.splits["test"], data.definition
+        if smoke_dir is not None:
+            rows, definition = smoke_rows(), get_definition(task)
+        else:
+            data = load_task(task)
+            rows, definition = data.splits["test"], data.definition
         labels = [e.label for e in rows]
         logits, wall, cpu = {}, {}, {}
         for name, bank in banks.items():
