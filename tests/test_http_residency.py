@@ -113,8 +113,10 @@ def test_the_command_refuses_residency_options_that_do_not_fit(adapter_dir, caps
     assert "must be positive" in capsys.readouterr().err
     assert serve_main(["--adapters", str(adapter_dir / "sst2"), "--max-resident", "2"]) == 2
     assert "folder of adapter folders" in capsys.readouterr().err
-    assert serve_main(["--adapters", str(adapter_dir), "--max-resident", "2", "--ray", "auto"]) == 2
-    assert "not available with --ray" in capsys.readouterr().err
+    assert serve_main(["--adapters", str(adapter_dir), "--max-resident-mb", "2", "--ray", "auto"]) == 2
+    assert "--max-resident-mb is not available with --ray" in capsys.readouterr().err
+    assert serve_main(["--adapters", str(adapter_dir), "--pin", "sst2", "--ray", "auto"]) == 2
+    assert "--pin needs --max-resident with --ray" in capsys.readouterr().err
 
 
 @pytest.mark.slow

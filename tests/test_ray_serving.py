@@ -1,5 +1,6 @@
 """The HTTP API on Ray Serve (local cluster, loopback): two replicas holding at most two of five tasks each
-answer mixed-task traffic as AdapterBank alone does, tasks of every kind on every route too, an adapter the
+answer mixed-task traffic as AdapterBank alone does, a task the admin pins reaches and stays on both replicas,
+tasks of every kind on every route too, an adapter the
 admin replaced never answers afterwards, and a killed replica is replaced while requests keep being answered;
 one replica without a limit loads each task once and batches across tasks."""
 from __future__ import annotations
@@ -101,6 +102,27 @@ def test_mixed_tasks_on_two_replicas_equal_the_bank_alone(served):
     assert httpx.get(f"{url}/v1/tasks").json()["tasks"].__len__() == len(TASKS) + len(KINDS)
     assert mixed_traffic(url, bank, 30) == [200] * 30
     assert ask(url, "nope", ["x"]).status_code == 404
+
+
+def test_a_pin_reaches_every_replica_and_stays_under_the_limit(served):
+    """Pinning three tasks is over the limit of 2 (409); one pinned task is held by both replicas through
+    traffic over every task, each replica holding at most 2 once answered; unpinning reaches both too."""
+    url, bank = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{url}/v1/pins", json={"tasks": ["sst2", "topic", "stsb"]}, headers=auth, timeout=60)
+    assert r.status_code == 409 and "over the limit of 2" in r.json()["detail"], r.text
+    assert httpx.post(f"{url}/v1/pins", json={"tasks": ["nope"]}, headers=auth, timeout=60).status_code == 404
+    r = httpx.post(f"{url}/v1/pins", json={"tasks": ["topic"]}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json() == {"pinned": ["topic"]}, r.text
+    evictions = sum(s["evictions"] for s in replica_stats("increlora", 2).values())
+    assert mixed_traffic(url, bank, 30) == [200] * 30
+    stats = replica_stats("increlora", 2)
+    for s in stats.values():
+        assert s["pinned"] == ["topic"] and "topic" in s["tasks"] and len(s["tasks"]) <= 2, s["tasks"]
+    assert sum(s["evictions"] for s in stats.values()) > evictions
+    r = httpx.delete(f"{url}/v1/pins/topic", headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json() == {"pinned": []}
+    assert all(s["pinned"] == [] for s in replica_stats("increlora", 2).values())
 
 
 def test_one_replica_loads_each_task_once_and_batches_across_tasks(single):
@@ -244,6 +266,8 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     assert "go with --ray" in capsys.readouterr().err
     assert main(["--adapters", str(adapters), "--ray", "--max-tasks-per-replica", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    assert main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--max-tasks-per-replica", "3"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
     built = {}
     monkeypatch.setattr(ray_serve.ray, "is_initialized", lambda: True)
@@ -264,3 +288,6 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     assert built["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
     assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the secrets themselves, not masks
     assert built["settings"]["api_keys"] == ["k1"]
+    assert built["pin"] == []
+    code = main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--pin", "sst2,topic"])
+    assert code == 130 and (built["max_tasks_per_replica"], built["pin"]) == (2, ["sst2", "topic"])

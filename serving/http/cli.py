@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fight the event loop for Python's GIL, and is restarted if it dies)")
     p.add_argument("--max-resident", type=int, default=None, metavar="N",
                    help="serve every adapter folder under --adapters, loading each on its first request and "
-                        "holding at most N (the least recently used go first); start-up loads only --pin")
+                        "holding at most N (the least recently used go first); start-up loads only --pin. With "
+                        "--ray: N tasks per replica, as --max-tasks-per-replica")
     p.add_argument("--max-resident-mb", type=float, default=None, metavar="MB",
                    help="as --max-resident, a limit on the held adapters' tensors in MB (both may be given)")
     p.add_argument("--pin", type=lambda s: [t for t in s.split(",") if t], default=[], metavar="TASK,...",
@@ -107,16 +108,27 @@ def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype:
 def residency_problem(args: argparse.Namespace) -> str | None:
     """Why the residency options do not fit together, or None."""
     limited = args.max_resident is not None or args.max_resident_mb is not None
-    if args.pin and not limited:
-        return "--pin needs --max-resident or --max-resident-mb (without them every task is held)"
     if (args.max_resident is not None and args.max_resident < 1) or (
             args.max_resident_mb is not None and not args.max_resident_mb > 0):
         return "--max-resident and --max-resident-mb must be positive"
-    if (limited or args.pin) and getattr(args, "ray", None) is not None:
-        return ("--max-resident, --max-resident-mb and --pin are not available with --ray; its replicas hold "
-                "at most --max-tasks-per-replica tasks each, least recently used first")
+    if getattr(args, "ray", None) is not None:
+        return _ray_residency_problem(args)
+    if args.pin and not limited:
+        return "--pin needs --max-resident or --max-resident-mb (without them every task is held)"
     if limited and _adapter_folder(args.adapters) is None:
         return f"--max-resident serves a folder of adapter folders; {args.adapters} is one adapter"
+    return None
+
+
+def _ray_residency_problem(args: argparse.Namespace) -> str | None:
+    """With --ray, --max-resident N is the replicas' limit, --max-tasks-per-replica N."""
+    per_replica = getattr(args, "max_tasks_per_replica", None)
+    if args.max_resident_mb is not None:
+        return "--max-resident-mb is not available with --ray (its replicas count tasks): give --max-resident N"
+    if args.max_resident is not None and per_replica not in (None, args.max_resident):
+        return "with --ray, --max-resident is --max-tasks-per-replica (tasks per replica): give one of them"
+    if args.pin and args.max_resident is None and per_replica is None:
+        return "--pin needs --max-resident with --ray (without it every replica holds every task)"
     return None
 
 
