@@ -24,7 +24,7 @@ KEY = "client-key"
 
 @pytest.fixture
 def bank():
-    return FakeBank({**KIND_TASKS, "topic": ["business", "sport", "tech"]}, max_length=8)
+    return FakeBank({**KIND_TASKS, "topic": ["business", "sport", "tech"], "one": ["relevant"]}, max_length=8)
 
 
 @pytest.fixture
@@ -116,10 +116,10 @@ def test_long_embedding_inputs_are_truncated_by_default(client, bank):
 def relevance(bank, task, query, documents):
     """The reranker's scores computed from the fake's answers: sigmoid of a single output, else P(label 1)."""
     rows = want(bank, task, [(query, d) for d in documents])
-    return [sigmoid(r["value"]) if "value" in r else r["scores"][bank._tasks[task][1]] for r in rows]
+    return [sigmoid(r["value"]) if "value" in r else r["scores"][bank._tasks[task][-1]] for r in rows]
 
 
-@pytest.mark.parametrize("task", ["stsb", "sst2"])
+@pytest.mark.parametrize("task", ["stsb", "sst2", "one"])
 @pytest.mark.parametrize("route", ["/v1/rerank", "/v2/rerank"])
 def test_rerank_sorts_documents_best_first(client, bank, task, route):
     docs = ["shares fell", "the cup final", "bank rates rose", "a new phone"]
@@ -239,6 +239,17 @@ def test_the_task_kind_is_asked_once_and_asked_again_when_it_may_have_changed(ba
         assert r.status_code == 422 and "is a sequence-classification task" in r.text and len(asked) == 3
         assert c.post("/v1/rerank", json={"model": "embed", "query": "q", "documents": ["d"]}).status_code == 200
         assert len(asked) == 4
+
+
+def test_a_one_label_reranker_keeps_its_kind_between_requests(bank):
+    asked = []
+    task_info = bank.task_info
+    bank.task_info = lambda task: asked.append(task) or task_info(task)
+    with TestClient(create_app(bank, ServiceSettings(max_wait_ms=0))) as c:
+        for _ in range(3):
+            r = c.post("/v1/rerank", json={"model": "one", "query": "q", "documents": ["d1", "d2"]})
+            assert r.status_code == 200, r.text
+    assert asked == ["one"]
 
 
 # --- the real clients ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from increlora import load_adapter
 from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 from serving import AdapterBank
 from serving.bank import AdapterShapeError, InputError, UnknownTaskError, WrongTaskKindError
+from serving.bank.kinds import check_reranker, rerank_results
 from tests.helpers.adapters import TAGS, encode, make_adapter, reference_model
 from tests.tiny import WORDS
 
@@ -31,6 +32,8 @@ SPECS = {
     "ner3": ("token-classification", 3, {}),
     "mean": ("embedding", 0, {"pooling": {"mode": "mean", "normalize": True}}),
     "first": ("embedding", 0, {"pooling": {"mode": "cls", "normalize": False}}),
+    "one": ("sequence-classification", 1, {"problem_type": "single_label_classification"}),
+    "multi1": ("sequence-classification", 1, {"problem_type": "multi_label_classification"}),
 }
 KIND = {task: spec[0] for task, spec in SPECS.items()}
 
@@ -83,8 +86,9 @@ def expected(base, adapters, tokenizer, task, x):
         return {"entities": found}, logits
     if SPECS[task][2].get("problem_type") == "regression":
         return {"value": logits.item()}, logits
-    return {"scores": dict(zip([f"{task}_{j}" for j in range(len(logits))], torch.softmax(logits, -1).tolist()))}, \
-        logits
+    one_or_multi = len(logits) == 1 or SPECS[task][2].get("problem_type") == "multi_label_classification"
+    probs = torch.sigmoid(logits) if one_or_multi else torch.softmax(logits, -1)  # as transformers' pipeline
+    return {"scores": dict(zip([f"{task}_{j}" for j in range(len(logits))], probs.tolist()))}, logits
 
 
 def assert_same_answer(got: dict, want: dict, atol: float = 1e-5) -> None:
@@ -152,7 +156,7 @@ def test_embed_and_task_info_by_kind(bank):
     assert kinds == KIND
 
 
-@pytest.mark.parametrize("task", ["reg", "cls2"])
+@pytest.mark.parametrize("task", ["reg", "cls2", "one", "multi1"])
 def test_rerank_sorts_documents_by_the_cross_encoders_score(tiny_base, adapters, bank, task):
     query, documents = "good film", ["a bad plot", "the good film", "win a prize now", "i love this movie", "dull"]
     scores = []
@@ -187,6 +191,24 @@ def test_rerank_sorts_documents_by_the_cross_encoders_score(tiny_base, adapters,
 def test_wrong_kind_and_wrong_shapes_are_refused(bank, call, error, needle):
     with pytest.raises(error, match=needle):
         call(bank)
+
+
+def test_a_reranker_is_one_output_of_any_problem_type_or_two_labels():
+    def info(n, problem_type):
+        return {"name": "t", "task_type": "sequence-classification", "num_labels": n, "problem_type": problem_type}
+
+    for n, problem_type in [(1, "regression"), (1, "single_label_classification"), (1, "multi_label_classification"),
+                            (2, "single_label_classification"), (2, "multi_label_classification")]:
+        check_reranker(info(n, problem_type))
+    with pytest.raises(WrongTaskKindError, match="it has 2 regression outputs"):
+        check_reranker(info(2, "regression"))
+    assert rerank_results([{"task": "t", "scores": {"relevant": 0.7}}, {"task": "t", "value": 0.0}]) == \
+        [{"index": 0, "relevance_score": 0.7}, {"index": 1, "relevance_score": 0.5}]
+    for answer, kind in [({"task": "t", "value": [0.1, 0.2]}, "sequence-classification"),
+                         ({"task": "t", "scores": {"a": 0.2, "b": 0.3, "c": 0.5}}, "sequence-classification"),
+                         ({"task": "t", "entities": []}, "token-classification")]:
+        with pytest.raises(WrongTaskKindError, match=f"'t' is a {kind} task; reranking needs"):
+            rerank_results([answer])
 
 
 def test_wrong_kind_error_crosses_a_process_boundary():

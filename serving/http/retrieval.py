@@ -1,8 +1,8 @@
 """The work behind /v1/embeddings (OpenAI's shape) and /v1/rerank (Cohere's and Jina's shape).
 
 Both queue their rows on the same batcher as /v1/predict, so one model call serves requests of every
-route. An embedding task answers embeddings; a reranker is a sequence-classification task over
-(query, document) pairs with one output (a score, through a sigmoid) or two labels (label 1 = relevant).
+route. An embedding task answers embeddings; what a reranker is, and its scores, are the bank's
+(check_reranker, rerank_results in serving/bank/kinds/sequence.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from increlora.adapter_file import EMBEDDING
 
 from ..bank.errors import WrongTaskKindError
-from ..bank.kinds import check_reranker, rerank_results
+from ..bank.kinds import answered_kind, check_reranker, rerank_results
 from .errors import DimensionsError
 from .schemas import (
     EmbeddingData,
@@ -29,7 +29,6 @@ from .schemas import (
 )
 from .service import (
     Service,
-    answered_kind,
     check_input_count,
     check_lengths,
     check_task,
@@ -98,10 +97,13 @@ async def rerank(service: Service, request: RerankRequest, route: str = "/v1/rer
         if not request.truncate:
             check_lengths(counts, bank.max_length)
         answers = await model_answers(service, bank, request.model, pairs, record.started)
-        if not all(isinstance(a.get("value"), float | int) or len(a.get("scores") or ()) == 2 for a in answers):
-            raise replaced(service, request.model, answers, "/v1/rerank serves rerankers")
+        try:
+            ranked = rerank_results(answers, request.top_n)
+        except WrongTaskKindError:  # the bank's own test of a reranker's answers
+            service.forget_task(request.model)
+            raise
         results = [RerankResult(**r, document=documents[r["index"]]) if request.return_documents
-                   else RerankResult(**r) for r in rerank_results(answers, request.top_n)]
+                   else RerankResult(**r) for r in ranked]
         return RerankResponse(model=request.model, results=results,
                               usage=RerankUsage(total_tokens=sum(min(n, bank.max_length) for n in counts)))
 

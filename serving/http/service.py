@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+from increlora.adapter_file import SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 
 from ..bank.batch_inputs import ModelInput
 from ..bank.errors import InputError, UnknownTaskError, WrongTaskKindError
@@ -299,12 +299,6 @@ def check_lengths(counts: list[int], max_length: int) -> None:
 
 def task_kind(info: dict[str, Any]) -> str:
     return info.get("task_type") or SEQUENCE_CLASSIFICATION  # adapters of format 1 are all classification
-
-
-def answered_kind(answer: dict) -> str:
-    """The kind of task an answer of the bank comes from, by its keys."""
-    return EMBEDDING if "embedding" in answer else TOKEN_CLASSIFICATION if "entities" in answer \
-        else SEQUENCE_CLASSIFICATION
 
 
 def to_prediction(answer: dict) -> Any:

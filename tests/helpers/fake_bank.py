@@ -128,7 +128,8 @@ def answer(task: str, x, labels, bank: FakeBank | None = None) -> dict:
     if labels is None:
         return {"task": task, "value": digest[0] / 51.0}
     weights = [1 + digest[i] for i in range(len(labels))]
-    probs = [w / sum(weights) for w in weights]
+    # one label: a sigmoid of one output, as the bank answers (a softmax over one is always 1)
+    probs = [w / sum(weights) for w in weights] if len(labels) > 1 else [1 / (1 + math.exp(digest[0] / 32 - 4))]
     best = max(range(len(labels)), key=probs.__getitem__)
     return {"task": task, "label": labels[best], "score": probs[best], "scores": dict(zip(labels, probs))}
 

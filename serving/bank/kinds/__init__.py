@@ -7,7 +7,7 @@ model, its output part after the backbone, its input rules, its row outputs and 
 """
 from __future__ import annotations
 
-from .base import Kind, RowOutput
+from .base import Kind, RowOutput, answered_kind
 from .embedding import Embedding
 from .sequence import SequenceClassification, check_reranker, relevance, rerank_pairs, rerank_results
 from .tokens import TokenClassification
@@ -20,4 +20,4 @@ def kind_of(task_type: str) -> Kind:
 
 
 __all__ = ["KINDS", "Embedding", "Kind", "RowOutput", "SequenceClassification", "TokenClassification",
-           "check_reranker", "kind_of", "relevance", "rerank_pairs", "rerank_results"]
+           "answered_kind", "check_reranker", "kind_of", "relevance", "rerank_pairs", "rerank_results"]

@@ -7,13 +7,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from increlora.adapter_file import Adapter
+from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, Adapter
 
 from ..base_layout import BaseLayout
 from ..batch_inputs import ModelInput, TokenRow
 
 if TYPE_CHECKING:
     from ..task_adapter import TaskAdapter
+
+
+def answered_kind(answer: dict[str, Any]) -> str:
+    """The kind of task an answer of the bank comes from, by its keys."""
+    return EMBEDDING if "embedding" in answer else TOKEN_CLASSIFICATION if "entities" in answer \
+        else SEQUENCE_CLASSIFICATION
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Sequence classification and regression: the task model's own head (pooler, classifier, ...) run per
 task inside the model (MultiHead); answers by problem type. A reranker is such a task over (query,
-document) pairs with one output (its score, through a sigmoid) or two (the probability of label 1).
+document) pairs with one output of any problem type (its score, through a sigmoid) or two labels (the
+probability of label 1): check_reranker, relevance.
 
-Classification (single-label: softmax; multi-label: sigmoid):
+Classification (single-label: softmax, or sigmoid of a single output; multi-label: sigmoid):
     {"task": str, "label": str, "score": float, "scores": {label: probability}}
     multi-label answers also carry "labels": the labels whose probability is at least 0.5.
 Regression: {"task": str, "value": float} (a list of floats when the head has several outputs).
@@ -19,7 +20,7 @@ from increlora.adapter_file import SEQUENCE_CLASSIFICATION, Adapter
 
 from ..base_layout import BaseLayout
 from ..errors import InputError, WrongTaskKindError
-from .base import Kind, RowOutput
+from .base import Kind, RowOutput, answered_kind
 
 if TYPE_CHECKING:
     from ..task_adapter import TaskAdapter
@@ -42,7 +43,8 @@ class SequenceClassification(Kind):
             out = values.tolist()
             return {"task": task.name, "value": out[0] if len(out) == 1 else out}
         multi = task.problem_type == "multi_label_classification"
-        probs = (torch.sigmoid(values) if multi else torch.softmax(values, dim=-1)).tolist()
+        # one output: a softmax over it is always 1, so its probability is its sigmoid (as transformers' pipeline)
+        probs = (torch.sigmoid(values) if multi or len(values) == 1 else torch.softmax(values, dim=-1)).tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         result = {"task": task.name, "label": task.labels[best], "score": probs[best],
                   "scores": dict(zip(task.labels, probs))}
@@ -51,28 +53,43 @@ class SequenceClassification(Kind):
         return result
 
 
+RERANKER = "reranking needs a cross-encoder with 1 output (a score) or 2 labels (label 1 = relevant)"
+
+
 def check_reranker(info: dict[str, Any]) -> None:
-    """WrongTaskKindError unless the task (its task_info) scores pairs: sequence classification, 1 or 2 outputs."""
+    """WrongTaskKindError unless the task (its task_info) scores pairs: a sequence-classification task with one
+    output of any problem type, or two classification labels (not two regression values)."""
     task_type = info.get("task_type", SEQUENCE_CLASSIFICATION)
     if task_type != SEQUENCE_CLASSIFICATION:
         raise WrongTaskKindError(info["name"], task_type, "reranking needs a sequence-classification task over "
                                  "(query, document) pairs (a cross-encoder)")
-    if info["num_labels"] not in (1, 2):
-        raise WrongTaskKindError(info["name"], task_type, "reranking needs a cross-encoder with 1 output (a score) "
-                                 "or 2 labels (label 1 = relevant)", f"it has {info['num_labels']} labels")
+    n, regression = info["num_labels"], info.get("problem_type") == "regression"
+    if n != 1 and (n != 2 or regression):
+        raise WrongTaskKindError(info["name"], task_type, RERANKER,
+                                 f"it has {n} regression outputs" if regression else f"it has {n} labels")
 
 
-def relevance(answer: dict[str, Any]) -> float:
-    """A reranker's score for one pair, from its answer: sigmoid of a single output, else P(label index 1)."""
-    if "value" in answer:
-        return 1.0 / (1.0 + math.exp(-float(answer["value"])))
-    return float(list(answer["scores"].values())[1])
+def relevance(answer: dict[str, Any]) -> float | None:
+    """A reranker's score for one pair, from its answer: the sigmoid of a single output (a regression value, or
+    the one label's probability, already a sigmoid), else P(label index 1); None for an answer of any other shape
+    (the answers of every task check_reranker passes have a score)."""
+    value, scores = answer.get("value"), answer.get("scores")
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return 1.0 / (1.0 + math.exp(-float(value)))
+    if isinstance(scores, dict) and len(scores) in (1, 2):
+        return float(list(scores.values())[-1])
+    return None
 
 
 def rerank_results(answers: Sequence[dict[str, Any]], top_n: int | None = None) -> list[dict[str, Any]]:
-    """[{"index": i, "relevance_score": s}] best first (ties in document order), at most top_n."""
-    scored = sorted(((relevance(a), i) for i, a in enumerate(answers)), key=lambda si: (-si[0], si[1]))
-    return [{"index": i, "relevance_score": s} for s, i in scored[:top_n]]
+    """[{"index": i, "relevance_score": s}] best first (ties in document order), at most top_n; WrongTaskKindError
+    when an answer is not a reranker's (the task was replaced by another since it was checked)."""
+    scores = [relevance(a) for a in answers]
+    for a, s in zip(answers, scores):
+        if s is None:
+            raise WrongTaskKindError(a.get("task", "?"), answered_kind(a), RERANKER, "its answers have no score")
+    ranked = sorted(((s, i) for i, s in enumerate(scores)), key=lambda si: (-si[0], si[1]))
+    return [{"index": i, "relevance_score": s} for s, i in ranked[:top_n]]
 
 
 def rerank_pairs(query: Any, documents: Any, top_n: Any = None) -> list[tuple[str, str]]:
