@@ -252,6 +252,21 @@ def test_a_one_label_reranker_keeps_its_kind_between_requests(bank):
     assert asked == ["one"]
 
 
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/predict", {"task": "sst2", "inputs": [["a", "pair"]]}, ["token-classification", "single texts"]),
+    ("/v1/rerank", {"model": "sst2", "query": "q", "documents": ["d1", "d2"]}, ["token-classification", "reranking"]),
+])
+def test_a_refusal_by_the_bank_forgets_the_kind_kept(client, bank, path, body, words):
+    assert client.post(path, json=body).status_code == 200  # sst2's kind is kept
+    bank._tasks["sst2"] = KIND_TASKS["ner"]  # replaced outside the admin routes by a token-classification task
+    r = client.post(path, json=body)
+    assert r.status_code == 422 and "single texts" in r.text, r.text  # the bank refused the pairs
+    calls = len(bank.calls)
+    r = client.post(path, json=body)  # the kind was forgotten: asked again and refused before the model
+    assert r.status_code == 422 and all(w in r.text for w in words), r.text
+    assert len(bank.calls) == calls
+
+
 # --- the real clients ------------------------------------------------------------------------------
 
 def serve_clients(bank, use):

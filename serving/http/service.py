@@ -359,6 +359,9 @@ async def model_answers(service: Service, bank: Any, task: str, inputs: list[Mod
         return await service.batcher.submit(task, inputs, remaining(service, started))
     except RequestTimeoutError:
         raise timed_out(service.settings.request_timeout) from None
+    except (InputError, WrongTaskKindError):  # the kind kept may be stale (replaced outside the admin routes):
+        service.forget_task(task)  # the next request checks fresh info before the model runs
+        raise
 
 
 async def predict(service: Service, request: PredictRequest) -> PredictResponse:
