@@ -19,6 +19,14 @@ graph of the whole forward (the batch's table made before capture), and kernel l
 Also: the FLOP floor ((base + true LoRA FLOPs) / base FLOPs), memory per adapter, and the time to
 load N adapters (small ranks, MiniLM shape) from disk.
 
+Mixed kinds (--kinds-only, or --kinds N beside the rest; 16 tasks by default): a third each of
+sequence-classification, embedding (mean pooling, normalised) and token-classification (9 tags)
+adapters with the same ranks; each row's task drawn from all N. Compared with the backbone's own
+forward (BertModel, last hidden state) on the same rows: the bank's backbone pass with every task's
+adapter, the sequence heads, and each task's token head or pooling on its rows:
+
+    python -m benchmarks.serve_throughput --kinds-only --reps 9
+
     flock /tmp/bench.lock python benchmarks/serve_throughput.py                  # everything
     python benchmarks/serve_throughput.py --k 1 16 --reps 3 --skip-peft --load-n 100
     python benchmarks/serve_throughput.py --k                                    # loading 1000 only
@@ -324,6 +332,10 @@ def main() -> None:
     p.add_argument("--random-weights", action="store_true", help="do not fetch the real MiniLM")
     p.add_argument("--work", type=Path, default=None, help="folder for generated adapters (reused)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--kinds", type=int, default=0,
+                   help="also measure a batch of mixed kinds over this many tasks (0: not in a full run)")
+    p.add_argument("--kinds-only", action="store_true", help="measure only the mixed-kinds batch (16 tasks "
+                   "unless --kinds says)")
     p.add_argument("--device", default="cpu",
                    help="where the models run, e.g. cuda (loading is always timed on the CPU)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
@@ -341,6 +353,10 @@ def main() -> None:
     work = args.work or Path(tempfile.gettempdir()) / "increlora_serve_bench"
     work.mkdir(parents=True, exist_ok=True)
     base_dir, base_name = base_model_dir(work, args.random_weights)
+    if args.kinds_only:
+        args.kinds = args.kinds or 16
+        measure_kinds(base_dir, work, args)
+        return
     if not args.k:  # --k with no values: loading only
         measure_load(base_dir, work, args.load_n)
         return
@@ -431,6 +447,8 @@ def main() -> None:
 
     if args.load_n:
         measure_load(base_dir, work, args.load_n)
+    if args.kinds:
+        measure_kinds(base_dir, work, args)
     print(f"load average at the end {os.getloadavg()[0]:.2f} (2-core machine: above ~2 means other work competed)")
 
 
@@ -459,6 +477,96 @@ def measure_load(base_dir: Path, work: Path, n: int) -> None:
           f"included: {seconds:.2f} s in this process ({seconds / n * 1000:.1f} ms per adapter); "
           f"{fresh['load']:.2f} s as the first load of a fresh process, which also pays {fresh['imports']:.2f} s "
           f"of imports before it (of the load, about 2 s is transformers' first from_pretrained)")
+
+
+# --- mixed kinds: classification, embedding and token-classification rows in one batch ---------------
+
+KIND_CYCLE = ("sequence-classification", "embedding", "token-classification")
+NER_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+def write_kind_adapters(base_dir: Path, folder: Path, n: int, max_rank: int, mean_rank: float) -> list[Path]:
+    """n adapters, task i of kind KIND_CYCLE[i % 3], random per-module ranks, factors and heads (reused)."""
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    paths = [folder / f"{KIND_CYCLE[i % 3].split('-')[0]}{i:03d}" for i in range(n)]
+    for i, path in enumerate(paths):
+        if (path / "adapter_model.safetensors").exists():
+            continue
+        kind = KIND_CYCLE[i % 3]
+        torch.manual_seed(7_000 + i)
+        if kind == "embedding":
+            model = AutoModel.from_pretrained(str(base_dir))
+        elif kind == "token-classification":
+            model = AutoModelForTokenClassification.from_pretrained(str(base_dir), num_labels=len(NER_TAGS))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2)
+        apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0,
+                                               advance_learning=False,
+                                               modules_to_save=[] if kind == "embedding" else None))
+        rng = random.Random(7_000 + i)
+        with torch.no_grad():
+            for _, layer in increlora_layers(model):
+                layer.set_structure([sample_rank(rng, max_rank, mean_rank)], reserves=False)
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name or name.startswith(("classifier", "bert.pooler")):
+                    p.normal_(0.0, 0.05)
+                elif "lora_E" in name:
+                    p.normal_(0.0, 1.0)
+        extra = {"pooling": {"mode": "mean", "normalize": True}} if kind == "embedding" else \
+            {"labels": NER_TAGS} if kind == "token-classification" else {}
+        save_adapter(model.eval(), path, task=path.name, task_type=kind, base_model=str(base_dir), **extra)
+    return paths
+
+
+def run_kinds(bank: AdapterBank, enc: dict, tasks: list[str]) -> list[torch.Tensor]:
+    """The bank's model work for a mixed-kinds batch (rows sorted by task): one backbone pass, the sequence
+    heads, then each task's output part on its rows; outputs in sorted row order."""
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)
+    idx = torch.tensor(order, device=bank.device)
+    sorted_enc = {k: v.index_select(0, idx) for k, v in enc.items()}
+    adapters = [bank._registry.get(tasks[i]) for i in order]
+    ctx = BatchContext(adapters, bank.backend)
+    with using_batch(ctx):
+        logits, hidden = bank._run(sorted_enc, adapters)
+        mask = sorted_enc["attention_mask"]
+        return [seg.task.kind.rows(seg.task, None if hidden is None else hidden[seg.start:seg.end],
+                                   mask[seg.start:seg.end], None if logits is None else logits[seg.start:seg.end])
+                for seg in ctx.segments]
+
+
+def measure_kinds(base_dir: Path, work: Path, args: argparse.Namespace) -> None:
+    from transformers import AutoModel
+
+    paths = write_kind_adapters(base_dir, work / f"kinds{_tag(base_dir)}_r{args.max_rank}_m{args.mean_rank}",
+                                args.kinds, args.max_rank, args.mean_rank)
+    bank = AdapterBank.load(paths, base_model=str(base_dir), device=args.device, dtype=args.dtype,
+                            backend=args.backend)
+    assert not bank.load_errors, bank.load_errors
+    backbone = AutoModel.from_pretrained(str(base_dir)).eval().to(device=bank.device, dtype=bank.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    enc = {k: v.to(bank.device) for k, v in token_batch(tokenizer, args.batch, args.seq, seed=3).items()}
+    rng = random.Random(args.kinds)
+    names = [p.name for p in paths]
+    tasks = [names[rng.randrange(len(names))] for _ in range(args.batch)]
+    # each task's rows give in the mixed batch what they give on their own (segments come in task order)
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)
+    for task, part in zip(sorted(set(tasks)), run_kinds(bank, enc, tasks)):
+        rows = torch.tensor([i for i in order if tasks[i] == task], device=bank.device)
+        (alone,) = run_kinds(bank, {k: v.index_select(0, rows) for k, v in enc.items()}, [task] * len(rows))
+        assert close(part.float(), alone.float(), 1e-4), f"{task}: the mixed batch and the task alone disagree"
+    kinds = [bank.task_info(t)["task_type"] for t in tasks]
+    ranks = [a.shape[0] for t in names for a, _ in bank._registry.get(t).lora.values()]
+    t = timed({"backbone": lambda: backbone(**enc), "ours": lambda: run_kinds(bank, enc, tasks)}, args.reps,
+              bank.device)
+    print()
+    counts = ", ".join(f"{kinds.count(k)} {k} rows" for k in KIND_CYCLE)
+    print(f"mixed kinds: {len(names)} tasks in the bank ({counts}, {len(set(tasks))} tasks in the batch), "
+          f"per-module ranks {min(ranks)}..{max(ranks)}, mean "
+          f"{statistics.mean(ranks):.2f}; backend {bank.backend}")
+    print("| rows | backbone forward ms | ours (all kinds, one batch) ms | ours/backbone |")
+    print("|---|---|---|---|")
+    print(f"| {args.batch} x {args.seq} | {t['backbone']:.0f} | {t['ours']:.0f} | {t['ours'] / t['backbone']:.3f} |")
 
 
 if __name__ == "__main__":

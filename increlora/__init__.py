@@ -2,7 +2,16 @@
 
 The pinned-asset downloader behind the embedded default model (``increlora.assets``) is internal.
 """
-from .adapter_file import Adapter, ModuleFactors, check_base_model, load_adapter, read_adapter, save_adapter
+from .adapter_file import (
+    TASK_TYPES,
+    Adapter,
+    ModuleFactors,
+    check_base_model,
+    default_pooling,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 from .allocator import GrowthEvent, RankAllocator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import IncreLoraConfig
@@ -25,8 +34,8 @@ from .schedule import GrowthPlan, RestartWarmupScheduler, plan_growth, restart_w
 __all__ = [
     "Adapter", "AdapterFormatError", "AssetError", "BaseModelMismatchError", "CheckpointError", "ConfigError",
     "GrowthEvent", "GrowthPlan", "IncreLoraConfig", "IncreLoraError", "IncreLoraLinear", "ModuleFactors",
-    "RankAllocator", "RestartWarmupScheduler", "TargetModulesError", "apply_increlora",
-    "check_base_model", "export_peft", "import_peft", "increlora_layers", "load_adapter",
+    "RankAllocator", "RestartWarmupScheduler", "TASK_TYPES", "TargetModulesError", "apply_increlora",
+    "check_base_model", "default_pooling", "export_peft", "import_peft", "increlora_layers", "load_adapter",
     "load_checkpoint", "load_model", "model_fingerprint", "orth_loss", "plan_growth", "rank_pattern",
     "read_adapter", "restart_warmup_factor", "save_adapter", "save_checkpoint", "trainable_parameter_count",
 ]

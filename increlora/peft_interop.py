@@ -4,7 +4,9 @@ export_peft folds e and the scaling into B (B' = s * B diag(e)) and writes a PEF
 a per-module rank_pattern and alpha_pattern (alpha = rank, so PEFT's scaling is 1).
 import_peft reads a PEFT LoRA or AdaLoRA adapter (safetensors only) into an Adapter, keeping each
 module's rank and scaling. PEFT files carry no fingerprint of their base model's weights: pass
-``base_model=`` to record one (and check the shapes) at import.
+``base_model=`` to record one (and check the shapes) at import. PEFT's task_type TOKEN_CLS maps to
+token classification and FEATURE_EXTRACTION to embedding (trained on the bare backbone: its names
+get the backbone's prefix when ``base_model`` is given).
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter_file import (
+    EMBEDDING,
     FORMAT_NAME,
     FORMAT_VERSION,
     PROBLEM_TYPES,
+    SEQUENCE_CLASSIFICATION,
+    TOKEN_CLASSIFICATION,
     Adapter,
     ModuleFactors,
+    check_pooling,
     read_adapter,
+    unused_backbone_modules,
     write_adapter_folder,
 )
 from .assets import resolve_model
@@ -38,6 +45,8 @@ PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHT_SUFFIXES = ("classifier.weight", "out_proj.weight", "score.weight")
+# PEFT's task_type -> this format's kind (anything else: sequence classification)
+PEFT_TASK_TYPES = {"TOKEN_CLS": TOKEN_CLASSIFICATION, "FEATURE_EXTRACTION": EMBEDDING}
 
 
 def export_peft(adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
@@ -102,13 +111,15 @@ def _saved_modules(keys: list[str], modules_to_save: list[str]) -> list[str]:
 
 def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = None, *, task: str | None = None,
                 labels: list[str] | None = None, problem_type: str | None = None,
-                base_model: nn.Module | str | os.PathLike | None = None) -> Adapter:
+                base_model: nn.Module | str | os.PathLike | None = None,
+                pooling: dict[str, Any] | None = None) -> Adapter:
     """Read a PEFT LoRA/AdaLoRA adapter folder; write it in this project's format if out_path is given.
 
     PEFT files do not identify their base model's weights. Pass ``base_model`` (the model, a hub id
     or a local path) to check every adapted module against it and record its fingerprint, so that
     loading the imported adapter onto another base model is refused; without it, that check is
-    skipped with a warning at load time.
+    skipped with a warning at load time. The kind follows PEFT's task_type (PEFT_TASK_TYPES);
+    an embedding adapter's ``pooling`` defaults to mean pooling, normalised.
     """
     path = Path(path)
     cfg_file, wfile = path / PEFT_CONFIG, path / PEFT_WEIGHTS
@@ -126,6 +137,7 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{wfile}: unreadable or corrupted ({exc})") from exc
     ptype = pcfg.get("peft_type")
+    kind = PEFT_TASK_TYPES.get(pcfg.get("task_type"), SEQUENCE_CLASSIFICATION)
     if ptype not in ("LORA", "ADALORA"):
         raise AdapterFormatError(f"{cfg_file}: peft_type {ptype!r} is not supported (LORA or ADALORA)")
     for flag, bad in (("use_dora", True), ("fan_in_fan_out", True), ("lora_bias", True)):
@@ -134,6 +146,14 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     if pcfg.get("bias", "none") != "none":
         raise AdapterFormatError(f"{cfg_file}: bias={pcfg.get('bias')!r} is not supported (only 'none')")
     tensors = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    base_name = pcfg.get("base_model_name_or_path") or "unknown"
+    if kind == EMBEDDING and base_model is not None:
+        if not isinstance(base_model, nn.Module):
+            base_name, base_model = str(base_model), _load_base(base_model, 0, kind)
+        prefix = base_model.base_model_prefix + "."  # the bare backbone's names, as the task models name them
+        if getattr(base_model, "base_model", None) is not base_model:
+            base_model = base_model.base_model
+        tensors = {k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}
     lora_names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
     if not lora_names:
         raise AdapterFormatError(f"{wfile}: no LoRA tensors found")
@@ -170,28 +190,42 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     saved_modules = _saved_modules(sorted(tensors), list(pcfg.get("modules_to_save") or []))
     saved = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
     head = next((v for k, v in saved.items() if k.endswith(HEAD_WEIGHT_SUFFIXES)), None)
+    if kind == EMBEDDING:
+        if labels or problem_type:
+            raise AdapterFormatError("import_peft: a FEATURE_EXTRACTION (embedding) adapter has no labels or "
+                                     "problem_type")
+        labels, problem_type, head = [], None, None
     if labels and len(set(map(str, labels))) != len(labels):
         raise AdapterFormatError(f"import_peft: labels must be distinct, got {list(labels)}")
     if labels and head is not None and head.shape[0] != len(labels):
         raise AdapterFormatError(f"{wfile}: the saved head has {head.shape[0]} outputs but {len(labels)} labels "
                                  f"were given ({list(labels)})")
-    num_labels = len(labels) if labels else (int(head.shape[0]) if head is not None else 1)
-    labels = [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(num_labels)]
-    problem_type = problem_type or ("regression" if num_labels == 1 else "single_label_classification")
-    if problem_type not in PROBLEM_TYPES:
-        raise AdapterFormatError(f"import_peft: problem_type must be one of {PROBLEM_TYPES}")
-    fingerprint, model_type, base_name = None, None, pcfg.get("base_model_name_or_path") or "unknown"
+    if kind == EMBEDDING:
+        num_labels, kind_fields = 0, {"pooling": check_pooling(pooling or {"mode": "mean", "normalize": True})}
+    else:
+        num_labels = len(labels) if labels else (int(head.shape[0]) if head is not None else 1)
+        labels = [str(x) for x in labels] if labels else [f"LABEL_{i}" for i in range(num_labels)]
+        regression = num_labels == 1 and kind == SEQUENCE_CLASSIFICATION
+        problem_type = problem_type or ("regression" if regression else "single_label_classification")
+        allowed = ("single_label_classification",) if kind == TOKEN_CLASSIFICATION else PROBLEM_TYPES
+        if problem_type not in allowed:
+            raise AdapterFormatError(f"import_peft: problem_type must be one of {allowed}")
+        kind_fields = {"label_all_tokens": False} if kind == TOKEN_CLASSIFICATION else {}
+    fingerprint, model_type = None, None
     if base_model is not None:
         if not isinstance(base_model, nn.Module):
             base_name = str(base_model)
-            base_model = _load_base(base_model, num_labels)
-        _check_shapes(base_model, modules, wfile)
-        fingerprint = model_fingerprint(base_model, saved_modules)
+            base_model = _load_base(base_model, num_labels, kind)
+        shift = "" if kind != EMBEDDING else base_model.base_model_prefix + "."
+        _check_shapes(base_model, {k[len(shift):]: f for k, f in modules.items()}, wfile)
+        fingerprint = model_fingerprint(base_model, [m[len(shift):] for m in saved_modules]
+                                        + unused_backbone_modules(base_model, kind))
         model_type = getattr(getattr(base_model, "config", None), "model_type", None)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "task": task or path.resolve().name,
+        "task_type": kind,
         "base_model": base_name,
         "base_model_fingerprint": fingerprint,
         "model_type": model_type,
@@ -206,6 +240,7 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
         "rank_scaling": "per_module",
         "increlora_config": None,
         "metadata": {"imported_from": f"peft:{ptype}"},
+        **kind_fields,
     }
     if out_path is not None:
         out = {}
@@ -217,11 +252,14 @@ def import_peft(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     return Adapter(path=path, config=config, modules=modules, saved=saved)
 
 
-def _load_base(name: str | os.PathLike, num_labels: int) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+def _load_base(name: str | os.PathLike, num_labels: int, kind: str = SEQUENCE_CLASSIFICATION) -> nn.Module:
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(resolve_model(str(name)), num_labels=num_labels)
+        if kind == EMBEDDING:
+            return AutoModel.from_pretrained(resolve_model(str(name)))
+        auto = AutoModelForTokenClassification if kind == TOKEN_CLASSIFICATION else AutoModelForSequenceClassification
+        return auto.from_pretrained(resolve_model(str(name)), num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"import_peft: could not load base model {str(name)!r} ({exc})") from exc
 

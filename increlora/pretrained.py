@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-from .adapter_file import Adapter, load_adapter, read_adapter
+from .adapter_file import EMBEDDING, TOKEN_CLASSIFICATION, Adapter, load_adapter, read_adapter
 from .assets import resolve_model
 
 
@@ -14,16 +14,23 @@ def load_model(adapter_path: str | os.PathLike, base_model: str | None = None, *
                dtype: str | torch.dtype | None = None) -> nn.Module:
     """Load the adapter's base model (or `base_model`: a hub id or local path) with the adapter applied.
 
-    Returns an AutoModelForSequenceClassification in eval mode with the adapter's labels set.
+    Returns, in eval mode, an AutoModelForSequenceClassification or AutoModelForTokenClassification
+    with the adapter's labels set, or for an embedding adapter the bare AutoModel (pool its last hidden
+    state as ``adapter.pooling`` says).
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     adapter: Adapter = read_adapter(adapter_path)
     name = resolve_model(base_model or adapter.base_model)
     id2label = dict(enumerate(adapter.labels))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name, num_labels=adapter.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        problem_type=adapter.problem_type)
+    if adapter.task_type == EMBEDDING:
+        model = AutoModel.from_pretrained(name)
+    else:
+        auto = AutoModelForTokenClassification if adapter.task_type == TOKEN_CLASSIFICATION \
+            else AutoModelForSequenceClassification
+        model = auto.from_pretrained(
+            name, num_labels=adapter.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            problem_type=adapter.problem_type)
     load_adapter(model, adapter)  # fingerprint checked in float32, before any cast
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -3,6 +3,7 @@
     from serving import AdapterBank
     bank = AdapterBank.load("adapters/")
     bank.predict(["great film", ("a sentence", "its paraphrase")], tasks=["sst2", "mrpc"])
+    bank.embed(["a query"], task="search"); bank.rerank("query", ["doc 1", "doc 2"], task="cross-encoder")
 
 The package is in four levels, each importing only the ones below it: ops (the multi-adapter product),
 layers (the multi-adapter modules and the per-batch context), bank (adapters, the registry, the bank)
@@ -21,6 +22,7 @@ from .bank import (
     ServingError,
     TaskAdapter,
     UnknownTaskError,
+    WrongTaskKindError,
 )
 from .layers import BatchContext, MultiHead, MultiLoraLinear
 from .ops import lora_segments, lora_segments_reference
@@ -29,5 +31,5 @@ __all__ = [
     "AdapterBank", "AdapterFormatError", "AdapterShapeError", "BankLoadError", "BaseModelMismatchError",
     "BatchContext", "DuplicateTaskError", "IncreLoraError", "InputError",
     "MultiHead", "MultiLoraLinear", "NonFiniteOutputError", "Prediction", "ServingError", "TaskAdapter",
-    "UnknownTaskError", "lora_segments", "lora_segments_reference",
+    "UnknownTaskError", "WrongTaskKindError", "lora_segments", "lora_segments_reference",
 ]

@@ -63,6 +63,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_http_server.py",       # 40
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30
+    "tests/test_serving_kinds.py",     # 25
 )
 SHARED_UNITS = {"tests/test_ray_training.py": "tests/test_ray_serving.py"}
 

@@ -7,14 +7,18 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from increlora import (
+    TASK_TYPES,
     AdapterFormatError,
     BaseModelMismatchError,
     IncreLoraConfig,
+    apply_increlora,
+    default_pooling,
     load_adapter,
     read_adapter,
     save_adapter,
 )
 from increlora.adapter_file import CONFIG_NAME, WEIGHTS_NAME, _first_non_finite
+from tests.helpers.adapters import TAGS, kind_model, make_adapter
 from tests.loop import train
 from tests.tiny import tiny_classifier
 
@@ -118,6 +122,17 @@ def _edit_tensors(dst, fn):
     (lambda d: _edit_config(d, task=7), "task must be a non-empty string"),
     (lambda d: _edit_config(d, base_model=None), "base_model must be a string"),
     (lambda d: _edit_config(d, metadata=[1]), "metadata must be a JSON object"),
+    # format v2: the kind's fields
+    (lambda d: _edit_config(d, format_version=3), "upgrade the library"),
+    (lambda d: _edit_config(d, format_version="2"), "format version '2'"),
+    (lambda d: _edit_config(d, format_version=0), "format version 0"),
+    (lambda d: _edit_config(d, task_type="ranking"), "unknown task_type 'ranking'"),
+    (lambda d: _edit_config(d, pooling={"mode": "mean", "normalize": True}), "pooling is only for embedding"),
+    (lambda d: _edit_config(d, task_type="embedding"), "embedding adapter has num_labels 0"),
+    (lambda d: _edit_config(d, task_type="token-classification", problem_type="regression"),
+     "problem_type 'regression' for token-classification"),
+    (lambda d: _edit_config(d, label_all_tokens="no"), "label_all_tokens"),
+    (lambda d: (_edit_config(d, **{"task_type": None}), _edit_config(d, format_version=2)), "unknown task_type"),
 ])
 def test_refuses_damaged_folders(trained, tmp_path, damage, needle):
     _, path = trained
@@ -190,3 +205,129 @@ def test_non_finite_screen_names_the_first_bad_tensor(named):
     # the reference: every tensor checked on its own, in order
     expected = next((name for name, t in named if not torch.isfinite(t).all()), None)
     assert _first_non_finite(named) == expected
+
+
+# --- format v2: task kinds ---------------------------------------------------------------------------
+
+def _as_version_1(dst):
+    cfg = json.loads((dst / CONFIG_NAME).read_text())
+    cfg["format_version"] = 1
+    del cfg["task_type"]
+    (dst / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def test_a_version_1_file_reads_as_sequence_classification(trained, tmp_path, tiny_base):
+    model, path = trained
+    assert read_adapter(path).config["format_version"] == 2 and read_adapter(path).task_type == TASK_TYPES[0]
+    dst = _copy(path, tmp_path)
+    _as_version_1(dst)
+    adapter = read_adapter(dst)
+    assert adapter.task_type == "sequence-classification" and adapter.pooling is None
+    fresh = load_adapter(tiny_classifier(tiny_base, 2, seed=5), adapter).eval()
+    torch.testing.assert_close(fresh(input_ids=_ids()).logits, model(input_ids=_ids()).logits, rtol=0, atol=1e-6)
+
+
+def test_a_version_2_file_without_task_type_is_refused(trained, tmp_path):
+    _, path = trained
+    dst = _copy(path, tmp_path)
+    cfg = json.loads((dst / CONFIG_NAME).read_text())
+    del cfg["task_type"]
+    (dst / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(AdapterFormatError, match="missing fields.*task_type"):
+        read_adapter(dst)
+
+
+@pytest.fixture(scope="module")
+def kinds(tiny_base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kinds")
+    return {"tokens": make_adapter(tiny_base, folder, "ner", 5, seed=3, task_type="token-classification"),
+            "embed": make_adapter(tiny_base, folder, "search", seed=4, task_type="embedding",
+                                  pooling={"mode": "cls", "normalize": False}),
+            "seq": make_adapter(tiny_base, folder, "sst2", 2, seed=5)}
+
+
+def test_token_classification_round_trip(kinds, tiny_base):
+    adapter = read_adapter(kinds["tokens"])
+    assert adapter.task_type == "token-classification" and adapter.labels == TAGS
+    assert adapter.problem_type == "single_label_classification" and adapter.config["label_all_tokens"] is False
+    assert adapter.modules_to_save == ["classifier"] and adapter.pooling is None
+    reference = kind_model(tiny_base, "token-classification", 5, seed=3)  # the saved head and factors, fresh
+    loaded = load_adapter(kind_model(tiny_base, "token-classification", 5, seed=77), adapter).eval()
+    load_adapter(reference, adapter)
+    ids = _ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)
+    assert loaded.config.id2label == dict(enumerate(TAGS))
+    from increlora import load_model
+    torch.testing.assert_close(load_model(kinds["tokens"])(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_embedding_from_a_bare_backbone_is_saved_under_task_model_names(kinds, tiny_base):
+    adapter = read_adapter(kinds["embed"])
+    assert adapter.task_type == "embedding" and adapter.pooling == {"mode": "cls", "normalize": False}
+    assert adapter.num_labels == 0 and adapter.labels == [] and adapter.problem_type is None
+    assert adapter.modules and all(name.startswith("bert.encoder.") for name in adapter.rank_pattern)
+    # the bare backbone takes it back (prefix stripped) and so does load_model
+    from increlora import load_model
+    plain = load_adapter(kind_model(tiny_base, "embedding"), adapter).eval()
+    ids = _ids()
+    out = load_model(kinds["embed"])(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(plain(input_ids=ids).last_hidden_state, out)
+    assert not torch.allclose(out, kind_model(tiny_base, "embedding").eval()(input_ids=ids).last_hidden_state)
+
+
+def test_every_kind_records_the_same_base_fingerprint(kinds, trained, tiny_base, other_tiny_base):
+    # the pooler is left out for the kinds that do not use it, so one backbone checks all three
+    fingerprints = {read_adapter(p).fingerprint for p in kinds.values()}
+    assert len(fingerprints) == 1 and read_adapter(trained[1]).fingerprint in fingerprints
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(kind_model(other_tiny_base, "embedding"), kinds["embed"])
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(kind_model(other_tiny_base, "token-classification", 5), kinds["tokens"])
+
+
+@pytest.mark.parametrize("kind, model_kind, needle", [
+    ("tokens", "sequence-classification", "loads into an AutoModelForTokenClassification"),
+    ("seq", "token-classification", "loads into an AutoModelForSequenceClassification"),
+    ("embed", "sequence-classification", "loads into an AutoModel"),
+])
+def test_load_refuses_a_model_of_another_kind(kinds, tiny_base, kind, model_kind, needle):
+    with pytest.raises(AdapterFormatError, match=needle):
+        load_adapter(kind_model(tiny_base, model_kind, 5 if kind == "tokens" else 2), kinds[kind])
+
+
+def _increlora(model):
+    apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0,
+                                           advance_learning=False))
+    return model
+
+
+@pytest.mark.parametrize("kind, kw, needle", [
+    ("embedding", {}, "needs pooling"),
+    ("embedding", {"pooling": {"mode": "max", "normalize": True}}, "pooling must be"),
+    ("embedding", {"pooling": {"mode": "mean"}}, "pooling must be"),
+    ("embedding", {"pooling": {"mode": "mean", "normalize": True}, "labels": ["a"]}, "has no labels"),
+    ("token-classification", {"problem_type": "regression"}, "problem_type"),
+    ("token-classification", {"label_all_tokens": 1}, "label_all_tokens"),
+    ("sequence-classification", {"pooling": {"mode": "mean", "normalize": True}}, "pooling is for embedding"),
+    ("ranking", {}, "task_type must be one of"),
+])
+def test_save_validates_the_kind_before_writing(tiny_base, tmp_path, kind, kw, needle):
+    model = _increlora(kind_model(tiny_base, kind if kind in TASK_TYPES else "sequence-classification"))
+    with pytest.raises(AdapterFormatError, match=needle):
+        save_adapter(model, tmp_path / "x", task="t", task_type=kind, **kw)
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_pooling_follows_the_sentence_transformers_config(tmp_path):
+    assert default_pooling(tmp_path) == {"mode": "mean", "normalize": True}  # nothing declared
+    assert default_pooling(None) == {"mode": "mean", "normalize": True}
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    assert default_pooling(tmp_path) == {"mode": "cls", "normalize": False}
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    assert default_pooling(tmp_path) == {"mode": "cls", "normalize": True}

@@ -311,9 +311,9 @@ def test_metrics_count_requests_per_task_and_status_and_batch_shapes(client):
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert 'increlora_requests_total{status="200",task="sst2"} 1.0' in text
-    assert 'increlora_requests_total{status="404",task="_unknown"} 1.0' in text
-    assert 'increlora_request_latency_seconds_count{status="200",task="sst2"} 1.0' in text
+    assert 'increlora_requests_total{route="/v1/predict",status="200",task="sst2"} 1.0' in text
+    assert 'increlora_requests_total{route="/v1/predict",status="404",task="_unknown"} 1.0' in text
+    assert 'increlora_request_latency_seconds_count{route="/v1/predict",status="200",task="sst2"} 1.0' in text
     assert "increlora_batch_rows_sum 2.0" in text and "increlora_batch_tasks_count 1.0" in text
     assert "increlora_queue_depth 0.0" in text and "increlora_tasks_loaded 3.0" in text
 
@@ -321,7 +321,7 @@ def test_metrics_count_requests_per_task_and_status_and_batch_shapes(client):
 def test_each_app_has_its_own_registry(bank):
     with TestClient(create_app(bank)) as a, TestClient(create_app(bank)) as b:
         a.post("/v1/predict", json={"task": "sst2", "inputs": "x"})
-        assert 'increlora_requests_total{status="200",task="sst2"} 1.0' in a.get("/metrics").text
+        assert 'increlora_requests_total{route="/v1/predict",status="200",task="sst2"} 1.0' in a.get("/metrics").text
         assert 'task="sst2"' not in b.get("/metrics").text
 
 

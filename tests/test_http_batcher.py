@@ -230,3 +230,21 @@ def test_close_fails_queued_requests_and_refuses_new_ones():
 
     running, waiting = run(go())
     assert running == direct(bank, "sst2", ["a"]) and isinstance(waiting, BatcherClosedError)
+
+
+def test_close_answers_the_running_batch_503_when_the_model_does_not_finish_within_the_grace_time():
+    bank = FakeBank()
+    bank.gate = threading.Event()  # the model never finishes (a hung model process)
+
+    async def go():
+        b = await started(bank, max_batch_size=1, max_wait_ms=0)
+        running = asyncio.ensure_future(b.submit("sst2", ["a"], 30))
+        await asyncio.to_thread(bank.entered.wait, 5)
+        await asyncio.wait_for(b.close(grace_s=0.2), 3)
+        return await asyncio.gather(running, return_exceptions=True)
+
+    try:
+        (running,) = run(go())
+    finally:
+        bank.gate.set()
+    assert isinstance(running, BatcherClosedError) and "did not finish" in str(running)

@@ -30,7 +30,7 @@ def test_a_request_past_its_timeout_gets_504_and_its_rows_leave_the_queue():
     assert late.status_code == 504 and "within 0.3 s (--request-timeout" in late.json()["detail"]
     assert depth == 0 and all("late" not in inputs for inputs, _ in bank.calls)
     assert ran.status_code == 504  # the model ran it, too late: a running batch cannot be stopped
-    assert 'increlora_requests_total{status="504",task="sst2"} 2.0' in metrics
+    assert 'increlora_requests_total{route="/v1/predict",status="504",task="sst2"} 2.0' in metrics
 
 
 def test_a_client_that_disconnects_frees_its_rows():
@@ -77,5 +77,5 @@ def test_a_client_that_disconnects_frees_its_rows():
 
     depth, metrics = asyncio.run(asyncio.wait_for(go(), 20))
     assert depth == 0 and all("abandoned" not in inputs for inputs, _ in bank.calls)
-    assert 'increlora_requests_total{status="499",task="sst2"} 1.0' in metrics
+    assert 'increlora_requests_total{route="/v1/predict",status="499",task="sst2"} 1.0' in metrics
     assert sent[0]["status"] == 499  # written to nobody: the server only records it

@@ -84,7 +84,7 @@ def test_a_client_that_disconnects_frees_its_rows_before_the_timeout(server):
     while metric(base, "increlora_queue_depth") > 0:
         assert time.monotonic() - left < TIMEOUT_S / 2, "the rows stayed queued after the client left"
         time.sleep(0.02)
-    assert metric(base, 'increlora_requests_total{status="499",task="sentiment"}') == 1
+    assert metric(base, 'increlora_requests_total{route="/v1/predict",status="499",task="sentiment"}') == 1
     assert metric(base, "increlora_batch_rows_sum") == rows_before
 
 

@@ -1,18 +1,28 @@
-"""The real `increlora-serve` under faults, on loopback: the model process killed under load, the crash-loop
-limit, SIGTERM with requests in flight. Every answer is checked against the adapter alone; every wait is
-bounded."""
+"""The real `increlora-serve` under faults, on loopback: the model process killed under load or stopped
+(SIGSTOP), the crash-loop limit, SIGTERM with requests in flight or a stopped model process. Every answer is
+checked against the adapter alone; every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import threading
 import time
 
 import httpx
 import pytest
 
 from tests.helpers.http_adapters import make_tiny_adapters
-from tests.helpers.server import close_to, exit_code_and_log, metric, model_pid, start_server, stop, wait_ready
+from tests.helpers.server import (
+    close_to,
+    exit_code_and_log,
+    metric,
+    model_pid,
+    process_state,
+    start_server,
+    stop,
+    wait_ready,
+)
 
 TASKS = {"sentiment": 2, "topic": 3, "similarity": 1}
 WORDS = "good bad film plot actor story music game team vote market phone".split()
@@ -155,3 +165,89 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_ans
     assert [r.status_code for r in answered] == [200] * 8
     assert all(right(r, want) for r, want in zip(answered, answers))
     assert code == 0 and "drained; stopping" in output and "Traceback" not in output, output[-3000:]
+
+
+def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_stops_at_once(adapters,
+                                                                                          bodies_and_answers):
+    bodies, answers = bodies_and_answers
+    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60"])
+    try:
+        wait_ready(base)
+        first = model_pid(log)
+        os.kill(first, signal.SIGSTOP)
+        stopped = time.monotonic()
+
+        async def while_hung() -> tuple:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                flying = [asyncio.ensure_future(c.post("/v1/predict", json=b)) for b in bodies[:4]]
+                while (health := await c.get("/health")).json().get("model") != "restarting":
+                    assert time.monotonic() - stopped < 20, "the hang was never seen"
+                    await asyncio.sleep(0.05)
+                refused = await c.post("/v1/predict", json=bodies[0])
+                return health, refused, await asyncio.gather(*flying)
+
+        health, refused, flown = asyncio.run(asyncio.wait_for(while_hung(), 4 * RECOVERY_S))
+        wait_ready(base, RECOVERY_S)
+        second = model_pid(log, {first})
+        hangs, crashes = metric(base, "increlora_model_hangs_total"), metric(base, "increlora_model_crashes_total")
+        again = httpx.post(f"{base}/v1/predict", json=bodies[1], timeout=30)
+        first_state = process_state(first)
+
+        os.kill(second, signal.SIGSTOP)  # hung again, with a request waiting: two SIGTERMs stop the server at once
+        post_in_background(base, bodies[2])
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        second_sigterm = time.monotonic()
+        proc.wait(15)
+        stopped_in = time.monotonic() - second_sigterm
+    finally:
+        stop(proc)
+    assert health.status_code == 200 and f"model process {first} hung (no heartbeat for" in health.json()["detail"]
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert {r.status_code for r in flown} <= {200, 503} and any(r.status_code == 200 for r in flown)
+    assert all(right(r, want) for r, want in zip(flown, answers) if r.status_code == 200)
+    assert again.status_code == 200 and right(again, answers[1])
+    assert hangs == 1 and crashes == 1 and first_state is None  # counted, killed and reaped
+    assert stopped_in < 5 and process_state(second) in (None, "Z")  # the stopped model process was killed
+
+
+def test_sigterm_stops_within_the_drain_time_while_the_model_process_is_stopped(adapters, bodies_and_answers):
+    bodies, _ = bodies_and_answers
+    drain = 2.0
+    proc, base, log = start_server(["--adapters", str(adapters), "--drain-seconds", str(drain),
+                                    "--heartbeat-timeout", "600"])  # the hang is not detected: only the drain ends it
+    try:
+        wait_ready(base)
+        pid = model_pid(log)
+        os.kill(pid, signal.SIGSTOP)
+        answered = [post_in_background(base, b) for b in bodies[:4]]
+        while metric(base, "increlora_queue_depth") < 1:  # one request in the model, the others queued
+            time.sleep(0.05)
+        sigterm = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, output = exit_code_and_log(proc, log, drain + 20)
+        stopped_in = time.monotonic() - sigterm
+    finally:
+        stop(proc)
+    assert code == 0 and stopped_in < drain + 10, (stopped_in, output[-3000:])
+    for done in answered:  # every request accepted got an answer: 503, the model never finished it
+        assert done.wait(5) and done.status == 503
+    assert process_state(pid) is None  # killed and reaped
+
+
+class post_in_background(threading.Event):  # noqa: N801 - used as a function that returns a waitable
+    """POST `body` to the server from a thread; set once answered, with the status (or the error's name)."""
+
+    def __init__(self, base: str, body: dict) -> None:
+        super().__init__()
+        self.status: int | str | None = None
+        threading.Thread(target=self._post, args=(base, body), daemon=True).start()
+
+    def _post(self, base: str, body: dict) -> None:
+        try:
+            self.status = httpx.post(f"{base}/v1/predict", json=body, timeout=60).status_code
+        except httpx.HTTPError as exc:
+            self.status = type(exc).__name__
+        self.set()

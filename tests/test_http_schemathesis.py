@@ -10,6 +10,7 @@ from hypothesis.errors import Unsatisfiable
 
 from serving import AdapterBank
 from serving.http import ServiceSettings, create_app
+from tests.helpers.adapters import TAGS, make_adapter
 from tests.helpers.http_adapters import make_tiny_adapters
 
 TOKEN = "schema-token"
@@ -27,6 +28,8 @@ CONFIG = schemathesis.config.SchemathesisConfig.from_dict({"checks": {
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory, http_base):
     folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), http_base, TASKS)
+    make_adapter(http_base, folder, "embed", seed=1, task_type="embedding")
+    make_adapter(http_base, folder, "ner", len(TAGS), seed=2, task_type="token-classification")
     return create_app(AdapterBank.load(folder), ServiceSettings(
         adapters=folder, admin_token=TOKEN, max_inputs=16, max_body_bytes=16384, max_wait_ms=0))
 
@@ -46,8 +49,8 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served_app, mode):
         @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case, data):
             # check() runs at once, inside this iteration: op is the current operation
-            if mode == POSITIVE and op.label == "POST /v1/predict" and data.draw(st.booleans()):  # noqa: B023
-                case.body["task"] = data.draw(st.sampled_from(list(TASKS)))  # so the model runs on generated text
+            if mode == POSITIVE and data.draw(st.booleans()):  # so the model runs on generated text
+                name_a_task(op.label, case.body, data)  # noqa: B023
             response = case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
             statuses.setdefault(op.label, set()).add(response.status_code)  # noqa: B023
 
@@ -59,6 +62,19 @@ def test_generated_requests_get_no_5xx_and_documented_answers(served_app, mode):
         assert statuses["POST /v1/predict"] <= {413, 422} and 422 in statuses["POST /v1/predict"]
     else:
         assert {200, 404} <= statuses["POST /v1/predict"] and 200 in statuses["GET /health"]
+        assert {200, 404} <= statuses["POST /v1/rerank"] and {200, 404} <= statuses["POST /v1/embeddings"]
+
+
+def name_a_task(label: str, body: dict, data) -> None:
+    """Point a generated request at a loaded task of the kind its route serves."""
+    if label == "POST /v1/predict":
+        pairs = isinstance(body["inputs"], list) and any(isinstance(x, list) for x in body["inputs"])
+        body["task"] = data.draw(st.sampled_from([*TASKS, "embed"] + ([] if pairs else ["ner"])))
+    elif label == "POST /v1/embeddings":
+        body["model"] = "embed"
+        body.pop("dimensions", None)  # any but the task's own is refused
+    elif label in ("POST /v1/rerank", "POST /v2/rerank"):
+        body["model"] = data.draw(st.sampled_from(["sst2", "stsb"]))  # two labels, one output
 
 
 def test_server_still_serves_after_the_fuzzing(served_app):

@@ -1,5 +1,6 @@
 """Supervision of the model process (serving.http.supervisor) on stand-in children: restarts with the task
-set of the moment, the retried prediction, back-off, the crash-loop limit, and what the app answers meanwhile."""
+set of the moment, the retried prediction, back-off, the crash-loop limit, hung children killed, the request
+that kills the model found, and what the app answers meanwhile."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from serving.http import ServiceSettings, create_app
 from serving.http.cli import main as serve_main
 from serving.http.errors import ModelFailedError, ModelRestartingError
 from serving.http.supervisor import RestartPolicy, SupervisedBank, TaskSet, restore
-from tests.helpers.asgi import in_the_model, in_the_queue, serving
+from tests.helpers.asgi import in_the_model, in_the_queue, post_later, serving
 from tests.helpers.fake_bank import FakeBank, answer
 from tests.helpers.fake_child import FakeStarter, adapter_path
 
@@ -23,6 +24,9 @@ FAST = RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, max_backoff_s=0
 class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []
+
+    def model_hung(self, detail):
+        self.events.append(("hung", detail))
 
     def model_down(self, detail):
         self.events.append(("down", detail))
@@ -49,7 +53,7 @@ def wait_until(condition, seconds: float = 10.0) -> None:
 def test_restart_policy_backs_off_from_the_second_crash_and_refuses_nonsense():
     policy = RestartPolicy(max_crashes=9, backoff_s=1.0, max_backoff_s=5.0)
     assert [policy.delay(n) for n in range(1, 7)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
-    for bad in ({"max_crashes": 0}, {"window_s": 0}, {"backoff_s": -1}):
+    for bad in ({"max_crashes": 0}, {"window_s": 0}, {"backoff_s": -1}, {"heartbeat_timeout_s": 0}):
         with pytest.raises(ValueError, match="--max-crashes"):
             RestartPolicy(**bad)
 
@@ -240,3 +244,103 @@ def test_health_fails_once_the_server_stopped_restarting():
     assert ready.status_code == 503 and ready.json()["status"] == "failed"
     assert predicted.status_code == 503 and "stopped restarting" in predicted.json()["detail"]
     assert len(starter.task_sets) == 1
+
+
+# --- a model process that hangs ---------------------------------------------------------------------
+
+def test_a_stopped_child_is_killed_restarted_and_its_waiting_requests_get_503_meanwhile():
+    bank, starter = supervised(RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, heartbeat_timeout_s=0.3))
+    first = starter.children[0]
+    app = create_app(bank, ServiceSettings(max_batch_size=1, max_wait_ms=0))
+
+    async def go():
+        async with serving(app) as c:
+            starter.gate = threading.Event()  # the new child comes only when the test says
+            first.stop()  # as SIGSTOP: no heartbeat, and the call below waits
+            running = post_later(c, "runs")
+            while first.busy() is None:
+                await asyncio.sleep(0.01)
+            queued = await in_the_queue(c, app)
+            refused = await asyncio.wait_for(queued, 5)  # answered once the hang is seen, before any new child
+            health, ready = await c.get("/health"), await c.get("/ready")
+            starter.gate.set()
+            retried = await asyncio.wait_for(running, 10)
+            return refused, health, ready, retried, (await c.get("/metrics")).text
+
+    try:
+        refused, health, ready, retried, metrics = asyncio.run(asyncio.wait_for(go(), 30))
+    finally:
+        bank.close()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1" and "hung" in refused.json()["detail"]
+    assert health.status_code == 200 and health.json()["model"] == "restarting"
+    assert f"model process {first.pid} hung (no heartbeat for" in health.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["status"] == "restarting"
+    assert retried.status_code == 200 and first.exitcode == -9
+    assert "increlora_model_hangs_total 1.0" in metrics and "increlora_model_crashes_total 1.0" in metrics
+    assert "increlora_model_restarts_total 1.0" in metrics
+
+
+def test_a_call_past_its_deadline_is_killed_as_hung_and_retried_on_the_next_child():
+    policy = RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, heartbeat_timeout_s=5, call_timeout_s=0.3)
+    bank, starter = supervised(policy)
+    recorder = Recorder()
+    bank.listen(recorder)
+    first = starter.children[0]
+    first.bank.gate = threading.Event()  # the child beats but never finishes the call
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(bank.predict(["good film"], ["sst2"])))
+    worker.start()
+    try:
+        wait_until(lambda: recorder.events and recorder.events[0][0] == "hung")
+        first.bank.gate.set()  # the killed child's call now returns, as a dead child's: the retry goes on
+        worker.join(10)
+        assert outcome == [[answer("sst2", "good film", ["negative", "positive"])]]
+        assert "one predict call ran for" in recorder.events[0][1] and "deadline of 0.3 s" in recorder.events[0][1]
+        assert first.exitcode == -9 and len(starter.children) == 2
+    finally:
+        first.bank.gate.set()
+        bank.close()
+
+
+def test_a_hang_counts_as_a_crash():
+    bank, starter = supervised(RestartPolicy(max_crashes=1, heartbeat_timeout_s=0.3))
+    try:
+        starter.children[0].stop()
+        wait_until(lambda: bank.state == "failed")
+        assert "hung (no heartbeat" in bank.detail and "1 crashes of the model process" in bank.detail
+        assert len(starter.children) == 1
+    finally:
+        bank.close()
+
+
+# --- a request that kills the model process ----------------------------------------------------------
+
+def test_a_request_that_kills_the_model_process_gets_500_its_batch_is_answered_and_it_counts_once():
+    bank, starter = supervised(RestartPolicy(max_crashes=3, window_s=60, backoff_s=0.05, max_backoff_s=0.2))
+    starter.crash_on.add("poison")
+    app = create_app(bank, ServiceSettings(max_wait_ms=300))
+    bodies = [("sst2", "good film"), ("topic", "poison"), ("sst2", "bad plot"), ("stsb", "one two")]
+
+    async def go():
+        async with serving(app) as c:
+            batch = await asyncio.gather(*(post_later(c, x, task) for task, x in bodies))  # one batch
+            alone = await c.post("/v1/predict", json={"task": "sst2", "inputs": "poison"})
+            await asyncio.to_thread(wait_until, lambda: bank.state == "up" and len(starter.children) == 6)
+            return batch, alone, (await c.get("/metrics")).text
+
+    try:
+        batch, alone, metrics = asyncio.run(asyncio.wait_for(go(), 30))
+        assert [r.status_code for r in batch] == [200, 500, 200, 200]
+        for (task, x), r in zip(bodies, batch):
+            if r.status_code == 200:
+                want, got = answer(task, x, FakeBank()._tasks[task]), r.json()["predictions"][0]
+                assert (got.get("label"), got.get("value")) == (want.get("label"), want.get("value"))
+        assert "each time it ran this request (1 input(s))" in batch[1].json()["detail"]
+        assert alone.status_code == 500 and "not retried" in alone.json()["detail"]
+        # five deaths (the batch, its retry, the poison alone; the lone poison, its retry), each poison counted once
+        assert "increlora_model_crashes_total 5.0" in metrics
+        starter.children[-1].kill()  # one more crash reaches the limit of 3
+        wait_until(lambda: bank.state == "failed")
+        assert "3 crashes of the model process" in bank.detail
+    finally:
+        bank.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
 import threading
 import time
 
@@ -16,7 +17,7 @@ from serving.http import create_app
 from serving.http.model_process import ProcessBankLoader
 from serving.ops.lora_segments import openmp_threads_sleep
 from tests.helpers.http_adapters import make_tiny_adapters
-from tests.helpers.server import close_to
+from tests.helpers.server import close_to, process_state
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,41 @@ def test_the_model_process_starts_with_sleeping_openmp_threads(monkeypatch):
     finally:
         bank.close()
     assert _openmp_env() == dict.fromkeys(OPENMP_WAIT_VARIABLES)
+
+
+def test_close_kills_a_stopped_model_process_whose_call_holds_the_pipe_and_reaps_it():
+    bank = ProcessBank.start(EnvBank, heartbeat_s=0.05)
+    pid = bank.pid
+    try:
+        first = bank.last_beat()
+        time.sleep(0.5)
+        assert bank.last_beat() > first  # it beats while it runs
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        stopped = bank.last_beat()
+        outcome: list[BaseException] = []
+        caller = threading.Thread(target=lambda: outcome.extend(_raised(functools.partial(bank.task_info, "env"))))
+        caller.start()
+        while bank.busy() is None:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert bank.last_beat() == stopped and bank.busy()[0] == "task_info"  # silent, and the call waits
+        closing = threading.Thread(target=bank.close, args=(1.0,))
+        started = time.monotonic()
+        closing.start()
+        closing.join(10)
+        caller.join(10)
+        assert not closing.is_alive() and time.monotonic() - started < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], WorkerDiedError)
+        assert process_state(pid) is None  # killed and reaped: no zombie
+    finally:
+        if process_state(pid) not in (None, "Z"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_model_process_that_does_not_load_in_time_is_killed_and_reaped():
+    spawned: list = []
+    with pytest.raises(WorkerDiedError, match="did not load the adapters within 1 s"):
+        ProcessBank.start(functools.partial(time.sleep, 120), timeout=1, on_spawn=spawned.append)
+    time.sleep(0.3)
+    assert process_state(spawned[0].pid) is None  # not left as a zombie

@@ -132,3 +132,35 @@ def test_import_with_base_model_records_its_fingerprint_and_checks_shapes(tiny_b
     wide = tiny_classifier(make_tiny_base(tmp_path / "wide", hidden_size=48), 2)
     with pytest.raises(BaseModelMismatchError, match="query"):
         import_peft(tmp_path / "p", base_model=wide)
+
+
+def test_import_maps_peft_token_and_feature_extraction_tasks_to_kinds(tiny_base, tmp_path):
+    from transformers import AutoModel, AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    tokens = AutoModelForTokenClassification.from_pretrained(str(tiny_base), num_labels=3)
+    get_peft_model(tokens, LoraConfig(r=2, target_modules=["query", "value"], task_type="TOKEN_CLS",
+                                      init_lora_weights=False)).save_pretrained(tmp_path / "tok")
+    imported = import_peft(tmp_path / "tok", tmp_path / "tok_ours", labels=["O", "B-X", "I-X"], base_model=tiny_base)
+    assert imported.task_type == "token-classification" and imported.problem_type == "single_label_classification"
+    assert imported.labels == ["O", "B-X", "I-X"] and imported.modules_to_save == ["classifier"]
+    ref = PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(str(tiny_base), num_labels=3),
+                                    tmp_path / "tok").eval()
+    ours = load_adapter(AutoModelForTokenClassification.from_pretrained(str(tiny_base), num_labels=3),
+                        tmp_path / "tok_ours").eval()
+    torch.testing.assert_close(ours(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+
+    get_peft_model(AutoModel.from_pretrained(str(tiny_base)), LoraConfig(
+        r=2, target_modules=["query", "value"], task_type="FEATURE_EXTRACTION", init_lora_weights=False)
+    ).save_pretrained(tmp_path / "emb")
+    embedded = import_peft(tmp_path / "emb", tmp_path / "emb_ours", base_model=tiny_base,
+                           pooling={"mode": "cls", "normalize": False})
+    assert embedded.task_type == "embedding" and embedded.pooling == {"mode": "cls", "normalize": False}
+    assert all(name.startswith("bert.encoder.") for name in embedded.rank_pattern)  # the task models' names
+    assert embedded.fingerprint == imported.fingerprint  # one backbone checks both kinds
+    ref = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_base)), tmp_path / "emb").eval()
+    ours = load_adapter(AutoModel.from_pretrained(str(tiny_base)), tmp_path / "emb_ours").eval()
+    torch.testing.assert_close(ours(input_ids=_ids()).last_hidden_state, ref(input_ids=_ids()).last_hidden_state,
+                               rtol=0, atol=1e-5)
+    with pytest.raises(AdapterFormatError, match="has no labels"):
+        import_peft(tmp_path / "emb", labels=["a"])

@@ -1,9 +1,13 @@
 """The HTTP API on Ray Serve (local cluster, loopback): two replicas holding at most two of five tasks each
-answer mixed-task traffic as AdapterBank alone does, admin changes reach every replica, and a killed
-replica is replaced while requests keep being answered."""
+answer mixed-task traffic as AdapterBank alone does, an adapter the admin replaced never answers afterwards,
+and a killed replica is replaced while requests keep being answered; one replica without a limit loads each
+task once and batches across tasks."""
 from __future__ import annotations
 
+import re
+import shutil
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +15,7 @@ import httpx
 import pytest
 
 from serving import AdapterBank
-from tests.helpers.adapters import TASKS, adapter_set
+from tests.helpers.adapters import TASKS, adapter_set, make_adapter
 from tests.helpers.http_adapters import assert_predictions, expected
 from tests.helpers.server import wait_ready
 
@@ -26,33 +30,61 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, http_base, tmp_path_factory):
+def adapters(http_base, tmp_path_factory):
+    return adapter_set(http_base, tmp_path_factory.mktemp("ray_adapters"))  # a tokenizer that knows its words
+
+
+@pytest.fixture(scope="module")
+def port(ray_cluster):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(port, adapters):
     from ray import serve
 
     from serving.http.ray_serve import build_application
 
-    adapters = adapter_set(http_base, tmp_path_factory.mktemp("ray_adapters"))  # a tokenizer that knows its words
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_application(adapters, replicas=2, max_tasks_per_replica=2, replica_cpus=0.25,
                             settings={"admin_token": TOKEN, "max_wait_ms": 2.0})
     serve.run(app, name="increlora", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, seconds=90)
-    try:
-        yield url, AdapterBank.load(adapters)
-    finally:
-        serve.shutdown()
+    yield url, AdapterBank.load(adapters)
+
+
+@pytest.fixture(scope="module")
+def single(port, adapters):
+    """One replica without a task limit, in an application of its own at /single."""
+    from ray import serve
+
+    from serving.http.ray_serve import build_application
+
+    settings = {"max_wait_ms": 50.0, "max_batch_size": 64, "max_queue": 100}
+    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="single")
+    assert app._bound_deployment.max_ongoing_requests == 100  # the ingress; Serve's default is 5
+    assert app._bound_deployment.init_args[0]._bound_deployment.max_ongoing_requests == 100  # the replicas
+    serve.run(app, name="single", route_prefix="/single")
+    url = f"http://127.0.0.1:{port}/single"
+    wait_ready(url, seconds=90)
+    yield url, AdapterBank.load(adapters)
 
 
 def ask(url: str, task: str, inputs: list) -> httpx.Response:
     return httpx.post(f"{url}/v1/predict", json={"task": task, "inputs": inputs}, timeout=60)
 
 
-def mixed_traffic(url: str, bank: AdapterBank, n: int) -> list[int]:
+def mixed_traffic(url: str, bank: AdapterBank, n: int, senders: int = 8) -> list[int]:
     """n concurrent requests over every task, each answer checked; returns the status codes."""
     jobs = [(list(TASKS)[i % len(TASKS)], INPUTS[i % len(INPUTS):][:2] or INPUTS[:1]) for i in range(n)]
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(senders) as pool:
         responses = list(pool.map(lambda job: ask(url, *job), jobs))
     for (task, inputs), r in zip(jobs, responses):
         if r.status_code == 200:
@@ -67,17 +99,74 @@ def test_mixed_tasks_on_two_replicas_equal_the_bank_alone(served):
     assert ask(url, "nope", ["x"]).status_code == 404
 
 
-def test_admin_remove_and_add_reach_every_replica(served):
-    url, bank = served
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.delete(f"{url}/v1/tasks/sst2", headers=auth, timeout=60).status_code == 200
-    assert all(ask(url, "sst2", ["x"]).status_code == 404 for _ in range(6))  # whichever replica answers
-    r = httpx.post(f"{url}/v1/tasks", json={"name": "sst2"}, headers=auth, timeout=60)
-    assert r.status_code == 201 and r.json()["name"] == "sst2", r.text
-    for _ in range(6):
+def test_one_replica_loads_each_task_once_and_batches_across_tasks(single):
+    url, bank = single
+    for _ in range(3):
+        assert mixed_traffic(url, bank, 30, senders=30) == [200] * 30
+    (stats,) = replica_stats("single", 1).values()
+    assert stats["loads"] == len(TASKS)  # once each, then kept
+    assert stats["multi_task_batches"] >= 1 and stats["batches"] < 90
+    text = httpx.get(f"{url}/metrics", timeout=10).text  # the ingress's batches: more than Serve's default of 5
+    count, total = (float(re.search(rf"^increlora_batch_size_requests_{k} (\S+)$", text, re.M).group(1))
+                    for k in ("count", "sum"))
+    assert total / count > 5, (total, count)
+
+
+def replica_stats(app: str, replicas: int) -> dict[str, dict]:
+    """Each replica's stats, by actor name (asking until every replica has answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("BankReplica", app_name=app)
+    stats: dict[str, dict] = {}
+    for _ in range(50):
+        got = handle.stats.remote().result()
+        stats[got["actor"]] = got
+        if len(stats) == replicas:
+            return stats
+    raise AssertionError(f"only {len(stats)} of {replicas} replicas answered")
+
+
+def sst2_traffic(url: str, stop: threading.Event, log: list) -> None:
+    while not stop.is_set():
+        sent = time.monotonic()
         r = ask(url, "sst2", INPUTS[:2])
-        assert r.status_code == 200
-        assert_predictions(r.json()["predictions"], expected(bank, "sst2", INPUTS[:2]))
+        log.append((sent, r.status_code, r.json()["predictions"] if r.status_code == 200 else None))
+
+
+def test_a_replaced_adapter_never_answers_after_the_admin_call(served, adapters, http_base, tmp_path):
+    """DELETE, new files in the same folder, POST, with sst2 requests overlapping all along: every request sent
+    after the POST returned is answered by the new adapter, by both replicas; then the old one comes back."""
+    url, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    folder = adapters / "sst2"
+    old_files = tmp_path / "old"
+    shutil.copytree(folder, old_files)
+    new = make_adapter(http_base, tmp_path / "new", "sst2", 2, seed=99)
+    for files, want in ((new, AdapterBank.load([new])), (old_files, AdapterBank.load([old_files]))):
+        log: list[tuple[float, int, list | None]] = []  # (sent at, status, predictions)
+        stop = threading.Event()
+        senders = [threading.Thread(target=sst2_traffic, args=(url, stop, log)) for _ in range(4)]
+        for t in senders:
+            t.start()
+        time.sleep(0.5)
+        assert httpx.delete(f"{url}/v1/tasks/sst2", headers=auth, timeout=60).status_code == 200
+        shutil.rmtree(folder)
+        shutil.copytree(files, folder)
+        r = httpx.post(f"{url}/v1/tasks", json={"name": "sst2"}, headers=auth, timeout=60)
+        added = time.monotonic()
+        assert r.status_code == 201, r.text
+        time.sleep(3)
+        stop.set()
+        for t in senders:
+            t.join()
+        after = [(status, got) for sent, status, got in log if sent > added]
+        assert len(after) >= 8 and all(status == 200 for status, _ in after), after
+        for _, got in after:
+            assert_predictions(got, expected(want, "sst2", INPUTS[:2]))
+        loads = sum(s["loads"] for s in replica_stats("increlora", 2).values())
+        for _ in range(10):  # the new copy stays: no load per request (Serve still counts the old one as held)
+            assert ask(url, "sst2", INPUTS[:2]).status_code == 200
+        assert sum(s["loads"] for s in replica_stats("increlora", 2).values()) - loads <= 2
 
 
 def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(served):

@@ -197,12 +197,41 @@ def check_peft_example(ns: dict, ctx: dict) -> None:
     assert read_adapter("adapters/imported").rank_pattern == read_adapter("adapters/rotten_tomatoes").rank_pattern
 
 
+def check_openai_example(ns: dict, ctx: dict) -> None:
+    """The client decoded the base64 it asked for into the server's own floats, and `nearest` is the argmax."""
+    sent = {"model": "bbc_retrieval", "input": ns["texts"], "encoding_format": "float"}
+    r = httpx.post(f"http://localhost:{ctx['port']}/v1/embeddings", json=sent, timeout=30)
+    floats = [d["embedding"] for d in r.json()["data"]]
+    assert len(ns["vectors"]) == 3 and all(v == pytest.approx(f, abs=1e-6) for v, f in zip(ns["vectors"], floats))
+    assert all(sum(x * x for x in v) == pytest.approx(1.0, abs=1e-4) for v in ns["vectors"])  # normalised
+    dots = [sum(q * x for q, x in zip(ns["query"], v)) for v in ns["vectors"]]
+    assert ns["nearest"] == dots.index(max(dots))
+
+
 # A python block is run with the check whose marker it contains (exactly one).
 PYTHON_CHECKS = {
     "IncreLoraTrainer(": check_trainer_example,
     "AdapterBank.load(": check_bank_example,
     "export_peft(": check_peft_example,
+    "OpenAI(": check_openai_example,
 }
+
+
+# The tasks of other kinds that the README's HTTP examples use. Those the README's training commands
+# have not made by the time the server starts are made here as tiny stand-ins (random adapters of the kind).
+SERVED_KINDS = {"wnut16": "token-classification", "bbc_retrieval": "embedding", "bbc_rerank": "sequence-classification"}
+
+
+def make_kind_standins(ctx: dict) -> list[str]:
+    from tests.helpers.adapters import TAGS, make_adapter
+
+    made = []
+    for task, kind in SERVED_KINDS.items():
+        if not Path("adapters", task, "adapter_config.json").is_file():
+            make_adapter(Path(ctx["tiny"]), Path("adapters"), task, len(TAGS) if kind == "token-classification" else 2,
+                         seed=len(made), task_type=kind)
+            made.append(task)
+    return made
 
 
 def check_trained(argv: list[str], ctx: dict, outputs: list[str]) -> None:
@@ -221,7 +250,19 @@ def check_response(argv: list[str], body: dict, text: str) -> None:
     sent = json.loads(argv[argv.index("-d") + 1]) if "-d" in argv else None
     if path == "/v1/predict":
         assert body["task"] == sent["task"] and len(body["predictions"]) == len(sent["inputs"]), text
-        assert all(p["label"] in p["scores"] for p in body["predictions"]), text
+        for p, x in zip(body["predictions"], sent["inputs"]):
+            if "entities" in p:  # a token-classification task: spans inside the text
+                assert all(0 <= e["start"] < e["end"] <= len(x) and e["entity_group"] for e in p["entities"]), text
+            else:
+                assert p["label"] in p["scores"], text
+    elif path == "/v1/embeddings":
+        dims = {len(d["embedding"]) for d in body["data"]}
+        assert [d["index"] for d in body["data"]] == list(range(len(sent["input"]))) and len(dims) == 1, text
+        assert body["model"] == sent["model"] and body["usage"]["prompt_tokens"] >= 2 * len(sent["input"]), text
+    elif path == "/v1/rerank":
+        scores = [r["relevance_score"] for r in body["results"]]
+        assert len(scores) == sent["top_n"] and scores == sorted(scores, reverse=True), text
+        assert all(r["document"]["text"] == sent["documents"][r["index"]] for r in body["results"]), text
     elif path == "/v1/tasks":
         served = sorted(p.name for p in Path("adapters").iterdir() if (p / "adapter_config.json").is_file())
         assert sorted(t["name"] for t in body["tasks"]) == served, text
@@ -321,6 +362,7 @@ def test_the_readme_runs_top_to_bottom(workspace, tiny_base):
                 assert r.returncode == 0, f"{step.where}: {step.code}\n{r.stderr[-3000:]}"
                 check_trained(argv, ctx, promised_outputs(text))
             elif step.kind == "serve":
+                make_kind_standins(ctx)
                 argv = shlex.split(fill(step.code, ctx), comments=True)
                 assert Path(argv[0]).is_file(), f"{step.where}: no {argv[0]}"
                 proc, base, _ = start_server(argv[1:])  # `python -m serving.cli`: what the console script runs

@@ -1,6 +1,7 @@
 """Adapters and the registry: reading adapter folders, checking them against the base model, the
-immutable task registry, the AdapterBank that wraps the base model's modules and answers predict,
-and the same bank in a child process (ProcessBank). Uses layers and ops; knows nothing of HTTP.
+immutable task registry, the AdapterBank that wraps the base model's modules and answers predict
+(embed, rerank) for tasks of every kind (kinds/), and the same bank in a child process (ProcessBank).
+Uses layers and ops; knows nothing of HTTP.
 """
 from .adapter_bank import AdapterBank
 from .errors import (
@@ -12,6 +13,7 @@ from .errors import (
     ServingError,
     UnknownTaskError,
     WorkerDiedError,
+    WrongTaskKindError,
 )
 from .predictions import Prediction
 from .process_bank import ProcessBank
@@ -19,4 +21,4 @@ from .task_adapter import TaskAdapter
 
 __all__ = ["AdapterBank", "AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError",
            "NonFiniteOutputError", "Prediction", "ProcessBank", "ServingError", "TaskAdapter", "UnknownTaskError",
-           "WorkerDiedError"]
+           "WorkerDiedError", "WrongTaskKindError"]

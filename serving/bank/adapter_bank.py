@@ -1,12 +1,16 @@
-"""AdapterBank: many task adapters served on one frozen base model, any mix of tasks in one batch.
+"""AdapterBank: many task adapters served on one frozen base model, any mix of tasks and kinds in one batch.
 
     bank = AdapterBank.load("adapters/")                 # every adapter folder in it
     bank.predict(["great film", ("a sentence", "its paraphrase")], tasks=["sst2", "mrpc"])
+    bank.embed(["a query"], task="search"); bank.rerank("query", ["doc", "doc"], task="cross")
     bank.add("adapters/new_task"); bank.remove("sst2"); bank.tasks
 
 The base model is loaded once. Each adapted nn.Linear is replaced by a MultiLoraLinear and each
 saved module (classifier, pooler, ...) by a MultiHead; both read the running batch's BatchContext.
-Tasks live in an immutable TaskRegistry that add/remove replace under a lock; a batch reads it once.
+Tasks of every kind (serving/bank/kinds/) share the backbone: one forward over all rows, then each
+task's head or pooling on its rows (the sequence heads inside the model, the others on the backbone's
+last hidden state). Tasks live in an immutable TaskRegistry that add/remove replace under a lock; a
+batch reads it once.
 The backend applies the factors: the torch loop (CPU default), or the Triton kernels (GPU default),
 for which each module's factors of all tasks are packed in one buffer; a removed task's rows are
 given back when the last batch using it is done.
@@ -23,6 +27,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -30,18 +35,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from increlora.adapter_file import check_base_model
+from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, check_base_model, unused_backbone_modules
 from increlora.errors import AdapterFormatError, IncreLoraError
 from increlora.fingerprint import model_fingerprint
 from increlora.model import is_inside, set_submodule
 
 from ..layers import BatchContext, MultiHead, MultiLoraLinear, using_batch
 from ..ops import PackedFactors, PackedSlot, triton_available
-from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model
+from .adapter_folders import adapter_folders, choose_base_model, modules_to_save, resolve_base_model, task_type
 from .base_layout import BaseLayout
 from .base_model import load_base_model
-from .batch_inputs import ModelInput, check_inputs, tokenize
-from .errors import AdapterShapeError, BankLoadError, DuplicateTaskError, NonFiniteOutputError
+from .batch_inputs import ModelInput, check_inputs, tokenize_with_offsets
+from .errors import (
+    AdapterShapeError,
+    BankLoadError,
+    DuplicateTaskError,
+    InputError,
+    NonFiniteOutputError,
+    WrongTaskKindError,
+)
+from .kinds import RowOutput, check_reranker, kind_of, rerank_pairs, rerank_results
 from .predictions import Prediction, answer
 from .registry import TaskRegistry
 from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
@@ -143,6 +156,16 @@ def check_overlaps(path: object, adapted: Iterable[str], saved: Iterable[str], h
                                 f"one bank cannot serve both, load this adapter into a new bank")
 
 
+_HIDDEN: ContextVar[list[torch.Tensor] | None] = ContextVar("increlora_bank_hidden", default=None)
+
+
+def _keep_hidden(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook on the backbone: keeps its last hidden state for the running batch, if it asks."""
+    sink = _HIDDEN.get()
+    if sink is not None:
+        sink.append(output[0])
+
+
 class AdapterBank:
     """Task adapters on one frozen base model; thread-safe predict, add and remove."""
 
@@ -177,6 +200,10 @@ class AdapterBank:
         self.max_length = self._max_length()
         accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
         self._input_names = {n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted}
+        # the backbone all kinds share; its last hidden state feeds token heads and pooling
+        self._backbone = model.get_submodule(self._layout.prefix) if self._layout.prefix else model
+        if self._backbone is not model:
+            self._backbone.register_forward_hook(_keep_hidden)
         self._registry = TaskRegistry()
         # wrapped modules; replaced, never mutated, so other threads may read them without the lock
         self._lora_modules: frozenset[str] = frozenset()
@@ -197,10 +224,10 @@ class AdapterBank:
         """
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
-        saved_sets = []
+        saved_sets = []  # (modules_to_save, task_type) of each folder
         for folder in folders:
             try:
-                saved_sets.append(modules_to_save(folder))
+                saved_sets.append((modules_to_save(folder), task_type(folder)))
             except AdapterFormatError as exc:
                 errors[str(folder)] = exc
         for folder, exc in errors.items():
@@ -219,7 +246,8 @@ class AdapterBank:
                                 f"folder or hub id") from exc
         bank = cls(model, tokenizer, base_model=base_model, device=device, dtype=dtype,
                    max_batch_size=max_batch_size, missing_keys=missing_keys,
-                   fingerprint_sets=saved_sets, backend=backend)
+                   fingerprint_sets=[saved + unused_backbone_modules(model, kind) for saved, kind in saved_sets],
+                   backend=backend)
         bank.load_errors.update(errors)
         bank._add_many([f for f in folders if str(f) not in errors])
         logger.info("adapter bank on %s (%s, %s): %d tasks loaded, %d failed", base_model, bank.device,
@@ -272,9 +300,14 @@ class AdapterBank:
     def _prepare(self, folder: Path) -> TaskAdapter:
         adapter = read_any_adapter(folder)
         self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
-        check_overlaps(folder, adapter.modules, adapter.modules_to_save, self._head_modules, self._lora_modules)
+        in_model = kind_of(adapter.task_type).model_modules(adapter, self._layout)
+        check_overlaps(folder, adapter.modules, in_model, self._head_modules, self._lora_modules)
+        if kind_of(adapter.task_type).needs_offsets and not getattr(self.tokenizer, "is_fast", False):
+            raise AdapterShapeError(f"{folder}: a {adapter.task_type} task needs a fast tokenizer (its answers "
+                                    f"use character offsets); the base model's tokenizer is not one")
         if adapter.fingerprint:
-            check_base_model(adapter, self.model, self._fingerprint(adapter.modules_to_save))
+            unused = [] if adapter.task_type == SEQUENCE_CLASSIFICATION else sorted(self._layout.pooler)
+            check_base_model(adapter, self.model, self._fingerprint([*adapter.modules_to_save, *unused]))
         else:
             logger.warning("%s has no base model fingerprint; cannot check it was trained on %s",
                            folder, self.base_model)
@@ -352,7 +385,8 @@ class AdapterBank:
         return len(self._registry)
 
     def task_info(self, task: str) -> dict[str, Any]:
-        """name, labels, problem_type, num_labels, total_rank, parameter_count, base_model, path, memory_bytes."""
+        """name, task_type, labels, problem_type, num_labels, total_rank, parameter_count, base_model, path,
+        memory_bytes; for an embedding task also pooling and dimensions."""
         return self._registry.get(task).info()
 
     def describe(self) -> dict[str, Any]:
@@ -364,42 +398,99 @@ class AdapterBank:
     # --- prediction --------------------------------------------------------------------------------
 
     def predict(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[Prediction]:
-        """One answer per input, in input order (see serving.bank.predictions for the answer dicts)."""
+        """One answer per input, in input order, shaped by its task's kind (see serving.bank.kinds)."""
         items, names = check_inputs(inputs, tasks)
-        snapshot = self._registry
-        adapters = [snapshot.get(n) for n in names]
-        return [answer(a, row) for a, row in zip(adapters, self._logits(items, adapters))]
+        with self._adapters_of(names) as adapters:
+            outputs = self._outputs(items, adapters)
+            answers = []
+            for task, row in zip(adapters, outputs):
+                with self._tokenizer_lock if task.kind.needs_offsets else contextlib.nullcontext():
+                    answers.append(answer(task, row, self.tokenizer))
+            return answers
+
+    def embed(self, texts: Sequence[str] | str, task: str) -> list[list[float]]:
+        """The embedding task's vector of each text."""
+        with self._adapters_of([task]) as (found,):
+            if found.task_type != EMBEDDING:
+                raise WrongTaskKindError(task, found.task_type, "embed needs an embedding task")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise InputError("embed: give a text or a list of texts")
+        return [a["embedding"] for a in self.predict(list(texts), task)]
+
+    def rerank(self, query: str, documents: Sequence[str], task: str,
+               top_n: int | None = None) -> list[dict[str, Any]]:
+        """[{"index", "relevance_score"}] of the documents, best first: a cross-encoder task's score of each
+        (query, document) pair (sigmoid of a single output, else the probability of label index 1)."""
+        with self._adapters_of([task]) as (found,):
+            check_reranker(found.info())
+        pairs = rerank_pairs(query, documents, top_n)
+        return rerank_results(self.predict(pairs, task), top_n)
 
     def logits(self, inputs: Sequence[ModelInput] | ModelInput, tasks: Sequence[str] | str) -> list[torch.Tensor]:
-        """Each input's logits [num_labels of its task] in float32 on the CPU, in input order."""
+        """Each input's raw output in float32 on the CPU, in input order: a sequence task's logits
+        [num_labels], a token task's [tokens, num_labels] (specials included), an embedding task's vector."""
         items, names = check_inputs(inputs, tasks)
-        snapshot = self._registry
-        return self._logits(items, [snapshot.get(n) for n in names])
+        with self._adapters_of(names) as adapters:
+            return [row.values for row in self._outputs(items, adapters)]
 
-    def _logits(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[torch.Tensor]:
+    @contextlib.contextmanager
+    def _adapters_of(self, names: list[str]) -> Iterator[list[TaskAdapter]]:
+        """The adapters of a batch's task names, from one snapshot of the registry."""
+        snapshot = self._registry
+        yield [snapshot.get(n) for n in names]
+
+    def _outputs(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[RowOutput]:
+        for i, (item, task) in enumerate(zip(items, adapters)):  # before the model runs: a kind's input rules
+            task.kind.check_input(task, i, item)
         order = sorted(range(len(items)), key=lambda i: adapters[i].name)  # rows of a task together
-        rows: list[torch.Tensor | None] = [None] * len(items)
-        finite = True
+        rows: list[RowOutput | None] = [None] * len(items)
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
-            logits = self._forward([items[i] for i in chunk], [adapters[i] for i in chunk])
-            for i, row in zip(chunk, logits):
-                rows[i] = row[:adapters[i].num_labels]
-            finite = finite and bool(torch.isfinite(logits).all())  # the padding of narrower heads is zeros
-        if not finite:
-            bad = sorted({adapters[i].name for i, row in enumerate(rows) if not bool(torch.isfinite(row).all())})
+            for i, row in zip(chunk, self._forward([items[i] for i in chunk], [adapters[i] for i in chunk])):
+                rows[i] = row
+        bad = sorted({adapters[i].name for i, row in enumerate(rows) if not bool(torch.isfinite(row.values).all())})
+        if bad:
             hint = (" (float16 overflows easily: try dtype='bfloat16' or 'float32')"
                     if self.dtype == torch.float16 else "")
-            raise NonFiniteOutputError(f"the model gave NaN or inf logits for tasks {bad} in {self.dtype}{hint}; "
+            raise NonFiniteOutputError(f"the model gave NaN or inf outputs for tasks {bad} in {self.dtype}{hint}; "
                                        f"no answers were made from them")
         return rows  # type: ignore[return-value]
 
-    def _forward(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> torch.Tensor:
-        """One model call on rows already sorted by task; [rows, widest head] float32 on the CPU."""
+    def _forward(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[RowOutput]:
+        """One model call on rows already sorted by task; each row's output float32 on the CPU."""
+        detailed = [i for i, a in enumerate(adapters) if a.kind.needs_offsets]
         with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
-            batch = tokenize(self.tokenizer, items, self.max_length)
+            batch, token_rows = tokenize_with_offsets(self.tokenizer, items, self.max_length, detailed)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        mask = batch["attention_mask"].to(self.device)
         batch = {k: v.to(self.device) for k, v in batch.items() if k in self._input_names}
-        with torch.inference_mode(), using_batch(BatchContext(adapters, self.backend)):
-            logits = self.model(**batch).logits
-        return logits.float().cpu()
+        context = BatchContext(adapters, self.backend)
+        with torch.inference_mode(), using_batch(context):
+            logits, hidden = self._run(batch, adapters)
+            parts = [seg.task.kind.rows(seg.task, None if hidden is None else hidden[seg.start:seg.end],
+                                        mask[seg.start:seg.end], None if logits is None else logits[seg.start:seg.end])
+                     for seg in context.segments]
+        rows = []
+        for seg, part in zip(context.segments, parts):
+            part = part.float().cpu()
+            for i in range(seg.start, seg.end):
+                values = part[i - seg.start][:lengths[i]] if seg.task.kind.per_token else part[i - seg.start]
+                rows.append(RowOutput(values, items[i], int(lengths[i]), token_rows.get(i)))
+        return rows
 
+    def _run(self, batch: dict[str, torch.Tensor], adapters: list[TaskAdapter]
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits of the task model, last hidden state of the backbone), each only if a kind of the batch reads it."""
+        logits_read = any(a.kind.uses_logits for a in adapters)
+        if all(a.kind.uses_logits for a in adapters):
+            return self.model(**batch).logits, None
+        if not logits_read:
+            return None, self._backbone(**batch)[0]
+        sink: list[torch.Tensor] = []
+        token = _HIDDEN.set(sink)
+        try:
+            logits = self.model(**batch).logits
+        finally:
+            _HIDDEN.reset(token)
+        return logits, sink[-1]

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from increlora.adapter_file import CONFIG_NAME
+from increlora.adapter_file import CONFIG_NAME, SEQUENCE_CLASSIFICATION, TASK_TYPES
 from increlora.errors import AdapterFormatError
 
 from .errors import BankLoadError
@@ -56,6 +56,12 @@ def modules_to_save(folder: Path) -> list[str]:
     """The modules an adapter saves in full: they are left out of its base-model fingerprint."""
     value = _config(folder).get("modules_to_save")
     return [str(m) for m in value] if isinstance(value, list) else []
+
+
+def task_type(folder: Path) -> str:
+    """The kind of task an adapter folder declares (files before format version 2: sequence classification)."""
+    value = _config(folder).get("task_type")
+    return value if value in TASK_TYPES else SEQUENCE_CLASSIFICATION
 
 
 def choose_base_model(folders: list[Path], where: Any) -> str:

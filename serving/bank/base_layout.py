@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from increlora.adapter_file import TOKEN_CLASSIFICATION, unused_backbone_modules
+
 
 @dataclass(frozen=True)
 class BaseLayout:
@@ -14,6 +16,9 @@ class BaseLayout:
     modules: frozenset[str]
     fresh: frozenset[str]  # parameters not in the pretrained checkpoint (the task head): an adapter must bring them
     label_keys: frozenset[str] = frozenset()  # weight and bias of the head's output layer: one row per label
+    prefix: str = ""  # the backbone's module name ("bert"): tasks of every kind share what is inside it
+    hidden_size: int = 0  # of the backbone's last hidden state, which token heads and pooling read
+    pooler: frozenset[str] = frozenset()  # the backbone's pooler: only sequence classifiers use it
 
     @classmethod
     def of(cls, model: nn.Module, missing_keys: list[str] | tuple[str, ...] = ()) -> BaseLayout:
@@ -32,4 +37,10 @@ class BaseLayout:
                  and all(f"{n}.{p}" in fresh for p, _ in m.named_parameters())]
         labels = frozenset(f"{heads[-1]}.{p}" for p in ("weight", "bias") if f"{heads[-1]}.{p}" in shapes) \
             if heads else frozenset()
-        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh), labels)
+        hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+        return cls(linears, shapes, frozenset(n for n, _ in model.named_modules() if n), frozenset(fresh), labels,
+                   prefix if backbone is not None and backbone is not model else "", hidden,
+                   frozenset(unused_backbone_modules(model, TOKEN_CLASSIFICATION)))
+
+    def in_backbone(self, module: str) -> bool:
+        return bool(self.prefix) and (module == self.prefix or module.startswith(self.prefix + "."))

@@ -1,7 +1,8 @@
 """Checking predict()'s inputs and tokenizing a batch of mixed single texts and text pairs."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,18 +44,42 @@ def check_inputs(inputs: Any, tasks: Any) -> tuple[list[ModelInput], list[str]]:
     return items, names
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """What a token-level answer needs of a single text's tokens (specials and all, no padding)."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]  # character span of each token in the text
+    special: list[int]  # 1 for [CLS], [SEP] and the like
+
+
 def tokenize(tokenizer: Any, inputs: Sequence[ModelInput], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize singles and pairs (truncated to max_length), then right-pad all rows together."""
-    singles = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+    return tokenize_with_offsets(tokenizer, inputs, max_length)[0]
+
+
+def tokenize_with_offsets(tokenizer: Any, inputs: Sequence[ModelInput], max_length: int,
+                          detailed: Collection[int] = ()) -> tuple[dict[str, torch.Tensor], dict[int, TokenRow]]:
+    """As tokenize, and the TokenRow of each single text whose index is in `detailed` (a fast tokenizer's
+    offset mapping)."""
+    detailed = set(detailed)
+    singles = [i for i, x in enumerate(inputs) if isinstance(x, str) and i not in detailed]
     pairs = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
     rows: list[dict[str, list[int]] | None] = [None] * len(inputs)
+    details: dict[int, TokenRow] = {}
+    marked = sorted(detailed)
     for idx, args in ((singles, ([inputs[i] for i in singles],)),
-                      (pairs, ([inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs]))):
+                      (pairs, ([inputs[i][0] for i in pairs], [inputs[i][1] for i in pairs])),
+                      (marked, ([inputs[i] for i in marked],))):
         if not idx:
             continue
-        enc = tokenizer(*args, truncation=True, max_length=max_length)
+        more = {"return_offsets_mapping": True, "return_special_tokens_mask": True} if idx is marked else {}
+        enc = tokenizer(*args, truncation=True, max_length=max_length, **more)
         for j, i in enumerate(idx):
             rows[i] = {k: v[j] for k, v in enc.items()}
+            if more:
+                details[i] = TokenRow(list(rows[i]["input_ids"]), [tuple(o) for o in rows[i]["offset_mapping"]],
+                                      list(rows[i]["special_tokens_mask"]))
     keys = [k for k in rows[0] if k in ("input_ids", "attention_mask", "token_type_ids")]
     width = max(len(r["input_ids"]) for r in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -65,4 +90,4 @@ def tokenize(tokenizer: Any, inputs: Sequence[ModelInput], max_length: int) -> d
     if "attention_mask" not in batch:
         batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
                                                 for r in rows], dtype=torch.long)
-    return batch
+    return batch, details

@@ -48,6 +48,18 @@ class InputError(ServingError, ValueError):
     """predict() was called with no inputs, inputs of a wrong type, or a task list of another length."""
 
 
+class WrongTaskKindError(ServingError, ValueError):
+    """A task of another kind than a call needs (embed on a classifier, rerank on an embedding task, ...)."""
+
+    def __init__(self, task: str, task_type: str, wanted: str, detail: str = "") -> None:
+        self.task, self.task_type, self.wanted, self.detail = task, task_type, wanted, detail
+        article = "an" if task_type[:1] in ("a", "e", "i", "o", "u") else "a"
+        super().__init__(f"task {task!r} is {article} {task_type} task; {wanted}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses from the model process
+        return type(self), (self.task, self.task_type, self.wanted, self.detail)
+
+
 class NonFiniteOutputError(ServingError, ArithmeticError):
     """The model gave NaN or inf logits for some rows (e.g. float16 overflow, or a broken head)."""
 
@@ -61,4 +73,4 @@ class WorkerDiedError(ServingError):
 
 
 __all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "NonFiniteOutputError",
-           "ServingError", "UnknownTaskError", "WorkerDiedError"]
+           "ServingError", "UnknownTaskError", "WorkerDiedError", "WrongTaskKindError"]

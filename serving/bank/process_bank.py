@@ -7,7 +7,9 @@ answers (docs/design/cpu-serving.md has the measurements).
     bank = ProcessBank.start(functools.partial(AdapterBank.load, "adapters/"))
     bank.predict(["great film"], ["sst2"]); bank.add(path); bank.remove("sst2"); bank.close()
 
-Calls are serialised over one pipe (a lock), so an `add` holds predictions back while it loads.
+Calls are serialised over one pipe (a lock), so an `add` holds predictions back while it loads. The child
+also sends a heartbeat on a second pipe, and the parent knows which call runs since when: the
+supervisor (serving/http/supervisor.py) kills a child that falls silent or whose call outlives its deadline.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,15 +28,19 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("predict", "task_info", "add", "remove")
+_OPS = ("predict", "embed", "rerank", "task_info", "add", "remove")
 
 
 class ProcessBank:
-    """predict / task_info / add / remove run in the child; tasks, max_length, tokenizer are kept here."""
+    """predict / embed / rerank / task_info / add / remove run in the child; tasks, max_length, tokenizer are
+    kept here. Answers come back as plain dicts and lists."""
 
-    def __init__(self, process: mp.process.BaseProcess, conn: Any, info: dict[str, Any]) -> None:
+    def __init__(self, process: mp.process.BaseProcess, conn: Any, info: dict[str, Any], beats: Any = None) -> None:
         self._process = process
         self._conn = conn
+        self._beats = beats  # the read end of the child's heartbeat pipe
+        self._last_beat = time.monotonic()
+        self._busy: tuple[str, float] | None = None  # the call running, and since when (time.monotonic)
         self._lock = threading.Lock()
         self._tasks: list[str] = list(info["tasks"])
         self.max_length: int = info["max_length"]
@@ -42,23 +49,28 @@ class ProcessBank:
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
-              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None) -> ProcessBank:
+              on_spawn: Callable[[mp.process.BaseProcess], None] | None = None,
+              heartbeat_s: float = 1.0) -> ProcessBank:
         """Spawn the child, load the bank there with `loader` (picklable), wait until it is loaded.
 
         passive_openmp: start it with OMP_WAIT_POLICY=PASSIVE unless OpenMP's waiting is already set.
         on_spawn: called with the child as soon as it runs (to be able to kill it while it loads).
+        heartbeat_s: once loaded, the child sends a heartbeat this often (see `last_beat`).
         """
         ctx = mp.get_context("spawn")  # not fork: the parent may already run threads (torch, the event loop)
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, loader, logging.getLogger().level),
+        beats, beat_end = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_serve, args=(child, loader, logging.getLogger().level, beat_end, heartbeat_s),
                               name="increlora-model", daemon=True)
         with _passive_openmp(passive_openmp):
             process.start()
         child.close()
+        beat_end.close()
         if on_spawn is not None:
             on_spawn(process)
         if timeout is not None and not parent.poll(timeout):
             process.kill()
+            process.join(5)  # reaped: no zombie left behind
             raise WorkerDiedError(f"the model process did not load the adapters within {timeout:g} s")
         try:
             status, value = parent.recv()
@@ -69,7 +81,7 @@ class ProcessBank:
             process.join(5)
             raise value
         logger.info("model process %d serves %d tasks", process.pid, len(value["tasks"]))
-        return cls(process, parent, value)
+        return cls(process, parent, value, beats)
 
     @property
     def tasks(self) -> list[str]:
@@ -98,8 +110,36 @@ class ProcessBank:
         """A handle that becomes ready when the child ends (for multiprocessing.connection.wait)."""
         return self._process.sentinel
 
+    def last_beat(self) -> float:
+        """When (time.monotonic) the newest heartbeat of the child was read; reads those waiting. A stopped or
+        frozen child falls silent. Without a heartbeat pipe: now."""
+        if self._beats is None:
+            return time.monotonic()
+        try:
+            while self._beats.poll():
+                self._beats.recv_bytes()
+                self._last_beat = time.monotonic()
+        except (EOFError, OSError):  # the child is gone, or this bank closed: no more beats
+            pass
+        return self._last_beat
+
+    def busy(self) -> tuple[str, float] | None:
+        """The call the child runs now and since when (time.monotonic), or None while it is idle."""
+        return self._busy
+
+    def kill(self) -> None:
+        """End the child at once (SIGKILL; a stopped child too); a call waiting on it fails with WorkerDiedError."""
+        if self._process.is_alive():
+            self._process.kill()
+
     def predict(self, inputs: list[Any], tasks: list[str]) -> list[dict]:
         return self._call("predict", inputs, tasks)
+
+    def embed(self, texts: Any, task: str) -> list[list[float]]:
+        return self._call("embed", texts, task)
+
+    def rerank(self, query: str, documents: list[str], task: str, top_n: int | None = None) -> list[dict]:
+        return self._call("rerank", query, documents, task, top_n)
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._call("task_info", task)
@@ -111,25 +151,37 @@ class ProcessBank:
         self._call("remove", task)
 
     def close(self, timeout: float = 10.0) -> None:
-        with self._lock:
-            try:
-                self._conn.send(("close", ()))
-            except (OSError, ValueError):
-                pass
-            self._process.join(timeout)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(timeout)
-            self._conn.close()
+        """Ask the child to exit; kill it if it has not within `timeout` s, or if a call still holds the pipe after
+        half of that (a stopped or hung child never answers); then reap it."""
+        deadline = time.monotonic() + timeout
+        idle = self._lock.acquire(timeout=timeout / 2)
+        try:
+            if idle:
+                try:
+                    self._conn.send(("close", ()))
+                except (OSError, ValueError):
+                    pass
+                self._process.join(max(0.0, deadline - time.monotonic()))
+            self.kill()
+            self._process.join(max(0.5, deadline - time.monotonic()))
+        finally:
+            if idle:
+                self._conn.close()
+                self._lock.release()
+            if self._beats is not None:
+                self._beats.close()
 
     def _call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            self._busy = (op, time.monotonic())
             try:
                 self._conn.send((op, args))
                 status, value, tasks = self._conn.recv()
             except (EOFError, OSError, ValueError) as exc:
                 raise WorkerDiedError(f"the model process is gone (exit code {self._process.exitcode}); "
                                       f"restart the server") from exc
+            finally:
+                self._busy = None
             self._tasks = tasks
         if status == "err":
             raise value
@@ -160,7 +212,7 @@ def _passive_openmp(on: bool) -> Iterator[None]:
             del os.environ["OMP_WAIT_POLICY"]
 
 
-def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
+def _serve(conn: Any, loader: Callable[[], Any], log_level: int, beats: Any = None, heartbeat_s: float = 1.0) -> None:
     """The child: load the bank, then answer calls until "close" or the parent goes away."""
     # Ctrl-C, and SIGTERM from `timeout` or systemd, reach the whole group: the parent stops us after draining
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,6 +223,8 @@ def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
     except Exception as exc:
         conn.send(("err", _picklable(exc)))
         return
+    if beats is not None:
+        threading.Thread(target=_beat, args=(beats, heartbeat_s), name="increlora-heartbeat", daemon=True).start()
     conn.send(("ok", {"tasks": list(bank.tasks), "max_length": bank.max_length, "tokenizer": bank.tokenizer,
                       "base_model": getattr(bank, "base_model", "unknown")}))
     while True:
@@ -187,6 +241,16 @@ def _serve(conn: Any, loader: Callable[[], Any], log_level: int) -> None:
         except Exception as exc:
             reply = ("err", _picklable(exc), list(bank.tasks))
         conn.send(reply)
+
+
+def _beat(beats: Any, every_s: float) -> None:
+    """Tell the parent that this process runs, every `every_s` s, until the parent is gone."""
+    while True:
+        try:
+            beats.send_bytes(b"")
+        except OSError:
+            return
+        time.sleep(every_s)
 
 
 def _picklable(exc: Exception) -> Exception:

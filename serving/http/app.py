@@ -19,12 +19,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from . import access as http_access
 from . import admin as http_admin
+from . import retrieval as http_retrieval
 from . import service as http_service
 from .disconnect import unless_disconnected
 from .errors import HTTP_STATUS, error_body, error_headers, http_status
 from .limits import BodyGuard
 from .metrics import ServiceMetrics
 from .schemas import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
     ErrorBody,
     Health,
     LoadTaskRequest,
@@ -32,6 +35,8 @@ from .schemas import (
     PredictResponse,
     Readiness,
     RemovedTask,
+    RerankRequest,
+    RerankResponse,
     TaskInfo,
     TaskList,
     ValidationErrorBody,
@@ -72,12 +77,14 @@ def create_app(bank_or_loader: Any, settings: ServiceSettings | None = None, *,
 
 async def _validation_error_response(request: Request, exc: RequestValidationError) -> Response:
     # json.dumps escapes what it cannot encode (a lone surrogate echoed back would crash the default handler)
-    body = json.dumps({"detail": jsonable_encoder(exc.errors())})
+    body = json.dumps(http_retrieval.openai_error(request.url.path, 422, {"detail": jsonable_encoder(exc.errors())}))
     return Response(body, status_code=422, media_type="application/json")
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=error_headers(exc))
+    status = http_status(exc)
+    return JSONResponse(http_retrieval.openai_error(request.url.path, status, error_body(exc)), status_code=status,
+                        headers=error_headers(exc))
 
 
 # --- dependencies -------------------------------------------------------------------------------
@@ -114,6 +121,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+_MODEL_ERRORS = {**_errors(401, 404, 413, 500, 503, 504), 422: {
+    "model": ErrorBody | ValidationErrorBody,
+    "description": "Invalid request body, or a task of another kind than the route serves"}}
+
+
 # --- routes -------------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -148,21 +160,36 @@ async def metrics(service: ServiceDep) -> Response:
 
 
 @keyed_router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
-                   tags=["predict"], summary="Predict for one task; concurrent requests of any tasks share model calls",
-                   responses=_errors(401, 404, 413, 500, 503, 504))
+                   tags=["predict"], summary="Predict for one task of any kind; requests of any tasks and routes "
+                                             "share model calls", responses=_MODEL_ERRORS)
 async def predict(body: PredictRequest, service: ServiceDep, request: Request) -> PredictResponse:
     return await unless_disconnected(request, http_service.predict(service, body))
 
 
-@keyed_router.get("/v1/tasks", response_model=TaskList, tags=["tasks"], summary="Loaded tasks",
-                  responses=_errors(401, 503))
+@keyed_router.post("/v1/embeddings", response_model=EmbeddingsResponse, tags=["predict"],
+                   summary="Embeddings in OpenAI's shape; `model` names an embedding task", responses=_MODEL_ERRORS)
+async def embeddings(body: EmbeddingsRequest, service: ServiceDep, request: Request) -> EmbeddingsResponse:
+    return await unless_disconnected(request, http_retrieval.embeddings(service, body))
+
+
+@keyed_router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_unset=True, tags=["predict"],
+                   summary="Rerank documents for a query, in Cohere's and Jina's shape; `model` names a reranker",
+                   responses=_MODEL_ERRORS)
+@keyed_router.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_unset=True, tags=["predict"],
+                   summary="/v1/rerank at the path of Cohere's v2 client", responses=_MODEL_ERRORS)
+async def rerank(body: RerankRequest, service: ServiceDep, request: Request) -> RerankResponse:
+    return await unless_disconnected(request, http_retrieval.rerank(service, body, request.scope["route"].path))
+
+
+@keyed_router.get("/v1/tasks", response_model=TaskList, response_model_exclude_none=True, tags=["tasks"],
+                  summary="Loaded tasks", responses=_errors(401, 503))
 async def list_tasks(bank: BankDep) -> TaskList:
     # off the event loop: the model process answers task_info between batches
     return TaskList(tasks=await asyncio.to_thread(http_service.task_infos, bank))
 
 
-@keyed_router.get("/v1/tasks/{task}", response_model=TaskInfo, tags=["tasks"], summary="One loaded task",
-                  responses=_errors(401, 404, 503))
+@keyed_router.get("/v1/tasks/{task}", response_model=TaskInfo, response_model_exclude_none=True, tags=["tasks"],
+                  summary="One loaded task", responses=_errors(401, 404, 503))
 async def get_task(task: str, bank: BankDep) -> TaskInfo:
     return await asyncio.to_thread(http_service.task_info, bank, task)
 
@@ -175,6 +202,7 @@ async def get_task(task: str, bank: BankDep) -> TaskInfo:
                  "description": "Invalid request body, or an adapter folder that cannot be loaded"}})
 async def load_task(body: LoadTaskRequest, service: ServiceDep, bank: BankDep) -> TaskInfo:
     info = await asyncio.to_thread(http_admin.load_task, bank, service.settings.adapters, body.name)
+    service.forget_task(info.name)
     service.metrics.tasks_loaded.set(len(bank.tasks))
     return info
 
@@ -184,5 +212,6 @@ async def load_task(body: LoadTaskRequest, service: ServiceDep, bank: BankDep) -
                dependencies=[Depends(require_admin)], responses=_errors(401, 403, 404, 503))
 async def remove_task(task: str, service: ServiceDep, bank: BankDep) -> RemovedTask:
     removed = await asyncio.to_thread(http_admin.remove_task, bank, task)
+    service.forget_task(task)
     service.metrics.tasks_loaded.set(len(bank.tasks))
     return removed

@@ -7,7 +7,8 @@ larger than `max_batch_size` runs alone (in chunks of `max_batch_size` rows, sti
 
 When `bank.predict` fails, only the requests it failed for get the error: requests for tasks removed
 meanwhile get `UnknownTaskError` (404), the rest are retried without them; if it still fails, one by one.
-When the model process is gone, every request of the batch gets that error (503) at once.
+When the model process is gone, every request of the batch gets that error (503) at once; when it died twice
+on the batch, its requests run alone to find the one at fault (500), and the others are answered.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from typing import Any, Protocol
 from ..bank.batch_inputs import ModelInput
 from ..bank.errors import UnknownTaskError, WorkerDiedError
 from .errors import (
+    BatchCrashedError,
     BatcherClosedError,
     ModelFailedError,
     ModelRestartingError,
+    PoisonRequestError,
     PredictionError,
     QueueFullError,
     RequestTimeoutError,
@@ -79,6 +82,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="increlora-model")
+        self._running: list[_Request] = []  # the batch the model runs now
         self._closed = False
 
     @property
@@ -89,13 +93,22 @@ class DynamicBatcher:
         """Start the batching loop on the running event loop."""
         self._loop_task = asyncio.get_running_loop().create_task(self._run_forever(), name="increlora-batcher")
 
-    async def close(self) -> None:
-        """Refuse new requests, fail the queued ones, let the running batch finish, stop the worker."""
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests, fail the queued ones, let the running batch finish for up to `grace_s` (then its
+        requests get 503 too: a hung model must not hold the server), stop the worker."""
         self._closed = True
         self.fail_queued(BatcherClosedError("the server is shutting down"))
         self._wakeup.set()
-        if self._loop_task is not None:
-            await self._loop_task
+        if self._loop_task is not None and not self._loop_task.done():
+            done, _ = await asyncio.wait({self._loop_task}, timeout=grace_s)
+            if not done:
+                logger.warning("the model did not finish its batch of %d requests within %g s of the shutdown; "
+                               "they are answered 503", len(self._running), grace_s)
+                for request in self._running:
+                    if not request.future.done():
+                        request.future.set_exception(BatcherClosedError(
+                            "the server is shutting down and the model did not finish this request in time"))
+                self._loop_task.cancel()
         self._executor.shutdown(wait=False)
 
     async def submit(self, task: str, inputs: Sequence[ModelInput], timeout: float) -> list[dict]:
@@ -150,11 +163,14 @@ class DynamicBatcher:
             if batch is None:
                 return
             started = time.perf_counter()
+            self._running = batch
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as exc:  # the loop must survive anything; the batch's requests get the error
                 logger.exception("batch of %d requests failed outside the model", len(batch))
                 outcomes = [PredictionError(f"prediction failed on the server ({type(exc).__name__})")] * len(batch)
+            finally:
+                self._running = []
             if self._observer is not None:
                 self._observer.observe_batch(len(batch), sum(r.rows for r in batch),
                                              len({r.task for r in batch}), time.perf_counter() - started)
@@ -210,10 +226,35 @@ class DynamicBatcher:
     def _run_batch(self, batch: list[_Request]) -> list[Outcome]:
         try:
             return self._predict(batch)
+        except BatchCrashedError as exc:  # the model process died on this batch twice: some request's fault?
+            return self._find_poison(batch, exc)
         except MODEL_DOWN as exc:  # no request's fault: retrying them one by one would only wait again
             return [exc] * len(batch)
         except Exception as exc:
             return self._isolate(batch, exc)
+
+    def _find_poison(self, batch: list[_Request], exc: BatchCrashedError) -> list[Outcome]:
+        """Run the requests of a batch that killed the model process twice one by one, on trial: the one that
+        kills it alone gets PoisonRequestError (500), the others their answers. The batch's first crash, counted
+        toward the crash limit, is the first such request's: its own crash is not counted again."""
+        on_trial = getattr(self.bank, "on_trial", None)
+        if len(batch) == 1 or on_trial is None:
+            logger.error("a request of task %r (%d rows) killed the model process twice; answered 500",
+                         batch[0].task, batch[0].rows)
+            return [PoisonRequestError(batch[0].rows)] if len(batch) == 1 else [exc] * len(batch)
+        logger.warning("a batch of %d requests killed the model process twice; running them one by one to find "
+                       "the one at fault", len(batch))
+        outcomes: list[Outcome] = []
+        counted = True
+        for request in batch:
+            if request.future.done():  # timed out meanwhile: nobody waits for it
+                outcomes.append(exc)
+                continue
+            with on_trial(crash_counted=counted):
+                outcome = self._run_batch([request])[0]
+            counted = counted and not isinstance(outcome, PoisonRequestError)
+            outcomes.append(outcome)
+        return outcomes
 
     def _predict(self, batch: list[_Request]) -> list[list[dict]]:
         inputs = [x for r in batch for x in r.inputs]

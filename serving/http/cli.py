@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default %(default)s)")
     p.add_argument("--crash-window", type=float, default=RestartPolicy.window_s,
                    help="seconds over which --max-crashes counts crashes (%(default)s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=RestartPolicy.heartbeat_timeout_s,
+                   help="a model process that sends no heartbeat for this many seconds (stopped, frozen), or runs one "
+                        "call for longer than twice --request-timeout (at least 30 s), is killed and restarted as "
+                        "after a crash (%(default)s)")
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help="inputs per request (%(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (%(default)s)")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
             admin_token=args.admin_token or None, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
             api_keys=api_keys(args.api_key, os.environ), drain_seconds=args.drain_seconds)
-        policy = RestartPolicy(max_crashes=args.max_crashes, window_s=args.crash_window)
+        policy = RestartPolicy(max_crashes=args.max_crashes, window_s=args.crash_window,
+                               heartbeat_timeout_s=args.heartbeat_timeout,
+                               call_timeout_s=max(30.0, 2 * settings.request_timeout))
     except ValueError as exc:  # the messages never show a key or the token (hide_input_in_errors)
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bank.errors import ServingError, UnknownTaskError, WorkerDiedError
+from ..bank.errors import InputError, ServingError, UnknownTaskError, WorkerDiedError, WrongTaskKindError
 
 
 class ServiceError(ServingError):
@@ -33,6 +33,10 @@ class TooManyInputsError(ServiceError):
 
 class InputTooLongError(ServiceError):
     """An input longer than the model's max length, in a request that asked for no truncation."""
+
+
+class DimensionsError(ServiceError):
+    """An embeddings request asked for `dimensions` other than the task's own (vectors are not shortened)."""
 
 
 class BodyTooLargeError(ServiceError):
@@ -64,6 +68,11 @@ class ModelRestartingError(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class BatchCrashedError(ModelRestartingError):
+    """The model process died twice running one batch (it and its retry); the batcher then runs the batch's
+    requests one by one to find the one at fault (PoisonRequestError)."""
+
+
 class ModelFailedError(ServiceError):
     """The model process crashed too often (--max-crashes in --crash-window); the server stopped restarting it."""
 
@@ -78,6 +87,15 @@ class ClientDisconnectedError(ServiceError):
 
 class PredictionError(ServiceError):
     """The model failed on a request's inputs (a bug or a resource problem on the server, logged there)."""
+
+
+class PoisonRequestError(PredictionError):
+    """The model process died each time it ran this request (in its batch, then alone); it is not retried."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(f"the model process died (crashed or hung) each time it ran this request ({rows} input(s)); "
+                         f"it is not retried, and the server goes on serving other requests. Check these inputs; "
+                         f"the server log has the exit code")
 
 
 class AdminDisabledError(ServiceError):
@@ -127,13 +145,18 @@ HTTP_STATUS: dict[type[Exception], int] = {
     InputTooLongError: 413,
     BodyTooLargeError: 413,
     AdapterLoadError: 422,
+    WrongTaskKindError: 422,
+    DimensionsError: 422,
+    InputError: 422,
     ClientDisconnectedError: 499,
     PredictionError: 500,
+    PoisonRequestError: 500,
     NotReadyError: 503,
     QueueFullError: 503,
     BatcherClosedError: 503,
     WorkerDiedError: 503,
     ModelRestartingError: 503,
+    BatchCrashedError: 503,
     ModelFailedError: 503,
     RequestTimeoutError: 504,
 }

@@ -11,18 +11,18 @@ _RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 class ServiceMetrics:
     """Requests and latency per task and status; batch shape; queue depth; model-process crashes and
-    restarts. `render()` is the /metrics body."""
+    restarts and hangs. `render()` is the /metrics body."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("increlora_requests", "Prediction requests answered, by task and HTTP status.",
-                                ["task", "status"], registry=r)
+        self.requests = Counter("increlora_requests", "Model requests answered, by route, task and HTTP status.",
+                                ["route", "task", "status"], registry=r)
         self.latency = Histogram("increlora_request_latency_seconds",
-                                 "Prediction request latency (queueing included), by task and HTTP status.",
-                                 ["task", "status"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 "Model request latency (queueing included), by route, task and HTTP status.",
+                                 ["route", "task", "status"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_requests = Histogram("increlora_batch_size_requests", "Requests merged into one model call.",
                                         buckets=_COUNT_BUCKETS, registry=r)
         self.batch_rows = Histogram("increlora_batch_rows", "Rows (inputs) per model call.",
@@ -34,6 +34,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("increlora_queue_depth", "Requests waiting for the model.", registry=r)
         self.tasks_loaded = Gauge("increlora_tasks_loaded", "Adapters loaded in the bank.", registry=r)
         self.model_crashes = Counter("increlora_model_crashes", "Model processes that ended unasked.", registry=r)
+        self.model_hangs = Counter("increlora_model_hangs", "Model processes killed because they hung (no heartbeat, "
+                                   "or a call past its deadline); each is a crash too.", registry=r)
         self.model_restarts = Counter("increlora_model_restarts",
                                       "Model processes started again after a crash, serving.", registry=r)
         self.model_recovery = Histogram("increlora_model_recovery_seconds",
@@ -41,9 +43,9 @@ class ServiceMetrics:
                                         buckets=_RECOVERY_BUCKETS, registry=r)
         self.model_up = Gauge("increlora_model_up", "1 while the model process serves, else 0.", registry=r)
 
-    def observe_request(self, task: str, status: int, seconds: float) -> None:
-        self.requests.labels(task, str(status)).inc()
-        self.latency.labels(task, str(status)).observe(seconds)
+    def observe_request(self, task: str, status: int, seconds: float, route: str = "/v1/predict") -> None:
+        self.requests.labels(route, task, str(status)).inc()
+        self.latency.labels(route, task, str(status)).observe(seconds)
 
     def observe_batch(self, requests: int, rows: int, tasks: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

@@ -40,7 +40,9 @@ class ProcessBankLoader:
         """A new model process loaded by the loader, then made to serve `task_set` if given."""
         loader = self._loader if task_set is None else RestoringLoader(self._loader, task_set)
         try:
-            return ProcessBank.start(loader, self._timeout, self._passive_openmp, on_spawn=self._spawned)
+            heartbeat_s = (self._policy or RestartPolicy()).heartbeat_s
+            return ProcessBank.start(loader, self._timeout, self._passive_openmp, on_spawn=self._spawned,
+                                     heartbeat_s=heartbeat_s)
         finally:
             with self._lock:
                 self._starting = None  # started or failed: cancel() leaves it alone

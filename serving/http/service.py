@@ -7,11 +7,14 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from increlora.adapter_file import EMBEDDING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+
 from ..bank.batch_inputs import ModelInput
-from ..bank.errors import UnknownTaskError
+from ..bank.errors import InputError, UnknownTaskError, WrongTaskKindError
 from .batcher import DynamicBatcher
 from .errors import (
     HTTP_STATUS,
@@ -28,6 +31,8 @@ from .errors import (
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 from .schemas import (
     ClassPrediction,
+    EmbeddingPrediction,
+    EntitiesPrediction,
     Health,
     PredictRequest,
     PredictResponse,
@@ -38,6 +43,9 @@ from .schemas import (
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+CLOSE_GRACE_S = 2.0  # on shutdown, the batch the model runs gets this long before its requests are answered 503
+CLOSE_TIMEOUT_S = 2.0  # then the model process this long to exit before it is killed
 
 
 def is_bank(obj: Any) -> bool:
@@ -59,6 +67,7 @@ class Service:
         self._owns_bank = False  # a bank this service loaded is closed with it (e.g. its model process)
         self._length_tokenizer: Any = None
         self._length_lock = threading.Lock()
+        self._task_infos: dict[str, dict[str, Any]] = {}  # task -> bank.task_info(task), asked once
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()  # set while no prediction is in flight
@@ -90,8 +99,9 @@ class Service:
 
     def _attach(self, bank: Any) -> None:
         s = self.settings
-        self.batcher = DynamicBatcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                                      max_queue=s.max_queue, observer=self.metrics)
+        batcher = getattr(bank, "batcher_type", DynamicBatcher)  # a bank may batch its own way (RayBank)
+        self.batcher = batcher(bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                               max_queue=s.max_queue, observer=self.metrics)
         self.batcher.start()
         self.bank = bank
         self.metrics.tasks_loaded.set(len(bank.tasks))
@@ -114,10 +124,20 @@ class Service:
             if cancel is not None:  # a ProcessBankLoader: stop the child so that the thread ends now
                 cancel()
         if self.batcher is not None:
-            await self.batcher.close()
+            await self.batcher.close(CLOSE_GRACE_S)
         close = getattr(self.bank, "close", None)
         if self._owns_bank and close is not None:
-            await asyncio.to_thread(close)
+            await asyncio.to_thread(close, CLOSE_TIMEOUT_S)
+
+    def abort(self) -> None:
+        """Stop at once (a second SIGTERM): kill the model process, so that no thread waits for it any longer."""
+        self.draining = True
+        cancel = getattr(self._loader, "cancel", None)
+        if cancel is not None:
+            cancel()
+        close = getattr(self.bank, "close", None)
+        if self._owns_bank and close is not None:
+            close(0)
 
     def readiness(self) -> Readiness:
         tasks = len(self.bank.tasks) if self.bank is not None else 0
@@ -135,10 +155,12 @@ class Service:
         return Readiness(status="loading", detail="the adapters are loading")
 
     def health(self) -> Health:
-        """Failed only when the model process is no longer restarted: the server cannot recover by itself."""
-        if getattr(self.bank, "state", None) == "failed":
-            return Health(status="failed", detail=self.bank.detail)
-        return Health()
+        """Failed only when the model process is no longer restarted: the server cannot recover by itself. Under
+        supervision, `model` says how the model process is, and `detail` why it is not up."""
+        state = getattr(self.bank, "state", None)
+        if state is None:
+            return Health()
+        return Health(status="failed" if state == "failed" else "ok", model=state, detail=self.bank.detail)
 
     def ready_bank(self) -> Any:
         readiness = self.readiness()
@@ -152,6 +174,41 @@ class Service:
         if readiness.status == "failed" and self.bank is not None and hasattr(self.bank, "state"):
             raise ModelFailedError(detail)
         raise NotReadyError(detail)
+
+    async def task_info(self, bank: Any, task: str, check: Callable[[dict[str, Any]], None] = lambda info: None
+                        ) -> dict[str, Any]:
+        """The bank's task_info for a loaded task, asked once and kept: a model process answers it between
+        batches, so asking on every request would wait behind the model. Admin changes call forget_task.
+
+        check: raises WrongTaskKindError or InputError when the task does not suit the request; a refusal is
+        confirmed on fresh info (the task may have been replaced by one of another kind, through another
+        ingress, say).
+        """
+        kept = task in self._task_infos
+        info = await self._task_info(bank, task)
+        try:
+            check(info)
+            return info
+        except (WrongTaskKindError, InputError):
+            if not kept:
+                raise
+            self.forget_task(task)
+        info = await self._task_info(bank, task)
+        check(info)
+        return info
+
+    async def _task_info(self, bank: Any, task: str) -> dict[str, Any]:
+        info = self._task_infos.get(task)
+        if info is None:
+            try:
+                info = await asyncio.to_thread(bank.task_info, task)
+            except KeyError:  # removed since the request's check
+                raise UnknownTaskError(task, list(bank.tasks)) from None
+            self._task_infos[task] = info
+        return info
+
+    def forget_task(self, task: str) -> None:
+        self._task_infos.pop(task, None)
 
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
@@ -167,7 +224,7 @@ class Service:
 
     async def drain(self, seconds: float) -> None:
         """Take no new work (503, /ready too) and let the predictions in flight finish, for up to `seconds`;
-        those still waiting then are answered 503 (the one the model is running finishes)."""
+        those still waiting then are answered 503 (the batch the model runs gets CLOSE_GRACE_S more)."""
         self.draining = True
         logger.info("draining: %d predictions in flight, waiting up to %g s", self._in_flight, seconds)
         try:
@@ -176,7 +233,7 @@ class Service:
             logger.warning("%d predictions still in flight after %g s (--drain-seconds); the queued ones are "
                            "answered 503", self._in_flight, seconds)
             if self.batcher is not None:
-                await self.batcher.close()
+                await self.batcher.close(CLOSE_GRACE_S)
         logger.info("drained; stopping")
 
     def token_counts(self, inputs: list[ModelInput]) -> list[int]:
@@ -234,36 +291,48 @@ def check_lengths(counts: list[int], max_length: int) -> None:
                                 f"max length of {max_length}; shorten them or send \"truncate\": true")
 
 
+def task_kind(info: dict[str, Any]) -> str:
+    return info.get("task_type") or SEQUENCE_CLASSIFICATION  # adapters of format 1 are all classification
+
+
+def answered_kind(answer: dict) -> str:
+    """The kind of task an answer of the bank comes from, by its keys."""
+    return EMBEDDING if "embedding" in answer else TOKEN_CLASSIFICATION if "entities" in answer \
+        else SEQUENCE_CLASSIFICATION
+
+
+def to_prediction(answer: dict) -> Any:
+    """One answer of the bank as its response model, by the keys its task's kind gives it."""
+    if "value" in answer:
+        return RegressionPrediction(value=answer["value"])
+    if "embedding" in answer:
+        return EmbeddingPrediction(embedding=answer["embedding"], tokens=answer["tokens"])
+    if "entities" in answer:
+        return EntitiesPrediction(entities=answer["entities"])
+    return ClassPrediction(label=answer["label"], score=answer["score"], scores=answer["scores"],
+                           labels=answer.get("labels"))
+
+
 def to_response(task: str, answers: list[dict]) -> PredictResponse:
-    predictions = [RegressionPrediction(value=a["value"]) if "value" in a
-                   else ClassPrediction(label=a["label"], score=a["score"], scores=a["scores"], labels=a.get("labels"))
-                   for a in answers]
-    return PredictResponse(task=task, predictions=predictions)
+    return PredictResponse(task=task, predictions=[to_prediction(a) for a in answers])
 
 
-async def predict(service: Service, request: PredictRequest) -> PredictResponse:
-    """Check the request, queue it for the batcher, shape the answers; records the request's metrics.
+@dataclass
+class Observed:
+    """What a request's metrics record: the task, once it is known to be loaded, and when it came."""
 
-    The request timeout runs from here: checking lengths counts, queueing and the model the rest.
-    """
-    started = time.perf_counter()
-    task_label, status = UNKNOWN_TASK, 500
+    task: str = UNKNOWN_TASK
+    started: float = field(default_factory=time.perf_counter)
+
+
+@contextlib.asynccontextmanager
+async def observed(service: Service, route: str) -> AsyncIterator[Observed]:
+    """Count the request as in flight and record its route, task, status and latency when it ends."""
+    record, status = Observed(), 500
     try:
         with service.in_flight():
-            bank = service.ready_bank()
-            inputs = model_inputs(request)
-            check_input_count(inputs, service.settings.max_inputs)
-            check_task(bank, request.task)
-            task_label = request.task
-            if not request.truncate:
-                check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
-            try:
-                answers = await service.batcher.submit(request.task, inputs, remaining(service, started))
-            except RequestTimeoutError:
-                raise timed_out(service.settings.request_timeout) from None
-        response = to_response(request.task, answers)
+            yield record
         status = 200
-        return response
     except asyncio.CancelledError:
         status = HTTP_STATUS[ClientDisconnectedError]  # the client went away (its rows have left the queue)
         raise
@@ -271,7 +340,42 @@ async def predict(service: Service, request: PredictRequest) -> PredictResponse:
         status = http_status(exc)  # 500 for an error the service does not answer on purpose
         raise
     finally:
-        service.metrics.observe_request(task_label, status, time.perf_counter() - started)
+        service.metrics.observe_request(record.task, status, time.perf_counter() - record.started, route=route)
+
+
+def check_pairs_allowed(info: dict[str, Any]) -> None:
+    if task_kind(info) == TOKEN_CLASSIFICATION:
+        raise InputError(f"task {info['name']!r} is a token-classification task: it takes single texts, "
+                         f"not [text, text_pair] pairs")
+
+
+async def model_answers(service: Service, bank: Any, task: str, inputs: list[ModelInput], started: float,
+                        truncate: bool = True) -> list[dict]:
+    """The bank's answers for `inputs` of `task`, through the batcher (so that they share model calls with
+    every other request); 413 first when `truncate` is false and an input is over the max length."""
+    if not truncate:
+        check_lengths(await asyncio.to_thread(service.token_counts, inputs), bank.max_length)
+    try:
+        return await service.batcher.submit(task, inputs, remaining(service, started))
+    except RequestTimeoutError:
+        raise timed_out(service.settings.request_timeout) from None
+
+
+async def predict(service: Service, request: PredictRequest) -> PredictResponse:
+    """Check the request, queue it for the batcher, shape the answers; records the request's metrics.
+
+    The request timeout runs from here: checking lengths counts, queueing and the model the rest.
+    """
+    async with observed(service, "/v1/predict") as record:
+        bank = service.ready_bank()
+        inputs = model_inputs(request)
+        check_input_count(inputs, service.settings.max_inputs)
+        check_task(bank, request.task)
+        record.task = request.task
+        if any(not isinstance(x, str) for x in inputs):
+            await service.task_info(bank, request.task, check_pairs_allowed)
+        answers = await model_answers(service, bank, request.task, inputs, record.started, request.truncate)
+        return to_response(request.task, answers)
 
 
 def remaining(service: Service, started: float) -> float:
@@ -311,6 +415,9 @@ class ModelWatch:
 
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         self._service, self._loop = service, loop
+
+    def model_hung(self, detail: str) -> None:
+        self._service.metrics.model_hangs.inc()
 
     def model_down(self, detail: str) -> None:
         self._service.metrics.observe_crash()

@@ -1,26 +1,29 @@
-"""Supervision of the model process: a bank that starts its ProcessBank again when the child dies.
+"""Supervision of the model process: a bank that starts its ProcessBank again when the child dies or hangs.
 
 An out-of-memory kill of the child is the likeliest fault of a model server; without this, the server
-stays up answering 503 until a person acts. A monitor thread waits for the child to end and starts a
-new one with the tasks served at that moment (adapters loaded or removed through the admin endpoints
-included), after a back-off that grows with the crashes in a window. At the `max_crashes`-th crash in
-the window it stops and reports `failed`, so that /health fails and an orchestrator replaces the
-server. A prediction running when the child died is retried once on the new child (predictions are
-idempotent). docs/design/supervision.md has the reasoning.
+stays up answering 503 until a person acts. A monitor thread waits for the child to end, kills it when it
+hangs (no heartbeat, or a call past its deadline), and starts a new one with the tasks served at that
+moment, after a back-off that grows with the crashes in a window. At the `max_crashes`-th crash in the
+window it stops and reports `failed`, so that /health fails and an orchestrator replaces the server. A
+prediction running when the child died is retried once on the new child (predictions are idempotent);
+if that kills it too, the caller runs the batch's requests alone `on_trial` to find the one at fault.
+docs/design/supervision.md has the reasoning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Literal, Protocol
 
 from ..bank.errors import WorkerDiedError
 from ..bank.process_bank import ProcessBank
-from .errors import ModelFailedError, ModelRestartingError
+from .errors import BatchCrashedError, ModelFailedError, ModelRestartingError, PoisonRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +32,30 @@ State = Literal["up", "restarting", "failed", "closed"]
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """When the model process is started again, and when the server gives up."""
+    """When the model process counts as hung, when it is started again, and when the server gives up."""
 
     max_crashes: int = 5  # the server stops restarting at this crash within window_s (1: never restart)
     window_s: float = 300.0  # crashes older than this are forgotten
     backoff_s: float = 1.0  # wait before the second restart in the window; doubles with each crash after
     max_backoff_s: float = 30.0
+    heartbeat_timeout_s: float = 10.0  # a child silent this long (stopped, frozen) is killed as hung
+    call_timeout_s: float = 60.0  # a child running one call this long is killed as hung (CLI: 2x --request-timeout)
 
     def __post_init__(self) -> None:
-        if self.max_crashes < 1 or self.window_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("the restart policy needs --max-crashes (max_crashes) >= 1, --crash-window (window_s) > 0 "
-                             "and back-offs >= 0")
+        if self.max_crashes < 1 or self.window_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < 0 \
+                or self.heartbeat_timeout_s <= 0 or self.call_timeout_s <= 0:
+            raise ValueError("the restart policy needs --max-crashes (max_crashes) >= 1, --crash-window (window_s) "
+                             "> 0, --heartbeat-timeout (heartbeat_timeout_s) > 0, call_timeout_s > 0, back-offs >= 0")
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often the child sends a heartbeat."""
+        return min(1.0, self.heartbeat_timeout_s / 4)
+
+    @property
+    def check_s(self) -> float:
+        """How often the monitor looks for a hang."""
+        return min(self.heartbeat_s, self.call_timeout_s / 4)
 
     def delay(self, crashes: int) -> float:
         """Seconds to wait before the restart that follows the `crashes`-th crash in the window (the first: none)."""
@@ -62,7 +78,10 @@ class ModelStarter(Protocol):
 
 
 class SupervisionListener(Protocol):
-    """Told from the monitor thread when the model process goes down, comes back, or is given up on."""
+    """Told from the monitor thread when the model process hangs (and is killed), goes down, comes back, or is
+    given up on."""
+
+    def model_hung(self, detail: str) -> None: ...
 
     def model_down(self, detail: str) -> None: ...
 
@@ -86,6 +105,9 @@ class SupervisedBank:
         self._detail: str | None = None
         self._added: dict[str, str] = {}  # task -> adapter folder, for tasks loaded through admin
         self._crashes: deque[float] = deque()
+        self._forgiven: set[Any] = set()  # children whose death is not counted again (see _forgiving)
+        self._unreaped: list[Any] = []  # killed children not reaped yet
+        self._local = threading.local()  # per thread: `trial` (see on_trial), `dead` (the last child that died)
         self._listener: SupervisionListener | None = None
         self._monitor = threading.Thread(target=self._watch, name="increlora-supervisor", daemon=True)
         self._monitor.start()
@@ -117,7 +139,11 @@ class SupervisedBank:
         return self._bank.pid
 
     def predict(self, inputs: list[Any], tasks: list[str]) -> list[dict]:
-        """The bank's answers; if the child dies meanwhile, once more on the next child, else a 503 error."""
+        """The bank's answers. If the child dies meanwhile, once more on the next child (a second death then is
+        not counted again); if that one dies too, BatchCrashedError (503). On trial (see on_trial): no retry."""
+        trial = getattr(self._local, "trial", None)
+        if trial is not None:
+            return self._predict_alone(inputs, tasks, trial)
         bank = self._serving()
         try:
             return bank.predict(inputs, tasks)
@@ -126,9 +152,22 @@ class SupervisedBank:
                            len(inputs))
         successor = self._successor(bank, self.retry_wait_s)
         try:
-            return successor.predict(inputs, tasks)
+            return self._forgiving(successor, inputs, tasks)
         except WorkerDiedError:
-            raise self._unavailable() from None
+            self._local.dead = successor
+            raise BatchCrashedError(f"the model process died twice running the same batch ({len(inputs)} rows); "
+                                    f"retry in a moment") from None
+
+    @contextlib.contextmanager
+    def on_trial(self, crash_counted: bool) -> Iterator[None]:
+        """Predictions of this thread in the block run one request of a batch that killed the model process twice:
+        not retried, and PoisonRequestError (500) when the child dies on them. `crash_counted`: the batch's first
+        crash, already counted, was this request's doing, so its death now is not counted again."""
+        self._local.trial = crash_counted
+        try:
+            yield
+        finally:
+            self._local.trial = None
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._once("task_info", task)
@@ -145,12 +184,39 @@ class SupervisedBank:
             self._added.pop(task, None)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop the child within about `timeout` s, killing it if it does not exit (a hung one never does)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._state, self._detail = "closed", "the server is shutting down"
             self._cond.notify_all()
         self._starter.cancel()  # a child being started meanwhile is killed
         self._bank.close(timeout)
-        self._monitor.join(timeout)
+        self._monitor.join(max(0.0, deadline - time.monotonic()))
+
+    def _predict_alone(self, inputs: list[Any], tasks: list[str], crash_counted: bool) -> list[dict]:
+        bank = self._successor(getattr(self._local, "dead", None), self.retry_wait_s)
+        try:
+            return self._forgiving(bank, inputs, tasks) if crash_counted else bank.predict(inputs, tasks)
+        except WorkerDiedError:
+            self._local.dead = bank
+            logger.error("a request of %d rows (tasks %s) killed the model process on its own: it is answered 500 "
+                         "and not retried", len(inputs), sorted(set(tasks)))
+            raise PoisonRequestError(len(inputs)) from None
+
+    def _forgiving(self, bank: Any, inputs: list[Any], tasks: list[str]) -> list[dict]:
+        """`bank.predict` for rows whose crash was counted already: if `bank` dies on them, not counted again."""
+        with self._cond:
+            self._forgiven.add(bank)
+        died = False
+        try:
+            return bank.predict(inputs, tasks)
+        except WorkerDiedError:
+            died = True  # it stays forgiven for the monitor to see
+            raise
+        finally:
+            if not died:
+                with self._cond:
+                    self._forgiven.discard(bank)
 
     def _once(self, op: str, *args: Any) -> Any:
         bank = self._serving()
@@ -165,8 +231,9 @@ class SupervisedBank:
                 raise self._unavailable()
             return self._bank
 
-    def _successor(self, dead: ProcessBank, timeout: float) -> ProcessBank:
-        """The child started after `dead`, once it serves; a 503 error if none does within `timeout`."""
+    def _successor(self, dead: ProcessBank | None, timeout: float) -> ProcessBank:
+        """The child started after `dead` (None: the current one), once it serves; a 503 error if none does within
+        `timeout`."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._bank is dead or self._state == "restarting":
@@ -190,25 +257,57 @@ class SupervisedBank:
     def _watch(self) -> None:
         while True:
             bank = self._bank
-            wait([bank.sentinel])  # until this child ends
-            bank.join(5)  # reaped, so that its exit code is known
-            if self._state == "closed" or not self._recover(bank):
+            cause = self._until_end(bank)
+            if self._state == "closed" or not self._recover(bank, cause):
                 return
 
-    def _recover(self, dead: ProcessBank) -> bool:
+    def _until_end(self, bank: ProcessBank) -> str:
+        """Wait for the child to end, killing it once it hangs; why it ended. It is reaped (no zombie is left)."""
+        while not wait([bank.sentinel], self.policy.check_s):
+            self._unreaped = [b for b in self._unreaped if b.join(0) is None]
+            hang = None if self._state == "closed" else self._hang(bank)
+            if hang is not None:
+                detail = f"the model process {bank.pid} hung ({hang}); killed it"
+                logger.error("%s", detail)
+                if self._listener is not None:
+                    self._listener.model_hung(detail)
+                bank.kill()
+                if bank.join(5) is None:  # not ended yet (a process in the kernel's uninterruptible wait)
+                    self._unreaped.append(bank)
+                return detail
+        bank.join(5)  # reaped, so that its exit code is known
+        return f"the model process {bank.pid} ended (exit code {bank.exitcode})"
+
+    def _hang(self, bank: ProcessBank) -> str | None:
+        """Why `bank`'s child counts as hung, or None."""
+        now, p = time.monotonic(), self.policy
+        silent = now - bank.last_beat()
+        if silent > p.heartbeat_timeout_s:
+            return f"no heartbeat for {silent:.1f} s, over --heartbeat-timeout {p.heartbeat_timeout_s:g}"
+        busy = bank.busy()
+        if busy is not None and now - busy[1] > p.call_timeout_s:
+            return f"one {busy[0]} call ran for {now - busy[1]:.1f} s, over its deadline of {p.call_timeout_s:g} s"
+        return None
+
+    def _recover(self, dead: ProcessBank, cause: str) -> bool:
         """Start children until one serves (True) or the crash limit is reached or the bank closes (False)."""
         died_at = time.monotonic()
-        cause = f"the model process {dead.pid} ended (exit code {dead.exitcode})"
         task_set = self._task_set(dead)
+        with self._cond:
+            counted = dead not in self._forgiven
+            self._forgiven.discard(dead)
         while True:
-            crashes = self._count_crash()
+            crashes = self._count_crash() if counted else len(self._crashes)
             if crashes >= self.policy.max_crashes:
                 self._give_up(f"{cause}: {crashes} crashes of the model process within "
                               f"{self.policy.window_s:g} s (--max-crashes {self.policy.max_crashes}); "
                               f"the server stopped restarting it and should be replaced")
                 return False
             delay = self.policy.delay(crashes)
-            if not self._down(f"{cause}; restarting it (crash {crashes} within {self.policy.window_s:g} s; "
+            count = f"crash {crashes}" if counted else \
+                f"running rows whose crash was counted already: still {crashes} crash(es)"
+            counted = True  # a start that fails counts
+            if not self._down(f"{cause}; restarting it ({count} within {self.policy.window_s:g} s; "
                               f"the server gives up at {self.policy.max_crashes})", delay):
                 return False
             try:

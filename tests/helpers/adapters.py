@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from increlora import IncreLoraConfig, apply_increlora, increlora_layers, load_adapter, read_adapter, save_adapter
 from tests.tiny import tiny_classifier
@@ -21,13 +21,32 @@ TASKS = {
 }
 
 
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def kind_model(base: Path, task_type: str = "sequence-classification", num_labels: int = 2, seed: int = 0):
+    """A plain transformers model of the kind: a classifier, a token classifier, or the bare backbone."""
+    if task_type == "sequence-classification":
+        return tiny_classifier(base, num_labels, seed=seed)
+    torch.manual_seed(seed)
+    if task_type == "token-classification":
+        return AutoModelForTokenClassification.from_pretrained(str(base), num_labels=num_labels)
+    return AutoModel.from_pretrained(str(base))
+
+
 def make_adapter(base: Path, folder: Path, task: str, num_labels: int = 2, seed: int = 0,
-                 problem_type: str | None = None, max_rank: int = 4, **save_kw) -> Path:
-    """An adapter with random per-module ranks in 0..max_rank (some 0), random factors and head."""
+                 problem_type: str | None = None, max_rank: int = 4,
+                 task_type: str = "sequence-classification", **save_kw) -> Path:
+    """An adapter with random per-module ranks in 0..max_rank (some 0), random factors and head.
+
+    Token classification: tags TAGS[:num_labels]; embedding: trained as a bare AutoModel, mean pooling
+    unless save_kw gives pooling.
+    """
     rng = random.Random(seed)
-    model = tiny_classifier(base, num_labels, seed=seed)
+    model = kind_model(base, task_type, num_labels, seed)
+    saved = [] if task_type == "embedding" else None  # an embedding adapter usually saves no module
     apply_increlora(model, IncreLoraConfig(init_rank=1, target_avg_rank=2.0, lora_dropout=0.0,
-                                           advance_learning=False))
+                                           advance_learning=False, modules_to_save=saved))
     layers = list(increlora_layers(model))
     for i, (_, layer) in enumerate(layers):
         rank = 0 if i == 0 else rng.randint(0, max_rank)  # at least one module of rank 0
@@ -40,8 +59,11 @@ def make_adapter(base: Path, folder: Path, task: str, num_labels: int = 2, seed:
         for name, p in model.named_parameters():
             if "lora_" in name or "classifier" in name or "pooler" in name:
                 p.normal_(0.0, 0.3)
-    labels = [f"{task}_{j}" for j in range(num_labels)]
-    return save_adapter(model.eval(), folder / task, task=task, labels=labels,
+    if task_type == "embedding":
+        save_kw.setdefault("pooling", {"mode": "mean", "normalize": True})
+        return save_adapter(model.eval(), folder / task, task=task, task_type=task_type, **save_kw)
+    labels = TAGS[:num_labels] if task_type == "token-classification" else [f"{task}_{j}" for j in range(num_labels)]
+    return save_adapter(model.eval(), folder / task, task=task, labels=labels, task_type=task_type,
                         problem_type=problem_type, **save_kw)
 
 
@@ -63,5 +85,10 @@ def encode(tokenizer, x) -> dict:
 def reference_model(base: Path, adapter_dir: Path):
     """The slow twin: the adapter alone, loaded with increlora.load_adapter into a fresh base model."""
     adapter = read_adapter(adapter_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=adapter.num_labels)
+    if adapter.task_type == "embedding":
+        model = AutoModel.from_pretrained(str(base))
+    else:
+        auto = AutoModelForTokenClassification if adapter.task_type == "token-classification" \
+            else AutoModelForSequenceClassification
+        model = auto.from_pretrained(str(base), num_labels=adapter.num_labels)
     return load_adapter(model, adapter).eval()

@@ -1,9 +1,11 @@
-"""Stand-ins for the model process under supervision: a FakeBank behind a 'process' that kill() ends."""
+"""Stand-ins for the model process under supervision: a FakeBank behind a 'process' that kill() ends, stop()
+freezes (as SIGSTOP does), and inputs in `crash_on` kill."""
 from __future__ import annotations
 
 import itertools
 import os
 import threading
+import time
 from pathlib import Path
 
 from serving.bank.errors import WorkerDiedError
@@ -15,14 +17,19 @@ _PIDS = itertools.count(1000)
 
 class FakeChild:
     """The ProcessBank interface over a FakeBank; kill() makes its sentinel ready and its calls fail as a
-    dead child's do (a call running at the kill fails too, once the bank returns)."""
+    dead child's do (a call running at the kill fails too, once the bank returns). After stop() it sends no
+    heartbeat and its calls wait for the kill; a prediction with an input in `crash_on` kills it."""
 
-    def __init__(self, bank: FakeBank) -> None:
+    def __init__(self, bank: FakeBank, crash_on: set[str] = frozenset()) -> None:
         self.bank = bank
         self.pid = next(_PIDS)
         self.max_length, self.tokenizer, self.base_model = bank.max_length, bank.tokenizer, "fake-base"
         self.exitcode: int | None = None
         self.sentinel, self._write_end = os.pipe()  # the read end is ready once the write end is closed
+        self.crash_on = crash_on
+        self.stopped_at: float | None = None
+        self.killed = threading.Event()
+        self._busy: tuple[str, float] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -34,6 +41,17 @@ class FakeChild:
             if self.exitcode is None:
                 self.exitcode = -9
                 os.close(self._write_end)
+                self.killed.set()
+
+    def stop(self) -> None:
+        """Freeze, as SIGSTOP does: no more heartbeats, and calls wait until the child is killed."""
+        self.stopped_at = time.monotonic()
+
+    def last_beat(self) -> float:
+        return self.stopped_at if self.stopped_at is not None else time.monotonic()
+
+    def busy(self) -> tuple[str, float] | None:
+        return self._busy
 
     def join(self, timeout: float | None = None) -> int | None:
         return self.exitcode
@@ -55,9 +73,18 @@ class FakeChild:
 
     def _call(self, op, *args):
         self._check()
-        result = getattr(self.bank, op)(*args)
-        self._check()
-        return result
+        self._busy = (op, time.monotonic())
+        try:
+            if self.stopped_at is not None or (op == "predict" and self.crash_on & set(map(str, args[0]))):
+                if self.stopped_at is None:
+                    self.kill()
+                assert self.killed.wait(10), "a stopped fake child was never killed"
+                self._check()
+            result = getattr(self.bank, op)(*args)
+            self._check()
+            return result
+        finally:
+            self._busy = None
 
     def _check(self) -> None:
         if self.exitcode is not None:
@@ -66,12 +93,14 @@ class FakeChild:
 
 class FakeStarter:
     """Starts FakeChildren as ProcessBankLoader.start does, recording each task set; `fail` next starts raise,
-    and `gate` (a threading.Event), when set up, holds every start until released."""
+    `gate` (a threading.Event), when set up, holds every start until released, and every child dies on the
+    inputs in `crash_on`."""
 
     def __init__(self) -> None:
         self.task_sets: list[TaskSet | None] = []
         self.children: list[FakeChild] = []
         self.fail = 0
+        self.crash_on: set[str] = set()
         self.gate: threading.Event | None = None
         self.cancelled = threading.Event()
         self.started = threading.Event()
@@ -84,7 +113,7 @@ class FakeStarter:
             self.fail -= 1
             raise WorkerDiedError("the model process died while loading (exit code -9)")
         bank = FakeBank()
-        child = FakeChild(restore(bank, task_set) if task_set is not None else bank)
+        child = FakeChild(restore(bank, task_set) if task_set is not None else bank, self.crash_on)
         self.children.append(child)
         self.started.set()
         return child

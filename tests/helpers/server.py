@@ -73,6 +73,15 @@ def model_pid(lines: queue.Queue, seen: set[int] = frozenset(), seconds: float =
     raise AssertionError(f"no new model process in the log within {seconds} s")
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` from /proc (R, S, T stopped, Z a zombie not reaped), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def metric(base: str, name: str, headers: dict | None = None) -> float:
     """One sample of the server's /metrics (0 if absent), e.g. 'increlora_queue_depth'."""
     text = httpx.get(f"{base}/metrics", timeout=5, headers=headers).text

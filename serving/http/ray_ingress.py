@@ -1,0 +1,164 @@
+"""The ingress side of the Ray Serve application: RayBank (what the Service needs of a bank, answered by the
+replicas and the catalog) and RayBatcher (concurrent requests gathered into replica calls, many in flight)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from ..bank.task_adapter import task_name
+from .batcher import DynamicBatcher
+from .errors import PredictionError
+
+logger = logging.getLogger(__name__)
+
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+Request = tuple[str, list]  # (task, inputs)
+
+
+def own_error(exc: BaseException) -> BaseException:
+    """The replica's or the catalog's own exception without Ray's wrapping (whose message holds a traceback)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(exc, RayTaskError) and isinstance(cause, BaseException) else exc
+
+
+def unwrapped(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except RayTaskError as exc:
+        raise own_error(exc) from None
+
+
+class RayBank:
+    """The replicas and the catalog as the Service's bank; `tasks` never waits on the catalog."""
+
+    def __init__(self, replicas, catalog, refresh_seconds: float = 1.0) -> None:
+        self.replicas, self.catalog = replicas, catalog
+        info = replicas.describe.remote().result()
+        self.max_length, self.tokenizer = info["max_length"], info["tokenizer"]
+        self.limited = info["max_tasks_per_replica"] is not None
+        self.refresh_seconds = refresh_seconds
+        self.batcher_type = RayBatcher  # the Service batches with it
+        self._lock = threading.Lock()
+        self._version, self._tasks = -1, []
+        self._fetched = 0.0
+        self._fetching: Future | None = None
+        self._refresh()
+
+    @property
+    def tasks(self) -> list[str]:
+        """The catalog's tasks as last fetched; past refresh_seconds a fetch starts in the background."""
+        with self._lock:
+            tasks, fetch = list(self._tasks), None
+            if time.monotonic() - self._fetched > self.refresh_seconds and self._fetching is None:
+                fetch = self._fetching = self.catalog.since.remote(-1).future()
+        if fetch is not None:  # (outside the lock: the callback runs here if the answer is in already)
+            fetch.add_done_callback(self._fetched_now)
+        return tasks
+
+    def __contains__(self, task: object) -> bool:
+        return task in self.tasks
+
+    async def answer(self, requests: list[Request]) -> list[Any]:
+        """Each request's answers or error: one replica call for all, or with a per-replica task limit one per
+        task (Serve routes it to a replica holding the task). A call caught on a dying replica is sent again
+        once (predictions are idempotent)."""
+        groups: dict[str | None, list[int]] = {}
+        for i, (task, _) in enumerate(requests):
+            groups.setdefault(task if self.limited else None, []).append(i)
+        calls = {key: self._predict(key, [requests[i] for i in idx]) for key, idx in groups.items()}
+        outcomes: list[Any] = [None] * len(requests)
+        for key, idx in groups.items():
+            try:
+                got = await calls[key]
+            except REPLICA_GONE:
+                logger.warning("a replica died while answering %d requests; sending them again", len(idx))
+                got = await self._predict(key, [requests[i] for i in idx])
+            for i, outcome in zip(idx, got):
+                outcomes[i] = outcome
+        return outcomes
+
+    def task_info(self, task: str) -> dict[str, Any]:
+        def call():
+            return self._handle(task if self.limited else None).task_info.remote(task).result()
+        try:
+            return unwrapped(call)
+        except REPLICA_GONE:
+            return unwrapped(call)
+
+    def add(self, path: str | Path) -> str:
+        """Load the adapter on one replica (a bad one is refused with the bank's own error), then list it."""
+        task = task_name(path)
+        unwrapped(lambda: self.replicas.check_adapter.remote(str(path)).result())
+        unwrapped(lambda: self.catalog.add.remote(task, str(path)).future().result())
+        self._refresh()
+        return task
+
+    def remove(self, task: str) -> None:
+        unwrapped(lambda: self.catalog.remove.remote(task).future().result())
+        self._refresh()
+
+    def _predict(self, task: str | None, requests: list[Request]):
+        return self._handle(task).predict_many.remote(requests)
+
+    def _handle(self, task: str | None):
+        return self.replicas if task is None else self.replicas.options(multiplexed_model_id=task)
+
+    def _refresh(self) -> None:
+        self._store(unwrapped(lambda: self.catalog.since.remote(-1).future().result()))
+
+    def _fetched_now(self, fetch: Future) -> None:
+        try:
+            self._store(fetch.result())
+        except Exception as exc:  # the next access tries again
+            logger.warning("could not read the task catalog: %s", exc)
+        finally:
+            with self._lock:
+                self._fetching = None
+
+    def _store(self, news: tuple[int, dict]) -> None:
+        with self._lock:
+            self._fetched = time.monotonic()
+            if news[0] >= self._version:  # never an older answer over a newer one
+                self._version, self._tasks = news[0], list(news[1])
+
+
+class RayBatcher(DynamicBatcher):
+    """Gathers concurrent requests as DynamicBatcher does, but sends each batch to the replicas without
+    waiting for the batches already there, so that every replica has work."""
+
+    def __init__(self, bank: RayBank, **kwargs: Any) -> None:
+        super().__init__(bank, **kwargs)
+        self._calls: set[asyncio.Task] = set()
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self._next_batch()) is not None:
+            call = loop.create_task(self._send(batch))
+            self._calls.add(call)  # (held until done: the loop keeps only weak references to tasks)
+            call.add_done_callback(self._calls.discard)
+
+    async def _send(self, batch: list) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await self.bank.answer([(r.task, r.inputs) for r in batch])
+        except Exception as exc:  # no answer from the replicas at all
+            logger.error("a batch of %d requests got no answer from the replicas", len(batch), exc_info=exc)
+            outcomes = [PredictionError(f"prediction failed on the replicas ({type(exc).__name__})")] * len(batch)
+        if self._observer is not None:
+            self._observer.observe_batch(len(batch), sum(r.rows for r in batch), len({r.task for r in batch}),
+                                         time.perf_counter() - started)
+        for request, outcome in zip(batch, outcomes):
+            if request.future.done():  # timed out or cancelled meanwhile
+                continue
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(own_error(outcome))
+            else:
+                request.future.set_result(outcome)

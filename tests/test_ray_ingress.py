@@ -1,0 +1,112 @@
+"""The ingress of the Ray Serve application without a cluster (fakes of the replicas and the catalog):
+listing tasks never waits on the catalog, and gathered batches go out without waiting for those in flight."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Future
+
+import pytest
+
+pytest.importorskip("ray")
+
+from serving.bank.errors import UnknownTaskError  # noqa: E402  (after the check that Ray is installed)
+from serving.http.ray_ingress import RayBank, RayBatcher  # noqa: E402
+
+
+class Ref:
+    """An ObjectRef as RayBank uses it: `.future()`."""
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    def future(self) -> Future:
+        return self._future
+
+
+class Remote:
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+def done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class Described:
+    def result(self):
+        return {"max_length": 64, "tokenizer": None, "max_tasks_per_replica": None}
+
+
+class FakeCatalog:
+    """Answers `since` at once until `hold` is set; then the test answers the fetches in `pending`."""
+
+    def __init__(self) -> None:
+        self.pending: list[Future] = []
+        self.hold = False
+        self.since = Remote(self._since)
+
+    def _since(self, version):
+        if not self.hold:
+            return Ref(done((0, {"sst2": ("a", 0)})))
+        self.pending.append(Future())
+        return Ref(self.pending[-1])
+
+
+def ray_bank(catalog) -> RayBank:
+    replicas = type("Replicas", (), {"describe": Remote(lambda: Described())})()
+    return RayBank(replicas, catalog, refresh_seconds=0.0)
+
+
+def test_listing_tasks_never_waits_on_the_catalog():
+    catalog = FakeCatalog()
+    bank = ray_bank(catalog)
+    assert bank.tasks == ["sst2"]
+    catalog.hold = True  # the catalog stops answering
+    started = time.perf_counter()
+    for _ in range(20):
+        assert bank.tasks == ["sst2"] and "sst2" in bank
+    assert time.perf_counter() - started < 0.5
+    assert len(catalog.pending) == 1  # one fetch at a time
+    catalog.pending[0].set_result((2, {"sst2": ("a", 0), "topic": ("b", 2)}))
+    assert bank.tasks == ["sst2", "topic"]
+    catalog.pending[1].set_result((1, {"sst2": ("a", 0)}))  # an older answer, arriving later
+    assert bank.tasks == ["sst2", "topic"]
+
+
+class SlowBank:
+    """RayBank.answer with calls the test releases; each request's answer names its task and inputs."""
+
+    def __init__(self) -> None:
+        self.tasks = ["sst2", "topic"]
+        self.calls: list[tuple[list, asyncio.Event]] = []
+
+    async def answer(self, requests):
+        self.calls.append((requests, release := asyncio.Event()))
+        await release.wait()
+        return [UnknownTaskError(task, self.tasks) if task == "gone" else [{"task": task, "x": inputs}]
+                for task, inputs in requests]
+
+
+def test_gathered_batches_go_out_without_waiting_for_those_in_flight():
+    async def scenario():
+        bank = SlowBank()
+        batcher = RayBatcher(bank, max_batch_size=8, max_wait_ms=1.0, max_queue=16)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit("sst2", ["a"], 5))
+        while not bank.calls:
+            await asyncio.sleep(0.001)
+        second = [asyncio.create_task(batcher.submit(t, [t], 5)) for t in ("topic", "gone")]
+        while len(bank.calls) < 2:  # sent while the first call is still unanswered
+            await asyncio.sleep(0.001)
+        assert [r for r, _ in bank.calls] == [[("sst2", ["a"])], [("topic", ["topic"]), ("gone", ["gone"])]]
+        for _, release in reversed(bank.calls):
+            release.set()
+        assert await first == [{"task": "sst2", "x": ["a"]}]
+        assert await second[0] == [{"task": "topic", "x": ["topic"]}]
+        with pytest.raises(UnknownTaskError):
+            await second[1]
+        await batcher.close()
+    asyncio.run(asyncio.wait_for(scenario(), 10))
