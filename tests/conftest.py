@@ -60,6 +60,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_http_resilience.py",   # 70
     "tests/test_readme.py",            # 65
     "tests/test_cli.py",               # 55
+    "tests/test_benchmarks.py",        # about 55: 104 CPU seconds in two processes at a time
     "tests/test_http_server.py",       # 40
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30
