@@ -13,6 +13,9 @@ batch of 32 is a different task. Compared in one run, on the same token ids:
     ours  AdapterBank: rows sorted by task, segmented matmuls at each task's true per-module rank
           (its backend: the torch loop on the CPU, the Triton kernels on a GPU; --backend forces one)
 
+With --onnx (CPU; pip install increlora[bench]): ONNX Runtime running the base model alone, float32
+and dynamic int8, intra-op spinning off so its idle threads leave the cores to the other methods.
+
 On a GPU also: ours with the torch loop on the same packed factors, B0 and ours replayed from a CUDA
 graph of the whole forward (the batch's table made before capture), and kernel launches per forward.
 
@@ -341,6 +344,7 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
+    p.add_argument("--onnx", action="store_true", help="also ONNX Runtime on the base model alone (fp32, int8)")
     p.add_argument("--smoke", action="store_true", help="the smallest run: " + " ".join(SMOKE))
     args = p.parse_args()
     if args.smoke:  # the smoke values first: options given explicitly still win
@@ -387,6 +391,7 @@ def main() -> None:
     if peft is not None:
         print(f"PEFT: {kmax} adapters loaded in {time.perf_counter() - start:.1f} s")
 
+    ort_fns = onnx_methods(base, enc, work / f"onnx{_tag(base_dir)}") if args.onnx else {}
     rows, gpu_rows = [], []
     for k in args.k:
         rng = random.Random(k)
@@ -406,6 +411,9 @@ def main() -> None:
             del fns["B1"]
         if device.type == "cuda":
             gpu_methods(fns, bank, base, enc, tasks, ours)
+        fns.update(ort_fns)
+        if device.type == "cpu" and bank.dtype == torch.bfloat16:  # lora_linear against the unfolded loop
+            fns["ours unfolded"] = lambda tasks=tasks: unfolded(lambda: run_ours(bank, enc, tasks))
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
         print(f"K {k}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in t.items()), flush=True)  # kept if cut off
         fb, fl = flops(base, bank, tasks, args.seq)
@@ -431,6 +439,13 @@ def main() -> None:
         for k, t, n_base, n_ours in gpu_rows:
             print(f"| {k} | {t['B0 graph']:.2f} | {t['ours graph']:.2f} | {t['ours graph'] / t['B0 graph']:.3f} "
                   f"| {t['ours loop']:.2f} | {t['ours loop'] / t['ours']:.2f} | {n_base} | {n_ours} |")
+
+    if ort_fns:
+        print_onnx_table(rows)
+    for k, _, t, _ in rows:
+        if "ours unfolded" in t:
+            print(f"K {k}: ours {t['ours'] / t['B0']:.3f}x B0 with the bias and updates in one product (lora_linear), "
+                  f"{t['ours unfolded'] / t['B0']:.3f}x with the unfolded loop")
 
     infos = [bank.task_info(t) for t in names]
     served = statistics.mean(i["memory_bytes"] for i in infos)
@@ -463,6 +478,54 @@ def gpu_methods(fns: dict, bank: AdapterBank, base: nn.Module, enc: dict, tasks:
     assert close(replay()[torch.argsort(order)], ours, 1e-4), "the CUDA graph replay disagrees"
     assert close(fns["ours loop"](), ours, 1e-4), "the torch loop and the Triton kernels disagree"
     fns["ours graph"] = replay
+
+
+def unfolded(fn):
+    """fn() with bfloat16 on the CPU served by the base layer then the segment loop, not lora_linear."""
+    fold = sys.modules["serving.ops.lora_segments"]
+    fold.FOLD_BF16 = False
+    try:
+        return fn()
+    finally:
+        fold.FOLD_BF16 = True
+
+
+def onnx_methods(base: nn.Module, enc: dict, folder: Path) -> dict:
+    """B0 through ONNX Runtime, float32 and dynamic int8 (files made once in folder), on torch's thread
+    count with spinning off; float32 is checked against B0 when the run is in float32."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32, int8 = folder / "base_fp32.onnx", folder / "base_int8.onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not fp32.exists():
+        model = copy.deepcopy(base).float().cpu()
+        cpu_enc = {k: v.cpu() for k, v in enc.items()}
+        torch.onnx.export(model, (), str(fp32), kwargs=cpu_enc, input_names=list(cpu_enc), output_names=["logits"],
+                          dynamic_axes={k: {0: "batch", 1: "seq"} for k in cpu_enc}, dynamo=False, opset_version=17)
+    if not int8.exists():
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    feeds = {k: v.cpu().numpy() for k, v in enc.items()}
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in (("ORT fp32", fp32), ("ORT int8", int8))}
+    if next(base.parameters()).dtype == torch.float32:
+        got = torch.from_numpy(sessions["ORT fp32"].run(None, feeds)[0])
+        assert close(got, base(**enc).logits.cpu(), 1e-3), "ONNX Runtime float32 and B0 disagree"
+    return {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
+
+
+def print_onnx_table(rows: list) -> None:
+    print()
+    print("| K in bank | ORT fp32 ms (base alone) | ORT int8 ms (base alone) | ours ms | ours throughput / ORT fp32 "
+          "| ours throughput / ORT int8 |")
+    print("|---|---|---|---|---|---|")
+    for k, _, t, _ in rows:
+        print(f"| {k} | {t['ORT fp32']:.0f} | {t['ORT int8']:.0f} | {t['ours']:.0f} | {t['ORT fp32'] / t['ours']:.2f} "
+              f"| {t['ORT int8'] / t['ours']:.2f} |")
 
 
 def measure_load(base_dir: Path, work: Path, n: int) -> None:

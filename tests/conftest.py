@@ -30,6 +30,7 @@ SLOW = (
     "tests/test_distributed.py::test_torchrun_with_gradient_accumulation_syncs_once_per_step_and_stays_identical",
     "tests/test_http_server.py",
     "tests/test_ray_training.py::test_tasks_on_ray_equal_single_process_runs_and_failures_are_named",
+    "tests/test_ray_training.py::test_every_kind_trains_on_ray_like_one_process",
     "tests/test_ray_serving.py",
     "tests/test_http_resilience.py",
     "tests/test_http_guarded_server.py",
@@ -47,6 +48,7 @@ SLOW = (
     "tests/test_trainer_callback.py::test_increlora_trainer_with_accumulation_matches_the_loop",
     "tests/test_trainer_callback.py::test_load_best_model_at_end_keeps_the_final_model_without_the_best_ones_state",
     "tests/test_trainer_callback.py::test_load_best_model_at_end_restores_the_best_checkpoints_ranks",
+    "tests/test_train_kinds.py::test_every_kind_resumes_after_ctrl_c_to_the_same_adapter",
 )
 
 
@@ -61,7 +63,9 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_readme.py",            # 65
     "tests/test_cli.py",               # 55
     "tests/test_benchmarks.py",        # about 55: 104 CPU seconds in two processes at a time
+    "tests/test_train_kinds.py",       # 55 in one process
     "tests/test_http_server.py",       # 40
+    "tests/test_http_residency.py",    # 30 (a real server)
     "tests/test_triton_kernels.py",    # 40
     "tests/test_trainer_callback.py",  # 30
     "tests/test_serving_kinds.py",     # 25

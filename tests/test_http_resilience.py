@@ -170,15 +170,17 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(adapters, bodies_and_ans
 def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_stops_at_once(adapters,
                                                                                           bodies_and_answers):
     bodies, answers = bodies_and_answers
-    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60"])
+    proc, base, log = start_server(["--adapters", str(adapters), "--heartbeat-timeout", "4", "--drain-seconds", "60",
+                                    "--request-timeout", "120"])  # the retried batch waits for the restart
+    paused: list[int] = []
     try:
         wait_ready(base)
         first = model_pid(log)
-        os.kill(first, signal.SIGSTOP)
+        pause(first, paused)
         stopped = time.monotonic()
 
         async def while_hung() -> tuple:
-            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            async with httpx.AsyncClient(base_url=base, timeout=150) as c:
                 flying = [asyncio.ensure_future(c.post("/v1/predict", json=b)) for b in bodies[:4]]
                 while (health := await c.get("/health")).json().get("model") != "restarting":
                     assert time.monotonic() - stopped < 20, "the hang was never seen"
@@ -193,7 +195,7 @@ def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_sto
         again = httpx.post(f"{base}/v1/predict", json=bodies[1], timeout=30)
         first_state = process_state(first)
 
-        os.kill(second, signal.SIGSTOP)  # hung again, with a request waiting: two SIGTERMs stop the server at once
+        pause(second, paused)  # hung again, with a request waiting: two SIGTERMs stop the server at once
         post_in_background(base, bodies[2])
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
@@ -202,39 +204,58 @@ def test_a_stopped_model_process_is_replaced_and_reaped_and_a_second_sigterm_sto
         second_sigterm = time.monotonic()
         proc.wait(15)
         stopped_in = time.monotonic() - second_sigterm
+        second_state = process_state(second)
     finally:
         stop(proc)
+        unpause(paused)
     assert health.status_code == 200 and f"model process {first} hung (no heartbeat for" in health.json()["detail"]
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert {r.status_code for r in flown} <= {200, 503} and any(r.status_code == 200 for r in flown)
     assert all(right(r, want) for r, want in zip(flown, answers) if r.status_code == 200)
     assert again.status_code == 200 and right(again, answers[1])
     assert hangs == 1 and crashes == 1 and first_state is None  # counted, killed and reaped
-    assert stopped_in < 5 and process_state(second) in (None, "Z")  # the stopped model process was killed
+    assert stopped_in < 5 and second_state in (None, "Z")  # the stopped model process was killed
 
 
 def test_sigterm_stops_within_the_drain_time_while_the_model_process_is_stopped(adapters, bodies_and_answers):
     bodies, _ = bodies_and_answers
     drain = 2.0
-    proc, base, log = start_server(["--adapters", str(adapters), "--drain-seconds", str(drain),
+    proc, base, log = start_server(["--adapters", str(adapters), "--drain-seconds", str(drain), "--max-batch-size", "1",
                                     "--heartbeat-timeout", "600"])  # the hang is not detected: only the drain ends it
+    paused: list[int] = []
     try:
         wait_ready(base)
         pid = model_pid(log)
-        os.kill(pid, signal.SIGSTOP)
+        pause(pid, paused)
         answered = [post_in_background(base, b) for b in bodies[:4]]
-        while metric(base, "increlora_queue_depth") < 1:  # one request in the model, the others queued
+        deadline = time.monotonic() + 30
+        while metric(base, "increlora_queue_depth") < 3:  # one request in the model, the others queued
+            assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.05)
         sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code, output = exit_code_and_log(proc, log, drain + 20)
         stopped_in = time.monotonic() - sigterm
+        left = process_state(pid)
     finally:
         stop(proc)
+        unpause(paused)
     assert code == 0 and stopped_in < drain + 10, (stopped_in, output[-3000:])
     for done in answered:  # every request accepted got an answer: 503, the model never finished it
         assert done.wait(5) and done.status == 503
-    assert process_state(pid) is None  # killed and reaped
+    assert left is None  # killed and reaped
+
+
+def pause(pid: int, paused: list[int]) -> None:
+    """SIGSTOP the process, as a hung model process; `unpause` kills what a failed test left stopped."""
+    paused.append(pid)
+    os.kill(pid, signal.SIGSTOP)
+
+
+def unpause(paused: list[int]) -> None:
+    for pid in paused:
+        if process_state(pid) == "T":  # the server did not kill it (the test failed): no stopped orphan is left
+            os.kill(pid, signal.SIGKILL)
 
 
 class post_in_background(threading.Event):  # noqa: N801 - used as a function that returns a waitable

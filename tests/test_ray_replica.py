@@ -1,9 +1,11 @@
 """A Ray Serve bank replica without a cluster (a fake catalog, the tiny base): a task is loaded once and
-stays, a task the catalog replaces leaves at once, catalog answers never move it backwards, and checking an
-admin's adapter leaves nothing behind."""
+stays, a task the catalog replaces leaves at once, catalog answers never move it backwards, checking an
+admin's adapter leaves nothing behind; with a per-replica limit, a replica holds what a model of LRU with
+pins holds, never lets a task with requests in flight go, and the catalog refuses pins that do not fit."""
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 pytest.importorskip("ray")
 
 from serving import AdapterBank  # noqa: E402  (after the check that Ray is installed)
+from serving.bank.errors import PinError, UnknownTaskError  # noqa: E402
 from serving.http import ray_replica  # noqa: E402
 from tests.helpers.adapters import TASKS, adapter_set, make_adapter  # noqa: E402
 from tests.helpers.http_adapters import assert_predictions, expected  # noqa: E402
@@ -25,30 +28,34 @@ class Remote:
         self.remote = fn
 
 
-class FakeCatalog:
-    """The catalog's `since`, as the Catalog actor answers it."""
+class FakeCatalog(ray_replica.TaskCatalog):
+    """The Catalog actor as a replica calls it: `since.remote(...)` gives something to await."""
 
-    def __init__(self, tasks: dict[str, str]) -> None:
-        self.version, self.tasks = 0, {task: (path, 0) for task, path in tasks.items()}
+    def __init__(self, tasks: dict[str, str], max_tasks: int | None = None) -> None:
+        super().__init__(tasks, (), max_tasks)
         self.since = Remote(self._since)
 
     def replace(self, task: str, path: str) -> None:
-        self.version += 1
-        self.tasks[task] = (path, self.version)
+        self.remove(task)
+        self.add(task, path)
 
     async def _since(self, version: int):
-        return None if version == self.version else (self.version, dict(self.tasks))
+        return ray_replica.TaskCatalog.since(self, version)
+
+
+def make_replica(http_base, tmp_path, monkeypatch, max_tasks: int | None = None):
+    adapters = adapter_set(http_base, tmp_path / "adapters")
+    catalog = FakeCatalog({task: str(adapters / task) for task in TASKS}, max_tasks)
+    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name: catalog)
+    made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog",
+                                    "max_tasks_per_replica": max_tasks, "settings": {"max_wait_ms": 1.0}})
+    made.test_catalog, made.test_adapters = catalog, adapters
+    return made
 
 
 @pytest.fixture
 def replica(http_base, tmp_path, monkeypatch):
-    adapters = adapter_set(http_base, tmp_path / "adapters")
-    catalog = FakeCatalog({task: str(adapters / task) for task in TASKS})
-    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name: catalog)
-    made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog",
-                                    "settings": {"max_wait_ms": 1.0}})
-    made.test_catalog, made.test_adapters = catalog, adapters
-    return made
+    return make_replica(http_base, tmp_path, monkeypatch)
 
 
 def test_a_task_is_loaded_once_and_stays(replica):
@@ -61,7 +68,7 @@ def test_a_task_is_loaded_once_and_stays(replica):
                 assert_predictions([{k: v for k, v in a.items() if k != "task"} for a in answers],
                                    expected(alone, task, INPUTS))
     asyncio.run(traffic())
-    assert replica.stats()["loads"] == len(TASKS)
+    assert asyncio.run(replica.stats())["loads"] == len(TASKS)
     assert sorted(replica.bank.tasks) == sorted(TASKS)
 
 
@@ -89,7 +96,7 @@ def test_catalog_answers_never_move_the_replica_backwards(replica, http_base, tm
     gates: list[asyncio.Event] = []
 
     async def late_since(version):  # each answer is what the catalog held when asked, given when released
-        answer = (catalog.version, dict(catalog.tasks))
+        answer = (catalog.version, dict(catalog.tasks), list(catalog.pins))
         gates.append(gate := asyncio.Event())
         await gate.wait()
         return answer
@@ -106,7 +113,7 @@ def test_catalog_answers_never_move_the_replica_backwards(replica, http_base, tm
         gates[0].set()  # the older answer comes last
         await first
     asyncio.run(scenario())
-    assert replica.version == 1 and replica.entries == catalog.tasks
+    assert replica.version == catalog.version == 2 and replica.entries == catalog.tasks
 
 
 def test_checking_an_admins_adapter_leaves_nothing_behind(replica, http_base, tmp_path):
@@ -122,8 +129,118 @@ def test_checking_an_admins_adapter_leaves_nothing_behind(replica, http_base, tm
             await replica.check_adapter(str(broken))
     asyncio.run(scenario())
     assert sorted(replica.bank.tasks) == ["sst2", "topic"]  # the checked adapter takes no place here
-    assert replica.stats()["loads"] == 3
+    assert asyncio.run(replica.stats())["loads"] == 3
 
 
 def strip(answers: list[dict]) -> list[dict]:
     return [{k: v for k, v in a.items() if k != "task"} for a in answers]
+
+
+def test_a_limited_replica_holds_what_lru_with_pins_holds(http_base, tmp_path, monkeypatch):
+    """Random single-task calls, pins and unpins on a replica holding at most 2 of 5 tasks, against a model:
+    the least recently used task that is neither pinned nor in the call goes first; every answer is right."""
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=2)
+    catalog, alone = replica.test_catalog, AdapterBank.load(replica.test_adapters)
+    held: list[str] = []  # the model: least recently used first
+    pins: set[str] = set()
+
+    def evict(protected: set[str]) -> None:
+        while len(held) > 2:
+            victim = next((t for t in held if t not in pins and t not in protected), None)
+            if victim is None:
+                return
+            held.remove(victim)
+
+    def model_call(task: str) -> None:
+        evict({task})  # the call follows the catalog (pins changed) and loads the pins first
+        for pin in sorted(pins):
+            if pin not in held:
+                held.append(pin)
+                evict({task})
+        if task in held:
+            held.remove(task)
+        held.append(task)
+        evict({task})
+        evict(set())  # answered
+
+    rng = random.Random(30)
+    names = list(TASKS)
+
+    async def scenario():
+        for _ in range(40):
+            roll = rng.random()
+            if roll < 0.15:
+                wanted = rng.sample(names, rng.choice([1, 2, 3]))
+                if len(pins | set(wanted)) > 2:
+                    with pytest.raises(PinError, match="over the limit of 2"):
+                        catalog.pin(wanted)
+                else:
+                    assert catalog.pin(wanted) == sorted(pins | set(wanted))
+                    pins.update(wanted)
+            elif roll < 0.25 and pins:
+                gone = rng.choice(sorted(pins))
+                pins.discard(gone)
+                assert catalog.unpin(gone) == sorted(pins)
+            else:
+                task = rng.choice(names)
+                (got,) = await replica.predict_many([(task, INPUTS)])
+                assert_predictions(strip(got), expected(alone, task, INPUTS))
+                model_call(task)
+                assert list(replica.loaded) == held and sorted(replica.bank.tasks) == sorted(held)
+    asyncio.run(scenario())
+    stats = asyncio.run(replica.stats())
+    assert stats["evictions"] > 0 and stats["pinned"] == sorted(pins)
+
+
+def test_a_task_with_requests_in_flight_is_never_evicted(http_base, tmp_path, monkeypatch):
+    """A limit of 1: one call wanting three tasks holds all three until it is answered, then one stays; a task
+    whose request is in flight stays while other tasks come and go."""
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=1)
+    alone = AdapterBank.load(replica.test_adapters)
+
+    async def scenario():
+        three = ["sst2", "topic", "stsb"]
+        got = await replica.predict_many([(task, INPUTS) for task in three])
+        for task, answers in zip(three, got):
+            assert not isinstance(answers, BaseException), answers
+            assert_predictions(strip(answers), expected(alone, task, INPUTS))
+        assert len(replica.bank.tasks) == 1
+        await replica.predict_many([("mrpc", INPUTS)])
+        with replica._holding({"mrpc"}):  # a request of mrpc in flight
+            for task in ("sst2", "topic"):
+                (answers,) = await replica.predict_many([(task, INPUTS)])
+                assert_predictions(strip(answers), expected(alone, task, INPUTS))
+                assert "mrpc" in replica.bank.tasks
+        assert sorted(replica.bank.tasks) == ["mrpc"]
+    asyncio.run(scenario())
+
+
+def test_the_catalog_refuses_pins_that_do_not_fit(tmp_path):
+    tasks = {name: str(tmp_path / name) for name in ("a", "b", "c")}
+    with pytest.raises(PinError, match="nothing to pin"):
+        ray_replica.TaskCatalog(tasks).pin(["a"])
+    with pytest.raises(PinError, match="over the limit of 2 tasks per replica"):
+        ray_replica.TaskCatalog(tasks, ["a", "b", "c"], max_tasks=2)
+    catalog = ray_replica.TaskCatalog(tasks, ["a"], max_tasks=2)
+    assert catalog.since(-1) == (0, {n: (p, 0) for n, p in tasks.items()}, ["a"])
+    with pytest.raises(UnknownTaskError):
+        catalog.pin(["nope"])
+    with pytest.raises(PinError):
+        catalog.pin(["b", "c"])
+    assert catalog.pins == ["a"] and catalog.version == 0  # nothing changed
+    assert catalog.pin(["b"]) == ["a", "b"] and catalog.version == 1
+    catalog.remove("a")  # a removed task is no longer pinned
+    assert catalog.since(1) == (2, {n: (p, 0) for n, p in tasks.items() if n != "a"}, ["b"])
+    assert catalog.unpin("b") == [] and catalog.unpin("b") == [] and catalog.version == 3
+
+
+def test_build_application_refuses_pins_over_the_limit_before_starting_anything(http_base, tmp_path):
+    from serving.http.ray_serve import build_application
+
+    adapters = adapter_set(http_base, tmp_path / "adapters")  # no Ray started: refused before the catalog actor
+    with pytest.raises(PinError, match="over the limit of 1"):
+        build_application(adapters, max_tasks_per_replica=1, pin=["sst2", "topic"])
+    with pytest.raises(PinError, match="nothing to pin"):
+        build_application(adapters, pin=["sst2"])
+    with pytest.raises(UnknownTaskError):
+        build_application(adapters, max_tasks_per_replica=1, pin=["nope"])

@@ -1,7 +1,8 @@
 """The HTTP API on Ray Serve (local cluster, loopback): two replicas holding at most two of five tasks each
-answer mixed-task traffic as AdapterBank alone does, an adapter the admin replaced never answers afterwards,
-and a killed replica is replaced while requests keep being answered; one replica without a limit loads each
-task once and batches across tasks."""
+answer mixed-task traffic as AdapterBank alone does, a task the admin pins reaches and stays on both replicas,
+tasks of every kind on every route too, an adapter the
+admin replaced never answers afterwards, and a killed replica is replaced while requests keep being answered;
+one replica without a limit loads each task once and batches across tasks."""
 from __future__ import annotations
 
 import re
@@ -15,12 +16,13 @@ import httpx
 import pytest
 
 from serving import AdapterBank
-from tests.helpers.adapters import TASKS, adapter_set, make_adapter
+from tests.helpers.adapters import TAGS, TASKS, adapter_set, make_adapter
 from tests.helpers.http_adapters import assert_predictions, expected
 from tests.helpers.server import wait_ready
 
 INPUTS = ["great film", "bad movie", ["a good plot", "the story"], "hello", "the best movie ever", "dull"]
 TOKEN = "ray-admin"
+KINDS = ("search", "ner")  # an embedding task and a token-classification task beside TASKS
 
 
 def free_port() -> int:
@@ -31,7 +33,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def adapters(http_base, tmp_path_factory):
-    return adapter_set(http_base, tmp_path_factory.mktemp("ray_adapters"))  # a tokenizer that knows its words
+    folder = adapter_set(http_base, tmp_path_factory.mktemp("ray_adapters"))  # a tokenizer that knows its words
+    make_adapter(http_base, folder, "search", seed=7, task_type="embedding")
+    make_adapter(http_base, folder, "ner", len(TAGS), seed=8, task_type="token-classification")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +99,30 @@ def mixed_traffic(url: str, bank: AdapterBank, n: int, senders: int = 8) -> list
 
 def test_mixed_tasks_on_two_replicas_equal_the_bank_alone(served):
     url, bank = served
-    assert httpx.get(f"{url}/v1/tasks").json()["tasks"].__len__() == len(TASKS)
+    assert httpx.get(f"{url}/v1/tasks").json()["tasks"].__len__() == len(TASKS) + len(KINDS)
     assert mixed_traffic(url, bank, 30) == [200] * 30
     assert ask(url, "nope", ["x"]).status_code == 404
+
+
+def test_a_pin_reaches_every_replica_and_stays_under_the_limit(served):
+    """Pinning three tasks is over the limit of 2 (409); one pinned task is held by both replicas through
+    traffic over every task, each replica holding at most 2 once answered; unpinning reaches both too."""
+    url, bank = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(f"{url}/v1/pins", json={"tasks": ["sst2", "topic", "stsb"]}, headers=auth, timeout=60)
+    assert r.status_code == 409 and "over the limit of 2" in r.json()["detail"], r.text
+    assert httpx.post(f"{url}/v1/pins", json={"tasks": ["nope"]}, headers=auth, timeout=60).status_code == 404
+    r = httpx.post(f"{url}/v1/pins", json={"tasks": ["topic"]}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json() == {"pinned": ["topic"]}, r.text
+    evictions = sum(s["evictions"] for s in replica_stats("increlora", 2).values())
+    assert mixed_traffic(url, bank, 30) == [200] * 30
+    stats = replica_stats("increlora", 2)
+    for s in stats.values():
+        assert s["pinned"] == ["topic"] and "topic" in s["tasks"] and len(s["tasks"]) <= 2, s["tasks"]
+    assert sum(s["evictions"] for s in stats.values()) > evictions
+    r = httpx.delete(f"{url}/v1/pins/topic", headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json() == {"pinned": []}
+    assert all(s["pinned"] == [] for s in replica_stats("increlora", 2).values())
 
 
 def test_one_replica_loads_each_task_once_and_batches_across_tasks(single):
@@ -110,6 +136,44 @@ def test_one_replica_loads_each_task_once_and_batches_across_tasks(single):
     count, total = (float(re.search(rf"^increlora_batch_size_requests_{k} (\S+)$", text, re.M).group(1))
                     for k in ("count", "sum"))
     assert total / count > 5, (total, count)
+
+
+@pytest.mark.parametrize("app", ["served", "single"])
+def test_tasks_of_every_kind_answer_as_the_bank_alone_on_every_route(app, request):
+    """/v1/predict of an embedding and a token-classification task, /v1/embeddings and /v1/rerank (stsb: one
+    output, mrpc: two labels), sent together (one replica batches them across kinds), equal the bank's
+    answers; a task of the wrong kind is 422, as on one server. After the test of loads per task (single)."""
+    url, bank = request.getfixturevalue(app)
+    texts = ["good film and a great plot", "the market fell"]
+    rerank = {"query": "market news", "documents": texts}
+    calls = [("predict", {"task": task, "inputs": texts}) for task in KINDS] + \
+        [("embeddings", {"model": "search", "input": texts})] + \
+        [("rerank", {"model": task, **rerank}) for task in ("stsb", "mrpc")] + \
+        [("embeddings", {"model": "stsb", "input": "x"}), ("rerank", {"model": "search", **rerank}),
+         ("rerank", {"model": "topic", **rerank}), ("predict", {"task": "ner", "inputs": [["a", "b"]]})]
+    mixed = [s["multi_task_batches"] for s in replica_stats(app, 1).values()] if app == "single" else None
+    with ThreadPoolExecutor(len(calls)) as pool:
+        got = list(pool.map(lambda c: httpx.post(f"{url}/v1/{c[0]}", json=c[1], timeout=60), calls))
+    if app == "single":
+        assert [s["multi_task_batches"] for s in replica_stats(app, 1).values()][0] > mixed[0]
+    assert [r.status_code for r in got] == [200] * 5 + [422] * 4, [r.text for r in got]
+    for task, r in zip(KINDS, got):
+        for g, w in zip(r.json()["predictions"], bank.predict(texts, [task] * len(texts)), strict=True):
+            if task == "search":
+                assert g["tokens"] == w["tokens"] and g["embedding"] == pytest.approx(w["embedding"], abs=1e-5)
+            else:
+                assert [(e["entity_group"], e["start"], e["end"]) for e in g["entities"]] == \
+                    [(e["entity_group"], e["start"], e["end"]) for e in w["entities"]]
+                assert [e["score"] for e in g["entities"]] == pytest.approx([e["score"] for e in w["entities"]])
+    for d, w in zip(got[2].json()["data"], bank.embed(texts, "search"), strict=True):
+        assert d["embedding"] == pytest.approx(w, abs=1e-5)
+    for task, r in zip(("stsb", "mrpc"), got[3:5]):
+        want = bank.rerank("market news", texts, task)
+        assert [x["index"] for x in r.json()["results"]] == [w["index"] for w in want]
+        assert [x["relevance_score"] for x in r.json()["results"]] == \
+            pytest.approx([w["relevance_score"] for w in want], abs=1e-5)
+    for r, words in zip(got[5:], ("sequence-classification", "embedding", "labels", "single texts")):
+        assert words in r.json()["detail"]
 
 
 def replica_stats(app: str, replicas: int) -> dict[str, dict]:
@@ -202,6 +266,8 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     assert "go with --ray" in capsys.readouterr().err
     assert main(["--adapters", str(adapters), "--ray", "--max-tasks-per-replica", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    assert main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--max-tasks-per-replica", "3"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
     built = {}
     monkeypatch.setattr(ray_serve.ray, "is_initialized", lambda: True)
@@ -222,3 +288,6 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     assert built["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
     assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the secrets themselves, not masks
     assert built["settings"]["api_keys"] == ["k1"]
+    assert built["pin"] == []
+    code = main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--pin", "sst2,topic"])
+    assert code == 130 and (built["max_tasks_per_replica"], built["pin"]) == (2, ["sst2", "topic"])

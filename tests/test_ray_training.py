@@ -44,3 +44,17 @@ def test_ray_options_are_checked(tiny_base, tmp_path, capsys):
     assert "go with --ray" in capsys.readouterr().err
     assert main(base + ["--ray", "--cpus-per-task", "0"]) == 1
     assert "--cpus-per-task must be > 0" in capsys.readouterr().err
+
+
+def test_every_kind_trains_on_ray_like_one_process(ray_cluster, tiny_base, tmp_path, capsys):
+    tasks = "bbc_retrieval,wnut16"  # embedding, token classification (a reranker is a sequence classifier)
+    args = [*ARGS, "--max-train-examples", "32", "--model", str(tiny_base)]
+    assert main(["--tasks", tasks, "--output", str(tmp_path / "alone"), *args]) == 0
+    assert main(["--tasks", tasks, "--output", str(tmp_path / "ray"), *args, "--ray", "--cpus-per-task", "0.5"]) == 0
+    out = capsys.readouterr().out
+    for task, kind, metric in (("bbc_retrieval", "embedding", "mrr@10"), ("wnut16", "token-classification", "f1")):
+        assert f"{task}: done (test {metric}" in out
+        assert_same_adapter(tmp_path / "alone" / task, tmp_path / "ray" / task)
+        assert json.loads((tmp_path / "ray" / task / "adapter_config.json").read_text())["task_type"] == kind
+        assert (json.loads((tmp_path / "alone" / task / "metrics.json").read_text())["test"]
+                == pytest.approx(json.loads((tmp_path / "ray" / task / "metrics.json").read_text())["test"], abs=1e-4))

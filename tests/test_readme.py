@@ -26,6 +26,7 @@ import torch
 
 from increlora import load_adapter, read_adapter
 from serving.cli import build_parser as serve_parser
+from tests.helpers.kinds_data import write_conll, write_pairs, write_token_jsonl
 from tests.helpers.server import start_server, stop, wait_ready
 from tests.helpers.train_cli import write_csv
 from tests.tiny import tiny_classifier
@@ -302,6 +303,11 @@ def workspace(tmp_path, monkeypatch):
     write_csv(tmp_path / "data" / "train.csv", 200, 0)
     write_csv(tmp_path / "data" / "dev.csv", 40, 1)
     write_glue_sst2(tmp_path / "glue")
+    write_pairs(tmp_path / "data" / "pairs.csv", 100, 0)  # the other kinds' training examples
+    write_token_jsonl(tmp_path / "data" / "ner.jsonl", 100, 0)
+    (tmp_path / "data" / "conll2003").mkdir()
+    for name, seed in (("eng.train", 0), ("eng.testa", 1), ("eng.testb", 2)):
+        write_conll(tmp_path / "data" / "conll2003" / name, 40, seed)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the commands: the tiny model gains nothing from more threads
     return tmp_path

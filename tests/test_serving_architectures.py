@@ -67,3 +67,31 @@ def test_mixed_batch_equals_each_adapter_alone(family, base_labels, tmp_path):
             want = model(**{k: v for k, v in encode(bank.tokenizer, x).items()
                             if k != "token_type_ids" or family != "distilbert"}).logits[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_every_kind_mixes_in_one_batch_on_other_families(family, tmp_path):
+    """A token head and pooling read the backbone's last state whatever the family's sequence head is
+    (RoBERTa's is a two-layer module named `classifier`, like the token head)."""
+    from transformers import AutoModel
+
+    from tests.helpers.adapters import make_adapter, reference_model
+
+    base = make_base(tmp_path / "base", family)
+    folder = tmp_path / "adapters"
+    make_adapter(base, folder, "seq", 3, seed=1)
+    make_adapter(base, folder, "ner", 5, seed=2, task_type="token-classification")
+    make_adapter(base, folder, "emb", seed=3, task_type="embedding")
+    bank = AdapterBank.load(folder)
+    assert sorted(bank.tasks) == ["emb", "ner", "seq"] and bank.load_errors == {}
+    inputs, tasks = ["great film", "hello world", "a good plot", "bad movie"], ["ner", "seq", "emb", "ner"]
+    for x, t, got in zip(inputs, tasks, bank.logits(inputs, tasks)):
+        enc = {k: v for k, v in encode(bank.tokenizer, x).items() if k != "token_type_ids" or family != "distilbert"}
+        with torch.no_grad():
+            if t == "emb":
+                plain = load_adapter(AutoModel.from_pretrained(str(base)), folder / t).eval()
+                want = plain(**enc).last_hidden_state[0].mean(dim=0)
+                want = want / want.norm()
+            else:
+                want = reference_model(base, folder / t)(**enc).logits[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -269,7 +269,8 @@ def test_unknown_task_lists_known_ones():
     with pytest.raises(DataError, match="sst2.*rotten_tomatoes") as err:
         load_task("imdb")
     assert isinstance(err.value, IncreLoraError)
-    assert known_tasks()[:8] == GLUE and set(known_tasks()[8:]) == {"rotten_tomatoes", "sms_spam", "bbc_news"}
+    assert known_tasks()[:8] == GLUE and set(known_tasks()[8:]) == {"rotten_tomatoes", "sms_spam", "bbc_news",
+                                                                  "bbc_retrieval", "bbc_rerank", "wnut16", "conll2003"}
 
 
 # ------------------------------------------------------------------------------------------------

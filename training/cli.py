@@ -5,6 +5,9 @@
     increlora-train --task sst2 --model microsoft/deberta-v3-base --target-avg-rank 2 --output ...
     increlora-train --task my_reviews --train data/train.csv --validation data/dev.csv --output ...
     increlora-train --tasks a,b,c --output /shared/adapters --ray auto     # one Ray task per task
+    increlora-train --task bbc_retrieval --output adapters/bbc_retrieval    # an embedding task
+    increlora-train --task-type embedding --task faq --train pairs.csv --output ...  # anchor,positive[,negative]
+    increlora-train --task-type token-classification --task ner --train ner.jsonl --output ...  # tokens, tags
 
 Every IncreLoraConfig field is an option (defaults from the paper). Ctrl-C writes a checkpoint;
 rerun the same command with --resume to continue.
@@ -23,6 +26,7 @@ from increlora import IncreLoraConfig
 from increlora.config import GROW_INITS, INITS, RANK_SCALINGS
 from increlora.errors import IncreLoraError
 
+from .kinds import TASK_TYPES
 from .methods import METHODS
 from .pipeline import TrainOptions, check_output, train_task
 from .tasks import known_tasks
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="increlora",
                    help="IncreLoRA, or a PEFT baseline at the same rank budget")
 
+    p.add_argument("--task-type", choices=TASK_TYPES, default=None,
+                   help="kind of task: with --train, how the files are read (default sequence-classification); "
+                        "a registered task has its own kind")
     data = p.add_argument_group("data")
     data.add_argument("--train", help="local training file (.csv, .tsv, .jsonl with a header/keys)")
     data.add_argument("--validation", help="local validation file; without it, 10%% of --train")
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--problem-type", choices=("single_label_classification", "regression"), default=None,
                       help="local files: classes (default) or a regression score")
     data.add_argument("--glue-dir", help="folder in the official GLUE layout (else GLUE comes through `datasets`)")
+    data.add_argument("--conll-dir", help="folder with the CoNLL-2003 files (eng.train/eng.testa/eng.testb or "
+                                           "train.txt/valid.txt/test.txt), for task conll2003")
     data.add_argument("--cache-dir",
                       help="cache of the embedded model and data; without it, $INCRELORA_HOME or ~/.cache/increlora")
     data.add_argument("--max-length", type=int, default=128, help="max tokens per example (longer ones are cut)")
@@ -157,13 +166,14 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
     elif args.validation or args.test:
         raise CliError("--validation/--test need --train")
     return TrainOptions(
-        model=args.model, method=args.method, seed=args.seed, max_length=args.max_length,
+        model=args.model, method=args.method, task_type=args.task_type, seed=args.seed, max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
         epochs=args.epochs, steps=args.steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, eval_steps=args.eval_steps, save_steps=args.save_steps,
         logging_steps=args.logging_steps, precision=args.precision, progress=not args.no_progress,
-        glue_dir=args.glue_dir, cache_dir=args.cache_dir, local=local, increlora=IncreLoraConfig(**cfg))
+        glue_dir=args.glue_dir, conll_dir=args.conll_dir, cache_dir=args.cache_dir, local=local,
+        increlora=IncreLoraConfig(**cfg))
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Path]]:

@@ -52,6 +52,8 @@ class TaskDefinition:
     label_range: tuple[float, float] | None = None
     """Allowed label interval for regression."""
     description: str = ""
+    task_type: str = "sequence-classification"
+    """The kind of task (`training.kinds`): "sequence-classification", "embedding" or "token-classification"."""
 
     @property
     def num_labels(self) -> int:
@@ -75,6 +77,10 @@ class Example:
     text: str
     text_pair: str | None
     label: int | float
+    group: str | None = None
+    """Rerankers: the query's id, so ranking metrics compare the documents of one query."""
+    negative: str | None = None
+    """Embedding pairs: a hard negative for the anchor (text), beside the positive (text_pair)."""
 
 
 @dataclass
@@ -223,6 +229,20 @@ def text_value(row: Row, column: str) -> str:
 # tokenized datasets
 
 
+def cut_to_tokens(tokenizer, texts: list[str], max_length: int) -> list[str]:
+    """Each text cut after its first max_length tokens (by the tokenizer's character offsets).
+
+    A pair keeps at most max_length tokens of either side, so the pair's tokens do not change; but
+    the tokenizer's longest-first truncation of a pair keeps every overflowing piece, which costs
+    memory quadratic in a side's length (a reranker's long documents) unless the sides come cut.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return texts
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length,
+                    return_offsets_mapping=True)
+    return [t[:offsets[-1][1]] if offsets else t for t, offsets in zip(texts, enc["offset_mapping"])]
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     """Items are dicts of unpadded token lists and a label, ready for `DataCollatorWithPadding`."""
 
@@ -247,6 +267,8 @@ def to_torch_dataset(examples: Sequence[Example], tokenizer, max_length: int, ch
         part = examples[start:start + chunk]
         texts = [e.text for e in part]
         pairs = [e.text_pair for e in part] if part and part[0].text_pair is not None else None
+        if pairs is not None:
+            texts, pairs = cut_to_tokens(tokenizer, texts, max_length), cut_to_tokens(tokenizer, pairs, max_length)
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         for k in keep:
             if k in enc:

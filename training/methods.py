@@ -7,6 +7,8 @@ target_r = avg on the schedule of AdaLoRA's official GLUE scripts, in proportion
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from increlora import IncreLoraConfig, apply_increlora, import_peft, save_adapter, trainable_parameter_count
+from increlora.adapter_file import CONFIG_NAME, unused_backbone_modules
 from increlora.errors import ConfigError
+from increlora.fingerprint import model_fingerprint
 from increlora.model import find_saved_modules, find_target_modules, resolve_modules_to_save, resolve_target_modules
 
 from .checkpoints import ADALORA_STATE_NAME, read_adalora_state, write_adalora_state
@@ -134,20 +138,41 @@ def final_ranks(prepared: Prepared) -> dict[str, int]:
     return {t: r for t in prepared.targets}
 
 
-def save(prepared: Prepared, folder: Path, *, task: str, base_model: str, labels: list[str], problem_type: str,
-         metadata: dict) -> Path:
+# the adapter file's own fields of a kind; the kind's other facts (a reranker, label_all_tokens) go in metadata
+KIND_FIELDS = ("task_type", "labels", "num_labels", "problem_type", "pooling")
+
+
+def save(prepared: Prepared, folder: Path, *, task: str, base_model: str, kind_fields: dict, metadata: dict) -> Path:
     """Write the adapter in this project's format (and, for the baselines, PEFT's own under peft/)."""
+    fields = {k: v for k, v in kind_fields.items() if k in KIND_FIELDS}
+    metadata = {**metadata, **{k: v for k, v in kind_fields.items() if k not in KIND_FIELDS}}
     if prepared.method == "increlora":
-        return save_adapter(prepared.model, folder, task=task, base_model=base_model, labels=labels,
-                            problem_type=problem_type, **metadata)
+        return save_adapter(prepared.model, folder, task=task, base_model=base_model, **fields, **metadata)
     peft_dir = folder / "peft"
     prepared.model.peft_config["default"].base_model_name_or_path = base_model
     prepared.model.save_pretrained(str(peft_dir), safe_serialization=True)
     tmp = folder / ".imported"
     # the trained model's own backbone gives the base-model fingerprint (adapter and head weights are left out)
-    import_peft(peft_dir, tmp, task=task, labels=labels, problem_type=problem_type,
+    import_peft(peft_dir, tmp, task=task, labels=fields["labels"] or None, problem_type=fields["problem_type"],
                 base_model=prepared.model.get_base_model())
+    if fields["task_type"] != "sequence-classification":
+        _record_kind(tmp, fields, metadata, prepared.model.get_base_model())
     for f in tmp.iterdir():
         shutil.move(str(f), folder / f.name)
     tmp.rmdir()
     return folder
+
+
+def _record_kind(folder: Path, fields: dict, metadata: dict, model: nn.Module) -> None:
+    """import_peft writes a sequence classifier: give the imported adapter its kind's fields, and the
+    fingerprint without the backbone modules the kind leaves unused (as save_adapter does)."""
+    path = folder / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config.update(fields)
+    config["base_model_fingerprint"] = model_fingerprint(
+        model, config["modules_to_save"] + unused_backbone_modules(model, fields["task_type"]))
+    config["num_labels"] = fields.get("num_labels", len(fields["labels"]))
+    config["metadata"] = {**config.get("metadata", {}), **metadata}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -24,13 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 from increlora import IncreLoraConfig
 from increlora.assets import resolve_model
@@ -39,9 +33,9 @@ from increlora.schedule import plan_growth
 
 from . import methods
 from .checkpoints import last_complete_checkpoint
-from .data import DataError, TaskData, to_torch_dataset
+from .data import TaskData
 from .interrupt import StopOnInterrupt
-from .metrics import compute_metrics
+from .kinds import kind_of
 from .outputs import write_outputs
 from .tasks import load_task
 
@@ -52,8 +46,8 @@ SUBSET_SEED = 0  # the shuffle that picks --max-train-examples, independent of -
 RUN_FILE = "run.json"
 ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
-SAME_ON_RESUME = ("method", "model", "seed", "max_length", "max_train_examples", "batch_size", "grad_accum", "epochs",
-                  "steps",
+SAME_ON_RESUME = ("method", "task_type", "model", "seed", "max_length", "max_train_examples", "batch_size",
+                  "grad_accum", "epochs", "steps",
                   "learning_rate", "weight_decay", "increlora", "processes")
 
 
@@ -61,6 +55,7 @@ SAME_ON_RESUME = ("method", "model", "seed", "max_length", "max_train_examples",
 class TrainOptions:
     model: str | None = None
     method: str = "increlora"
+    task_type: str | None = None  # None: the registered task's kind; sequence classification for --train files
     seed: int = 42
     max_length: int = 128
     max_train_examples: int | None = None
@@ -78,6 +73,7 @@ class TrainOptions:
     precision: str = "fp32"
     progress: bool = True
     glue_dir: str | None = None
+    conll_dir: str | None = None
     cache_dir: str | None = None
     local: dict = field(default_factory=dict)
     increlora: IncreLoraConfig = field(default_factory=IncreLoraConfig)
@@ -145,9 +141,7 @@ def load_backbone(opts: TrainOptions, data: TaskData):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(opts.seed)  # the head's initialisation
-        labels = {"id2label": d.id2label, "label2id": d.label2id} if d.label_names else {}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=d.num_labels, problem_type=d.problem_type, **labels)
+        model = kind_of(d.task_type).load_model(path, d)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"could not load model {opts.model or 'default'!r} from {path}: {first}") from exc
@@ -261,18 +255,20 @@ def limit_training_examples(data: TaskData, n: int) -> None:
     if n < len(rows):
         keep = sorted(random.Random(SUBSET_SEED).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]
-    d = data.definition
-    if d.problem_type != "regression" and len({e.label for e in rows}) < 2:
-        raise DataError(f"task {d.name!r}: the first {n} training examples hold a single class; "
-                        f"raise --max-train-examples")
+    kind_of(data.definition.task_type).check_train(data.definition, rows)
     data.splits["train"] = rows
 
 
 def evaluate(trainer, data: TaskData, datasets: dict) -> dict[str, dict]:
     """Metrics of the final model on validation and the task's test splits."""
     d = data.definition
+    kind = kind_of(d.task_type)
     names = ["validation", *(s for s in d.test_splits if s in datasets)]
-    return {n: compute_metrics(d, trainer.predict(datasets[n]).predictions, datasets[n].labels) for n in names}
+    out, trainer.compute_metrics = {}, None  # the Trainer's own is bound to the validation rows
+    for n in names:
+        p = trainer.predict(datasets[n])
+        out[n] = kind.compute_metrics(d, p.predictions, p.label_ids, data.splits[n])
+    return out
 
 
 def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resume: bool = False,
@@ -288,18 +284,21 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     checkpoint = resume_point(task, output, opts, resume)
 
     with procs.main_process_first():  # downloads and caches once
-        data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, **opts.local)
+        data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, conll_dir=opts.conll_dir,
+                         task_type=opts.task_type, **opts.local)
         tokenizer, model = load_backbone(opts, data)
     d = data.definition
+    kind = kind_of(d.task_type)
+    config = kind.adjust_config(opts.increlora)  # e.g. an embedding has no head to train in full
     if opts.max_train_examples is not None:
         limit_training_examples(data, opts.max_train_examples)
-    datasets = {name: to_torch_dataset(rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
+    datasets = {name: kind.to_dataset(d, rows, tokenizer, opts.max_length) for name, rows in data.splits.items()}
     steps = total_steps(opts, len(datasets["train"]))
     # the schedule fields left unset are derived from the run (IncreLoRA's allocator logs the plan as
     # training starts); every method gets the same learning-rate warmup (IncreLoraTrainer schedules its own)
-    targets, _ = methods.targets_of(model, opts.increlora)
-    plan = plan_growth(opts.increlora, len(targets), steps)
-    prepared = methods.prepare(opts.method, model, opts.increlora, steps)
+    targets, _ = methods.targets_of(model, config)
+    plan = plan_growth(config, len(targets), steps)
+    prepared = methods.prepare(opts.method, model, config, steps)
     # --overwrite clears the folder only now that data and model loaded: a rerun that fails on its
     # inputs keeps the adapter that was there
     procs.wait_for_everyone()  # every process has checked the folder before the first one changes it
@@ -312,13 +311,13 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if procs.is_main_process:
         (folder / RUN_FILE).write_text(json.dumps(_run_record(opts), indent=1))
     stop = StopOnInterrupt()
-    trainer_kwargs = {"increlora_config": opts.increlora} if opts.method == "increlora" else {}
+    trainer_kwargs = {"increlora_config": config} if opts.method == "increlora" else {}
     trainer = prepared.trainer_cls(
         model=prepared.model,
         args=training_arguments(opts, output, steps, 0 if opts.method == "increlora" else plan.warmup_steps),
         train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"], data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: compute_metrics(d, p.predictions, p.label_ids),
+        eval_dataset=datasets["validation"], data_collator=kind.collator(tokenizer),
+        compute_metrics=lambda p: kind.compute_metrics(d, p.predictions, p.label_ids, data.splits["validation"]),
         callbacks=[*(callbacks or []), *prepared.callbacks, stop], **trainer_kwargs)
 
     clock = TrainTime(earlier_train_seconds(task, checkpoint))
@@ -335,7 +334,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if not trainer.is_world_process_zero():
         return TaskResult(task, output, True, steps, None)
     methods.save(prepared, output, task=d.name, base_model=recorded_model_name(opts.model),
-                 labels=list(d.label_names) or ["score"], problem_type=d.problem_type,
+                 kind_fields=kind.adapter_fields(d, resolve_model(opts.model)),
                  metadata={"method": opts.method, "seed": opts.seed, "max_length": opts.max_length})
     metrics = write_outputs(
         output, prepared, trainer, results, task=d.name, main_metric=d.main_metric,

@@ -5,9 +5,13 @@ Splits are fixed and deterministic, so every run and every method sees the same 
 - GLUE test labels are hidden, so the GLUE dev set is our "test" split (MNLI: "test" is dev-matched,
   "test_mismatched" dev-mismatched) and "validation" is 10% of the GLUE train set, carved by a seeded
   hash of the row's position (stratified by label).
-- The offline tasks (rotten_tomatoes, sms_spam, bbc_news) come from pinned PyPI wheels (see
-  `increlora.assets`) and are split 80/10/10 by a seeded hash; rows that must stay together (same
-  movie, same text) are one group, and groups never cross splits.
+- The offline tasks (rotten_tomatoes, sms_spam, bbc_news, and bbc_retrieval / bbc_rerank / wnut16
+  of the other kinds) come from pinned PyPI wheels (see `increlora.assets`) and are split 80/10/10
+  by a seeded hash; rows that must stay together (same movie, same text) are one group, and groups
+  never cross splits.
+- conll2003 reads a local folder in the CoNLL-2003 layout (`conll_dir`), as GLUE reads `glue_dir`.
+
+A task's kind (`TaskDefinition.task_type`) decides how its local files are read (`training.kinds`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from increlora.assets import fetch_asset
 
+from . import pair_tasks
 from .data import (
     REGRESSION,
     SINGLE_LABEL,
@@ -35,6 +40,7 @@ from .data import (
     split_rows,
     text_value,
 )
+from .kinds import DEFAULT_TASK_TYPE, embedding, kind_of, token_classification
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,10 @@ SPLITS = ("train", "validation", "test")
 GLUE_SPLIT = (0.9, 0.1, 0.0)  # of GLUE's train set; GLUE dev is the test split
 WHEEL_SPLIT = (0.8, 0.1, 0.1)
 SEED = 42
+
+
+WNUT16_TAGS = ("O", *(f"{p}-{t}" for t in ("company", "facility", "geo-loc", "movie", "musicartist", "other",
+                                             "person", "product", "sportsteam", "tvshow") for p in "BI"))
 
 
 def _glue(name, text_fields, label_names=(), metrics=("accuracy",), main="accuracy", **kw) -> TaskDefinition:
@@ -74,6 +84,15 @@ TASKS: dict[str, TaskDefinition] = {t.name: t for t in (
            description="SMS Spam Collection, exact duplicates removed; f1 of the spam class"),
     _wheel("bbc_news", ("text",), ("business", "entertainment", "politics", "sports", "tech"), ("accuracy", "f1"),
            description="BBC News articles, 5 topics (long texts); f1 is macro"),
+    embedding.definition("bbc_retrieval", scored=False, split_seed=SEED, split_fractions=WHEEL_SPLIT, source="wheel",
+                         description="BBC News: headline -> rest of the article, against all held-out articles"),
+    _wheel("bbc_rerank", ("query", "document"), ("irrelevant", "relevant"), ("mrr@10", "ndcg@10"), "mrr@10",
+           description="BBC News: rank an article's text for its headline among 9 others of its topic"),
+    token_classification.definition("wnut16", WNUT16_TAGS, split_seed=SEED, split_fractions=WHEEL_SPLIT,
+                                    source="wheel", description="WNUT 2016 Twitter NER, 10 entity types"),
+    token_classification.definition("conll2003", ("O", *(f"{p}-{t}" for t in ("LOC", "MISC", "ORG", "PER")
+                                                         for p in "BI")),
+                                    source="conll", description="CoNLL-2003 English NER (local files: conll_dir)"),
 )}
 
 
@@ -90,12 +109,25 @@ def get_definition(name: str) -> TaskDefinition:
 
 
 def load_task(name: str, glue_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-              **local_kwargs) -> TaskData:
-    """Load a task's splits. With `train=...` (see `load_local_task`) `name` is a new local task."""
+              conll_dir: str | Path | None = None, task_type: str | None = None, **local_kwargs) -> TaskData:
+    """Load a task's splits. With `train=...` (see `load_local_task`) `name` is a new local task of
+    kind `task_type` (default: sequence classification); a registered task must be of that kind."""
     if local_kwargs:
-        return load_local_task(name, **local_kwargs)
+        kind = kind_of(task_type or DEFAULT_TASK_TYPE)
+        if kind.TASK_TYPE == DEFAULT_TASK_TYPE:
+            return load_local_task(name, **local_kwargs)
+        data = kind.load_local(name, **local_kwargs)
+        logger.info("task %s (%s): %s", name, kind.TASK_TYPE, data.sizes())
+        return data
     d = get_definition(name)
-    if d.source == "glue":
+    if task_type is not None and task_type != d.task_type:
+        raise DataError(f"task {d.name!r} is a {d.task_type} task, not {task_type}")
+    if d.source == "conll":
+        if conll_dir is None:
+            raise DataError(f"task {d.name!r} needs conll_dir=<folder with the CoNLL-2003 files> (--conll-dir); "
+                            f"no package ships CoNLL-2003")
+        data = token_classification.load_conll_dir(d, Path(conll_dir))
+    elif d.source == "glue":
         data = _load_glue_dir(d, Path(glue_dir)) if glue_dir is not None else _load_glue_hub(d)
     else:
         data = _WHEEL_LOADERS[d.name](d, cache_dir)
@@ -305,7 +337,16 @@ def _load_bbc_news(d: TaskDefinition, cache_dir) -> TaskData:
     return _split_wheel_task(d, rows, [e.text for e in rows], stratify=True)
 
 
-_WHEEL_LOADERS = {"rotten_tomatoes": _load_rotten_tomatoes, "sms_spam": _load_sms_spam, "bbc_news": _load_bbc_news}
+def _load_wnut16(d: TaskDefinition, cache_dir) -> TaskData:
+    rows = token_classification.read_conll(fetch_asset("wnut16", cache_dir))
+    data = TaskData(d, token_classification.split_sentences(d, rows))
+    token_classification.check_tags(d, data.splits)
+    return data
+
+
+_WHEEL_LOADERS = {"rotten_tomatoes": _load_rotten_tomatoes, "sms_spam": _load_sms_spam, "bbc_news": _load_bbc_news,
+                  "bbc_retrieval": pair_tasks.load_retrieval, "bbc_rerank": pair_tasks.load_rerank,
+                  "wnut16": _load_wnut16}
 
 
 # ---------------------------------------------------------------------------------------------------

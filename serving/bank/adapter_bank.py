@@ -46,17 +46,20 @@ from .adapter_folders import adapter_folders, choose_base_model, modules_to_save
 from .base_layout import BaseLayout
 from .base_model import load_base_model
 from .batch_inputs import ModelInput, check_inputs, tokenize_with_offsets
+from .dtype import resolve_dtype
 from .errors import (
     AdapterShapeError,
     BankLoadError,
     DuplicateTaskError,
     InputError,
     NonFiniteOutputError,
+    PinError,
     WrongTaskKindError,
 )
 from .kinds import RowOutput, check_reranker, kind_of, rerank_pairs, rerank_results
 from .predictions import Prediction, answer
 from .registry import TaskRegistry
+from .residency import Catalogue, Residency, load_resident_bank
 from .task_adapter import TaskAdapter, build_task_adapter, read_any_adapter
 
 logger = logging.getLogger(__name__)
@@ -96,15 +99,6 @@ def _backend(backend: str, device: torch.device) -> str:
         raise BankLoadError(f"backend='triton' on {device.type} runs only in Triton's interpreter: set "
                             "TRITON_INTERPRET=1 before starting (slow; for tests), or use backend='torch'")
     return backend
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise BankLoadError(f"dtype {dtype!r} is not a torch floating-point type (float32, bfloat16, float16)")
-    return value
 
 
 _BULK_LOCK = threading.Lock()
@@ -194,7 +188,7 @@ class AdapterBank:
         self.device = _device(device)
         self.backend = _backend(backend, self.device)
         self._packed: dict[str, PackedFactors] = {}  # module -> all tasks' factors there (Triton backend)
-        dtype = _dtype(dtype)
+        dtype = resolve_dtype(dtype, self.device)
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
         self.max_length = self._max_length()
@@ -209,19 +203,28 @@ class AdapterBank:
         self._lora_modules: frozenset[str] = frozenset()
         self._head_modules: frozenset[str] = frozenset()
         self.load_errors: dict[str, IncreLoraError] = {}
+        self.residency: Residency | None = None  # set by limit_residency: tasks loaded on first use
 
     # --- loading -----------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
              device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-             max_batch_size: int = 64, backend: str = "auto") -> AdapterBank:
+             max_batch_size: int = 64, backend: str = "auto", max_resident: int | None = None,
+             max_resident_mb: float | None = None, pin: Iterable[str] = ()) -> AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.
-        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint.
+        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint; 'auto' is
+        bfloat16 where the device multiplies in it natively, else float32 (serving.bank.dtype).
         backend: 'auto' (Triton kernels on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
+        max_resident / max_resident_mb: load only the `pin` tasks now; every folder of `adapters` is served,
+        loaded on first use, and at most this many tasks (MB of adapter tensors) are held (see residency.py).
         """
+        if max_resident is not None or max_resident_mb is not None or pin:
+            return load_resident_bank(cls, adapters, base_model, max_tasks=max_resident, max_mb=max_resident_mb,
+                                      pin=list(pin), device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                      backend=backend)
         folders = adapter_folders(adapters)
         errors: dict[str, IncreLoraError] = {}
         saved_sets = []  # (modules_to_save, task_type) of each folder
@@ -256,6 +259,8 @@ class AdapterBank:
 
     def add(self, path: PathLike) -> str:
         """Load one adapter folder; returns its task name. Raises on a bad or duplicate adapter."""
+        if self.residency is not None:
+            return self.residency.add(Path(path))
         task = self._prepare(Path(path))
         self._commit([task])
         logger.info("added task %r from %s (total rank %d)", task.name, path, task.total_rank)
@@ -263,9 +268,62 @@ class AdapterBank:
 
     def remove(self, task: str) -> None:
         """Unload a task; batches already running with it finish. UnknownTaskError (a KeyError) if absent."""
+        if self.residency is not None:
+            self.residency.remove(task)  # and its pin: its next request loads it again
+        else:
+            self._drop(task)
+        logger.info("removed task %r", task)
+
+    def _drop(self, task: str) -> None:
         with self._lock:
             self._registry = self._registry.without(task)
-        logger.info("removed task %r", task)
+
+    # --- residency: tasks loaded on first use, kept by recency ---------------------------------------
+
+    def limit_residency(self, catalogue: Catalogue, max_tasks: int | None = None,
+                        max_bytes: int | None = None) -> None:
+        """Serve every adapter folder of `catalogue`, loaded on first use, holding at most the limits."""
+        self.residency = Residency(catalogue, self._install, self._drop, TaskAdapter.memory_bytes,
+                                   max_tasks=max_tasks, max_bytes=max_bytes)
+
+    @property
+    def catalogue(self) -> Catalogue | None:
+        return None if self.residency is None else self.residency.catalogue
+
+    def pin(self, tasks: Iterable[str]) -> list[str]:
+        """Load and keep `tasks` from eviction; the pinned tasks. PinError over the limit or without one."""
+        return self._residency_or_refuse().pin(tasks)
+
+    def unpin(self, tasks: Iterable[str]) -> list[str]:
+        return self._residency_or_refuse().unpin(tasks)
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        """Held tasks, loads, evictions, hits and misses (None for a bank holding every task)."""
+        return None if self.residency is None else self.residency.stats()
+
+    def _residency_or_refuse(self) -> Residency:
+        if self.residency is None:
+            raise PinError("this bank holds every task it loaded (no max_resident): there is nothing to pin")
+        return self.residency
+
+    def _install(self, folder: Path, name: str) -> TaskAdapter:
+        """Load `folder` as task `name`, replacing an older version of it (Residency's load)."""
+        task = self._prepare(folder, replace=True)
+        if task.name != name:
+            raise AdapterFormatError(f"{folder}: holds task {task.name!r}; a bank that loads tasks on first use "
+                                     f"serves each folder under its name, so name the folder {task.name!r}")
+        self._commit([task], replace=True)
+        return task
+
+    @contextlib.contextmanager
+    def _adapters_of(self, names: list[str]) -> Iterator[list[TaskAdapter]]:
+        """The adapters of a batch's task names; with a residency limit, loaded if needed and held meanwhile."""
+        if self.residency is None:
+            snapshot = self._registry
+            yield [snapshot.get(n) for n in names]
+            return
+        with self.residency.hold(names) as adapters:
+            yield adapters
 
     def _add_many(self, folders: list[Path]) -> None:
         """Read and check the adapters one after the other, then add the good ones in folder order."""
@@ -297,9 +355,10 @@ class AdapterBank:
         except IncreLoraError as exc:
             return exc
 
-    def _prepare(self, folder: Path) -> TaskAdapter:
+    def _prepare(self, folder: Path, replace: bool = False) -> TaskAdapter:
         adapter = read_any_adapter(folder)
-        self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
+        if not replace:
+            self._registry.check_absent(adapter.task, folder)  # fail early; both checked again when committing
         in_model = kind_of(adapter.task_type).model_modules(adapter, self._layout)
         check_overlaps(folder, adapter.modules, in_model, self._head_modules, self._lora_modules)
         if kind_of(adapter.task_type).needs_offsets and not getattr(self.tokenizer, "is_fast", False):
@@ -328,9 +387,12 @@ class AdapterBank:
         weakref.finalize(packed, _release, list(slots.values()))
         return packed
 
-    def _commit(self, tasks: list[TaskAdapter]) -> None:
+    def _commit(self, tasks: list[TaskAdapter], replace: bool = False) -> None:
         with self._lock:
-            registry = self._registry.with_tasks(tasks)  # checks duplicates against the current tasks
+            registry = self._registry
+            for task in tasks if replace else ():  # a new version of a task takes the old one's place
+                registry = registry.without(task.name) if task.name in registry else registry
+            registry = registry.with_tasks(tasks)  # checks duplicates against the current tasks
             heads, loras = set(self._head_modules), set(self._lora_modules)
             for task in tasks:
                 check_overlaps(task.path, task.lora, task.heads, heads, loras)
@@ -387,7 +449,10 @@ class AdapterBank:
     def task_info(self, task: str) -> dict[str, Any]:
         """name, task_type, labels, problem_type, num_labels, total_rank, parameter_count, base_model, path,
         memory_bytes; for an embedding task also pooling and dimensions."""
-        return self._registry.get(task).info()
+        if self.residency is None or task in self._registry:  # no load, and no use that would count as recent
+            return self._registry.get(task).info()
+        with self._adapters_of([task]) as (found,):  # a task of the catalogue that is not held: loaded
+            return found.info()
 
     def describe(self) -> dict[str, Any]:
         return {"base_model": self.base_model, "device": str(self.device), "backend": self.backend,
@@ -433,12 +498,6 @@ class AdapterBank:
         items, names = check_inputs(inputs, tasks)
         with self._adapters_of(names) as adapters:
             return [row.values for row in self._outputs(items, adapters)]
-
-    @contextlib.contextmanager
-    def _adapters_of(self, names: list[str]) -> Iterator[list[TaskAdapter]]:
-        """The adapters of a batch's task names, from one snapshot of the registry."""
-        snapshot = self._registry
-        yield [snapshot.get(n) for n in names]
 
     def _outputs(self, items: list[ModelInput], adapters: list[TaskAdapter]) -> list[RowOutput]:
         for i, (item, task) in enumerate(zip(items, adapters)):  # before the model runs: a kind's input rules

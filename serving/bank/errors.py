@@ -36,6 +36,34 @@ def _unknown_task(cls: type, task: str, known: list[str], removed: bool) -> Unkn
     return cls(task, known, removed=removed)
 
 
+class NoAdapterFolderError(UnknownTaskError):
+    """A task name that is no adapter folder in a bank's catalogue (a name with a path in it included)."""
+
+    def __init__(self, task: str, root: str = "") -> None:
+        super().__init__(task)
+        self.root = root
+        self.args = (f"no adapter folder {task!r} in {root or 'the adapter folder'}: the tasks served are the names "
+                     f"of the adapter folders in it",)
+
+    def __reduce__(self):
+        return NoAdapterFolderError, (self.task, self.root)
+
+
+class TaskLoadError(ServingError):
+    """A task's adapter folder failed to load on first use; the same error answers until its files change."""
+
+    def __init__(self, task: str, problem: str) -> None:
+        super().__init__(f"task {task!r} cannot be loaded: {problem}; it is tried again once its folder changes")
+        self.task, self.problem = task, problem
+
+    def __reduce__(self):
+        return TaskLoadError, (self.task, self.problem)
+
+
+class PinError(ServingError, ValueError):
+    """Pinning refused: over the bank's residency limit, or a bank that holds every task anyway."""
+
+
 class DuplicateTaskError(ServingError, ValueError):
     """An adapter's task name is already loaded in the bank."""
 
@@ -72,5 +100,6 @@ class WorkerDiedError(ServingError):
     """The model process is gone (crashed or killed); the server must be restarted."""
 
 
-__all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "NonFiniteOutputError",
-           "ServingError", "UnknownTaskError", "WorkerDiedError", "WrongTaskKindError"]
+__all__ = ["AdapterShapeError", "BankLoadError", "DuplicateTaskError", "InputError", "NoAdapterFolderError",
+           "NonFiniteOutputError", "PinError", "ServingError", "TaskLoadError", "UnknownTaskError", "WorkerDiedError",
+           "WrongTaskKindError"]

@@ -28,7 +28,7 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("predict", "embed", "rerank", "task_info", "add", "remove")
+_OPS = ("predict", "embed", "rerank", "task_info", "add", "remove", "pin", "unpin", "residency_stats")
 
 
 class ProcessBank:
@@ -46,6 +46,7 @@ class ProcessBank:
         self.max_length: int = info["max_length"]
         self.tokenizer: Any = info["tokenizer"]
         self.base_model: str = info.get("base_model", "unknown")
+        self.catalogue: Any = info.get("catalogue")  # a bank loading tasks on first use: where they are
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
@@ -150,6 +151,15 @@ class ProcessBank:
     def remove(self, task: str) -> None:
         self._call("remove", task)
 
+    def pin(self, tasks: list[str]) -> list[str]:
+        return self._call("pin", list(tasks))
+
+    def unpin(self, tasks: list[str]) -> list[str]:
+        return self._call("unpin", list(tasks))
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        return self._call("residency_stats")
+
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it has not within `timeout` s, or if a call still holds the pipe after
         half of that (a stopped or hung child never answers); then reap it."""
@@ -226,7 +236,8 @@ def _serve(conn: Any, loader: Callable[[], Any], log_level: int, beats: Any = No
     if beats is not None:
         threading.Thread(target=_beat, args=(beats, heartbeat_s), name="increlora-heartbeat", daemon=True).start()
     conn.send(("ok", {"tasks": list(bank.tasks), "max_length": bank.max_length, "tokenizer": bank.tokenizer,
-                      "base_model": getattr(bank, "base_model", "unknown")}))
+                      "base_model": getattr(bank, "base_model", "unknown"),
+                      "catalogue": getattr(bank, "catalogue", None)}))
     while True:
         try:
             op, args = conn.recv()

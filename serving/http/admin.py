@@ -8,7 +8,7 @@ from typing import Any
 
 from increlora.errors import IncreLoraError
 
-from ..bank.errors import DuplicateTaskError, UnknownTaskError
+from ..bank.errors import DuplicateTaskError, PinError, UnknownTaskError
 from ..bank.task_adapter import task_name
 from .errors import (
     AdapterConflictError,
@@ -18,7 +18,7 @@ from .errors import (
     AdminDisabledError,
     UnauthorizedError,
 )
-from .schemas import RemovedTask, TaskInfo
+from .schemas import Pins, RemovedTask, TaskInfo
 from .service import task_info
 from .settings import ServiceSettings
 
@@ -82,3 +82,20 @@ def remove_task(bank: Any, task: str) -> RemovedTask:
         raise UnknownTaskError(task, list(bank.tasks)) from None
     logger.info("admin: removed task %r", task)
     return RemovedTask(removed=task)
+
+
+def pin_tasks(bank: Any, tasks: list[str]) -> Pins:
+    """Load `tasks` now and keep them from eviction (a bank with a residency limit)."""
+    pinned = _pinning(bank).pin(tasks)
+    logger.info("admin: pinned %s", tasks)
+    return Pins(pinned=pinned)
+
+
+def unpin_task(bank: Any, task: str) -> Pins:
+    return Pins(pinned=_pinning(bank).unpin([task]))
+
+
+def _pinning(bank: Any) -> Any:
+    if getattr(bank, "catalogue", None) is None and not getattr(bank, "pins_on_replicas", False):
+        raise PinError("this server holds every task it loaded (started without --max-resident): nothing to pin")
+    return bank

@@ -31,6 +31,8 @@ from .schemas import (
     ErrorBody,
     Health,
     LoadTaskRequest,
+    PinRequest,
+    Pins,
     PredictRequest,
     PredictResponse,
     Readiness,
@@ -156,7 +158,8 @@ async def ready(service: ServiceDep, response: Response) -> Readiness:
 @router.get("/metrics", tags=["service"], summary="Prometheus metrics",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(service: ServiceDep) -> Response:
-    return Response(service.metrics.render(), media_type=service.metrics.content_type)
+    # off the event loop: a bank's residency counts come from the model process between batches
+    return Response(await asyncio.to_thread(service.metrics.render), media_type=service.metrics.content_type)
 
 
 @keyed_router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
@@ -185,7 +188,7 @@ async def rerank(body: RerankRequest, service: ServiceDep, request: Request) -> 
                   summary="Loaded tasks", responses=_errors(401, 503))
 async def list_tasks(bank: BankDep) -> TaskList:
     # off the event loop: the model process answers task_info between batches
-    return TaskList(tasks=await asyncio.to_thread(http_service.task_infos, bank))
+    return await asyncio.to_thread(http_service.task_list, bank)
 
 
 @keyed_router.get("/v1/tasks/{task}", response_model=TaskInfo, response_model_exclude_none=True, tags=["tasks"],
@@ -215,3 +218,17 @@ async def remove_task(task: str, service: ServiceDep, bank: BankDep) -> RemovedT
     service.forget_task(task)
     service.metrics.tasks_loaded.set(len(bank.tasks))
     return removed
+
+
+@router.post("/v1/pins", response_model=Pins, tags=["admin"],
+             summary="Load tasks now and never evict them (admin; a server with --max-resident)",
+             dependencies=[Depends(require_admin)], responses=_errors(401, 403, 404, 409, 413, 500, 503))
+async def pin_tasks(body: PinRequest, bank: BankDep) -> Pins:
+    return await asyncio.to_thread(http_admin.pin_tasks, bank, body.tasks)
+
+
+@router.delete("/v1/pins/{task}", response_model=Pins, tags=["admin"],
+               summary="Let a pinned task be evicted again (admin)",
+               dependencies=[Depends(require_admin)], responses=_errors(401, 403, 409, 503))
+async def unpin_task(task: str, bank: BankDep) -> Pins:
+    return await asyncio.to_thread(http_admin.unpin_task, bank, task)

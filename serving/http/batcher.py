@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..bank.batch_inputs import ModelInput
-from ..bank.errors import UnknownTaskError, WorkerDiedError
+from ..bank.errors import TaskLoadError, UnknownTaskError, WorkerDiedError
 from .errors import (
     BatchCrashedError,
     BatcherClosedError,
@@ -277,22 +277,30 @@ class DynamicBatcher:
 
     def _isolate(self, batch: list[_Request], exc: Exception) -> list[Outcome]:
         """Fail only the requests `exc` concerns; retry the others."""
-        known = set(self.bank.tasks)
+        known = self._known(batch)
         if len(batch) == 1:
             return [self._request_error(batch[0], exc, known)]
         gone = [r for r in batch if r.task not in known]
         outcomes: dict[int, Outcome] = {
             id(r): UnknownTaskError(r.task, sorted(known), removed=True) for r in gone}
-        rest = [r for r in batch if r.task in known]
-        if gone and rest:
+        if isinstance(exc, TaskLoadError):  # a folder that failed to load: only its task's requests get it
+            outcomes.update((id(r), exc) for r in batch if r.task == exc.task)
+        rest = [r for r in batch if id(r) not in outcomes]
+        if outcomes and rest:
             logger.info("retrying %d requests without the removed task(s) %s", len(rest),
                         sorted({r.task for r in gone}))
             outcomes.update(zip(map(id, rest), self._run_batch(rest)))
-        elif not gone:
+        elif not outcomes:
             logger.warning("batch of %d requests failed (%s: %s); retrying them one by one",
                            len(batch), type(exc).__name__, exc)
             outcomes.update((id(r), self._run_batch([r])[0]) for r in batch)
         return [outcomes[id(r)] for r in batch]
+
+    def _known(self, batch: list[_Request]) -> set[str]:
+        """The batch's tasks the bank still serves: those it holds, and for a bank that loads tasks on first
+        use, those with a folder in its catalogue."""
+        held, catalogue = set(self.bank.tasks), getattr(self.bank, "catalogue", None)
+        return {r.task for r in batch if r.task in held or (catalogue is not None and r.task in catalogue)}
 
     def _request_error(self, request: _Request, exc: Exception, known: set[str]) -> Exception:
         if request.task not in known:

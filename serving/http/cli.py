@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--base-model", default=None, help="backbone folder or hub id (default: the adapters' own)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the bank's choice)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model dtype; auto: bfloat16 where the processor has native bfloat16, else float32 "
+                        "(default: the checkpoint's)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per model call (%(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long a batch waits to fill up (%(default)s ms)")
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run the model in the server process (default: a child process, so the model does not "
                         "fight the event loop for Python's GIL, and is restarted if it dies)")
+    p.add_argument("--max-resident", type=int, default=None, metavar="N",
+                   help="serve every adapter folder under --adapters, loading each on its first request and "
+                        "holding at most N (the least recently used go first); start-up loads only --pin. With "
+                        "--ray: N tasks per replica, as --max-tasks-per-replica")
+    p.add_argument("--max-resident-mb", type=float, default=None, metavar="MB",
+                   help="as --max-resident, a limit on the held adapters' tensors in MB (both may be given)")
+    p.add_argument("--pin", type=lambda s: [t for t in s.split(",") if t], default=[], metavar="TASK,...",
+                   help="tasks loaded at start and never evicted (needs --max-resident or --max-resident-mb)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_ray_options(p)
     return p
@@ -85,12 +95,41 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_bank(adapters: Path, base_model: str | None, device: str | None, dtype: str | None,
-              torch_threads: int | None = None):
+              torch_threads: int | None = None, max_resident: int | None = None,
+              max_resident_mb: float | None = None, pin: tuple[str, ...] = ()):
     """Load the bank (in the model process, or off the event loop in the server process)."""
     if torch_threads:
         import torch
         torch.set_num_threads(torch_threads)
-    return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype)
+    return AdapterBank.load(adapters, base_model=base_model, device=device, dtype=dtype, max_resident=max_resident,
+                            max_resident_mb=max_resident_mb, pin=pin)
+
+
+def residency_problem(args: argparse.Namespace) -> str | None:
+    """Why the residency options do not fit together, or None."""
+    limited = args.max_resident is not None or args.max_resident_mb is not None
+    if (args.max_resident is not None and args.max_resident < 1) or (
+            args.max_resident_mb is not None and not args.max_resident_mb > 0):
+        return "--max-resident and --max-resident-mb must be positive"
+    if getattr(args, "ray", None) is not None:
+        return _ray_residency_problem(args)
+    if args.pin and not limited:
+        return "--pin needs --max-resident or --max-resident-mb (without them every task is held)"
+    if limited and _adapter_folder(args.adapters) is None:
+        return f"--max-resident serves a folder of adapter folders; {args.adapters} is one adapter"
+    return None
+
+
+def _ray_residency_problem(args: argparse.Namespace) -> str | None:
+    """With --ray, --max-resident N is the replicas' limit, --max-tasks-per-replica N."""
+    per_replica = getattr(args, "max_tasks_per_replica", None)
+    if args.max_resident_mb is not None:
+        return "--max-resident-mb is not available with --ray (its replicas count tasks): give --max-resident N"
+    if args.max_resident is not None and per_replica not in (None, args.max_resident):
+        return "with --ray, --max-resident is --max-tasks-per-replica (tasks per replica): give one of them"
+    if args.pin and args.max_resident is None and per_replica is None:
+        return "--pin needs --max-resident with --ray (without it every replica holds every task)"
+    return None
 
 
 def _adapter_folder(path: Path) -> Path | None:
@@ -129,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.adapters.exists():
         print(f"increlora-serve: --adapters {args.adapters}: no such file or folder", file=sys.stderr)
         return 2
+    if problem := residency_problem(args):
+        print(f"increlora-serve: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = ServiceSettings(
             adapters=_adapter_folder(args.adapters), max_batch_size=args.max_batch_size,
@@ -160,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
-                               args.torch_threads)
+                               args.torch_threads, args.max_resident, args.max_resident_mb, tuple(args.pin))
     if not args.in_process:
         loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive", policy=policy,
                                    retry_wait_s=settings.request_timeout)

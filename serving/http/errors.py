@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bank.errors import InputError, ServingError, UnknownTaskError, WorkerDiedError, WrongTaskKindError
+from ..bank.errors import (
+    InputError,
+    NoAdapterFolderError,
+    PinError,
+    ServingError,
+    TaskLoadError,
+    UnknownTaskError,
+    WorkerDiedError,
+    WrongTaskKindError,
+)
 
 
 class ServiceError(ServingError):
@@ -141,6 +150,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     UnknownTaskError: 404,
     AdapterNotFoundError: 404,
     AdapterConflictError: 409,
+    PinError: 409,
     TooManyInputsError: 413,
     InputTooLongError: 413,
     BodyTooLargeError: 413,
@@ -150,6 +160,7 @@ HTTP_STATUS: dict[type[Exception], int] = {
     InputError: 422,
     ClientDisconnectedError: 499,
     PredictionError: 500,
+    TaskLoadError: 500,
     PoisonRequestError: 500,
     NotReadyError: 503,
     QueueFullError: 503,
@@ -179,6 +190,8 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     """The JSON body of an error answer (schemas.ErrorBody)."""
     if isinstance(exc, ServiceError):
         return exc.body()
+    if isinstance(exc, NoAdapterFolderError):
+        return {"detail": str(exc)}
     if isinstance(exc, UnknownTaskError):
         what = "was removed while the request waited" if exc.removed else "is not loaded"
         return {"detail": f"task {exc.task!r} {what}; known tasks: {exc.known}", "known_tasks": exc.known}

@@ -1,7 +1,11 @@
 """Prometheus metrics of the HTTP service, in a registry per app (never the process-global one)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 UNKNOWN_TASK = "_unknown"  # label for requests naming no loaded task, so clients cannot grow the label set
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -67,3 +71,44 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_residency(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        """Report a bank's residency (tasks held, loads, evictions, hits, misses) read at each scrape."""
+        self.registry.register(ResidencyCollector(stats))
+
+
+class ResidencyCollector:
+    """The metrics of a bank that loads tasks on first use, from its residency_stats() (kept in the bank,
+    which may be another process); nothing while the bank cannot answer."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # names known only once the bank answers: registering must not call it
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._stats()
+        except Exception:  # the model process restarting: the scrape still answers
+            return
+        if not s:
+            return
+        yield GaugeMetricFamily("increlora_tasks_held", "Tasks whose adapters the bank holds.", value=s["held"])
+        yield GaugeMetricFamily("increlora_tasks_held_bytes", "Bytes of the held adapters' tensors.",
+                                value=s["held_bytes"])
+        yield GaugeMetricFamily("increlora_tasks_pinned", "Tasks pinned (never evicted).", value=len(s["pinned"]))
+        yield CounterMetricFamily("increlora_task_loads", "Adapters loaded on first use.", value=s["loads"])
+        yield CounterMetricFamily("increlora_task_evictions", "Held adapters evicted, least recently used first.",
+                                  value=s["evictions"])
+        yield CounterMetricFamily("increlora_task_load_failures", "Adapter folders that failed to load.",
+                                  value=s["load_failures"])
+        buckets = [(str(b), n) for b, n in s["load_buckets"]] + [("+Inf", s["loads"])]
+        yield HistogramMetricFamily("increlora_task_load_seconds", "Time to load an adapter on first use.",
+                                    buckets=buckets, sum_value=s["load_seconds"])
+        for name, key, help_text in (("increlora_task_hits", "hits", "Batches that found the task held, by task."),
+                                     ("increlora_task_misses", "misses", "Batches that loaded the task, by task.")):
+            family = CounterMetricFamily(name, help_text, labels=["task"])
+            for task, n in sorted(s[key].items()):
+                family.add_metric([task], n)
+            yield family

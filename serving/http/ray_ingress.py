@@ -39,6 +39,8 @@ def unwrapped(call: Callable[[], Any]) -> Any:
 class RayBank:
     """The replicas and the catalog as the Service's bank; `tasks` never waits on the catalog."""
 
+    pins_on_replicas = True  # the admin pin routes reach every replica through the catalog
+
     def __init__(self, replicas, catalog, refresh_seconds: float = 1.0) -> None:
         self.replicas, self.catalog = replicas, catalog
         info = replicas.describe.remote().result()
@@ -104,6 +106,16 @@ class RayBank:
     def remove(self, task: str) -> None:
         unwrapped(lambda: self.catalog.remove.remote(task).future().result())
         self._refresh()
+
+    def pin(self, tasks: list[str]) -> list[str]:
+        """Pin `tasks` in the catalog: each replica loads them at its next call and never evicts them."""
+        return unwrapped(lambda: self.catalog.pin.remote(list(tasks)).future().result())
+
+    def unpin(self, tasks: list[str]) -> list[str]:
+        pinned: list[str] = []
+        for task in tasks:
+            pinned = unwrapped(lambda t=task: self.catalog.unpin.remote(t).future().result())
+        return pinned
 
     def _predict(self, task: str | None, requests: list[Request]):
         return self._handle(task).predict_many.remote(requests)

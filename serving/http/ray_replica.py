@@ -2,15 +2,17 @@
 
 A replica holds one backbone (an AdapterBank) and a DynamicBatcher across its tasks. A task stays
 loaded until the catalog drops or replaces it (at once: no later request is answered by the old
-copy) or, with a per-replica limit, until Serve's multiplexer evicts it as least recently used
-(once its requests in flight are answered). docs/design/ray-serving.md tells why.
+copy) or, with a per-replica limit, until it is the least recently used of the tasks past the limit
+that are neither pinned in the catalog nor wanted by a request in flight, as on one server with
+--max-resident. docs/design/ray-serving.md tells why.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,26 +21,56 @@ import ray
 from ray import serve
 
 from ..bank import AdapterBank
-from ..bank.errors import DuplicateTaskError, UnknownTaskError
+from ..bank.errors import DuplicateTaskError, PinError, UnknownTaskError
 from .batcher import DynamicBatcher
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
 
 REPLICA = "BankReplica"
 Entry = tuple[str, int]  # (adapter folder, generation: the catalog version that added it)
 
 
-@ray.remote(num_cpus=0)
-class Catalog:
-    """The tasks the service offers, {task: (folder, generation)}, and a version that grows with every change."""
+class TaskCatalog:
+    """The tasks the service offers, {task: (folder, generation)}, the pinned tasks, and a version that grows
+    with every change. `max_tasks` is the replicas' limit (None: every replica holds every task)."""
 
-    def __init__(self, tasks: Mapping[str, str]) -> None:
+    def __init__(self, tasks: Mapping[str, str], pins: Iterable[str] = (), max_tasks: int | None = None) -> None:
         self.tasks: dict[str, Entry] = {task: (path, 0) for task, path in tasks.items()}
+        self.max_tasks, self.pins = max_tasks, []
         self.version = 0
+        if pins:
+            self.pin(pins)
+            self.version = 0
 
-    def since(self, version: int) -> tuple[int, dict[str, Entry]] | None:
-        """The version and the tasks, or None when `version` is still the current one."""
-        return None if version == self.version else (self.version, dict(self.tasks))
+    def since(self, version: int) -> tuple[int, dict[str, Entry], list[str]] | None:
+        """The version, the tasks and the pins, or None when `version` is still the current one."""
+        return None if version == self.version else (self.version, dict(self.tasks), list(self.pins))
+
+    def pin(self, tasks: Iterable[str]) -> list[str]:
+        """Pin `tasks` on every replica; PinError past the per-replica limit or without one (nothing changes)."""
+        tasks = list(tasks)
+        if self.max_tasks is None:
+            raise PinError("every replica holds every task (started without --max-resident or "
+                           "--max-tasks-per-replica): there is nothing to pin")
+        for task in tasks:
+            if task not in self.tasks:
+                raise UnknownTaskError(task, list(self.tasks))
+        pinned = sorted(set(self.pins) | set(tasks))
+        if len(pinned) > self.max_tasks:
+            raise PinError(f"pinning {sorted(set(tasks) - set(self.pins))} would pin {len(pinned)} tasks, over the "
+                           f"limit of {self.max_tasks} tasks per replica; unpin some first")
+        if pinned != self.pins:
+            self.version += 1
+            self.pins = pinned
+        return list(self.pins)
+
+    def unpin(self, task: str) -> list[str]:
+        if task in self.pins:
+            self.version += 1
+            self.pins.remove(task)
+        return list(self.pins)
 
     def add(self, task: str, path: str) -> None:
         if task in self.tasks:  # a concurrent admin add got there first (409)
@@ -51,18 +83,11 @@ class Catalog:
             raise UnknownTaskError(task, list(self.tasks))
         self.version += 1
         del self.tasks[task]
+        if task in self.pins:
+            self.pins.remove(task)
 
 
-class _Resident:
-    """A task as Serve's multiplexer holds it: Serve calls `__del__` when it evicts the task."""
-
-    def __init__(self, replica: BankReplica, task: str) -> None:
-        self.replica, self.task, self.gone = replica, task, False
-
-    def __del__(self) -> None:  # Serve calls it on eviction, Python again when collecting: once is enough
-        if not self.gone:
-            self.gone = True
-            self.replica.evict(self.task)
+Catalog = ray.remote(num_cpus=0)(TaskCatalog)  # the actor every replica and the ingress follow
 
 
 class BankReplica:
@@ -74,15 +99,17 @@ class BankReplica:
         self.bank = AdapterBank.load([], base_model=config["base_model"], device=config.get("device"),
                                      dtype=config.get("dtype"))
         self.catalog = ray.get_actor(config["catalog"])
-        self.version, self.entries = -1, {}
-        self.loaded: dict[str, int] = {}  # task -> generation of the copy in the bank
+        self.version, self.entries, self.pins = -1, {}, set()
+        self.loaded: OrderedDict[str, int] = OrderedDict()  # task -> generation in the bank, least recent first
         self.metrics = ServiceMetrics()
         self.loads = prometheus_client.Counter("increlora_adapter_loads", "Adapter folders read into this replica.",
                                                registry=self.metrics.registry)
         self.batcher: DynamicBatcher | None = None
+        self.evictions = prometheus_client.Counter("increlora_adapter_evictions",
+                                                   "Tasks let go past the per-replica limit.",
+                                                   registry=self.metrics.registry)
         self.inflight: Counter[str] = Counter()
-        self.evicted: set[str] = set()  # evicted by Serve, kept until their requests in flight are answered
-        self.lock = threading.Lock()  # eviction runs on Serve's executor thread
+        self.lock = threading.Lock()
         self.loading = asyncio.Lock()
 
     async def predict_many(self, requests: list[tuple[str, list]]) -> list[Any]:
@@ -126,19 +153,23 @@ class BankReplica:
         return {"max_length": self.bank.max_length, "tokenizer": self.bank.tokenizer,
                 "max_tasks_per_replica": self.max_tasks, "actor": actor_name()}
 
-    def stats(self) -> dict[str, Any]:
-        """This replica's name, tasks, adapter loads and batches (all of them, and those of 2+ tasks)."""
+    async def stats(self) -> dict[str, Any]:
+        """This replica's name, tasks (after following the catalog), adapter loads and evictions, pins, and
+        batches (all of them, and those of 2+ tasks)."""
+        await self._sync()
         value = self.metrics.registry.get_sample_value
         batches = value("increlora_batch_tasks_count") or 0.0
         return {"actor": actor_name(), "tasks": self.bank.tasks,
-                "loads": int(value("increlora_adapter_loads_total") or 0), "batches": int(batches),
+                "loads": int(value("increlora_adapter_loads_total") or 0),
+                "evictions": int(value("increlora_adapter_evictions_total") or 0), "pinned": sorted(self.pins),
+                "batches": int(batches),
                 "multi_task_batches": int(batches - (value("increlora_batch_tasks_bucket", {"le": "1.0"}) or 0.0)),
                 "metrics": self.metrics.render().decode()}
 
     @contextlib.contextmanager
     def _holding(self, tasks: Iterable[str]) -> Iterator[None]:
-        """Count requests from before their tasks are loaded until they are answered: an eviction (on Serve's
-        thread, at any moment) leaves a task in the bank until its count is back to 0."""
+        """Count requests from before their tasks are loaded until they are answered: a task with a count above
+        0 is never evicted; tasks past the limit leave once their requests are answered."""
         with self.lock:
             self.inflight.update(tasks)
         try:
@@ -146,8 +177,7 @@ class BankReplica:
         finally:
             with self.lock:
                 self.inflight.subtract(tasks)
-                for task in tasks:
-                    self._drop_if_evicted(task)
+                self._evict_over_limit()
 
     async def _ready(self, task: str) -> None:
         """Make sure the catalog's current copy of `task` is loaded here."""
@@ -159,31 +189,39 @@ class BankReplica:
         if task not in self.entries:
             raise UnknownTaskError(task, list(self.entries))
         if self.max_tasks is not None:
-            await self.resident(task)  # Serve's multiplexed loader: counts use, evicts past the limit
-        await self._load(task)  # (also a task Serve still counts as held after the catalog replaced it)
+            await self.resident(task)  # tells Serve's router which tasks this replica used last
+        await self._load(task)
 
     async def _sync(self) -> None:
-        """Follow the catalog, in one call: tasks it dropped or replaced leave the bank at once. An answer
-        older than what this replica already knows is ignored (concurrent requests sync concurrently)."""
+        """Follow the catalog, in one call: tasks it dropped or replaced leave the bank at once, pinned tasks
+        are loaded. An answer older than what this replica already knows is ignored (concurrent requests sync
+        concurrently)."""
         news = await self.catalog.since.remote(self.version)
-        if news is None or news[0] <= self.version:
-            return
-        self.version, self.entries = news
-        with self.lock:
-            for task, generation in list(self.loaded.items()):
-                if self.entries.get(task, (None, None))[1] != generation:
-                    self._unload(task)
+        if news is not None and news[0] > self.version:
+            self.version, self.entries, pins = news
+            with self.lock:
+                self.pins = set(pins)
+                for task, generation in list(self.loaded.items()):
+                    if self.entries.get(task, (None, None))[1] != generation:
+                        self._unload(task)
+                self._evict_over_limit()  # tasks unpinned may leave
+        for task in sorted(self.pins):
+            if not self._current(task):
+                try:
+                    await self._load(task)
+                except Exception as exc:  # its own requests get the error; the others go on
+                    logger.error("pinned task %r could not be loaded: %s", task, exc)
 
     async def _load(self, task: str) -> None:
         """Load the catalog's current copy of `task` unless the bank holds it already (one load at a time)."""
         with self.lock:
-            self.evicted.discard(task)  # still held: taken back instead of reloaded
             if self._current(task):
+                self.loaded.move_to_end(task)
                 return
         async with self.loading:
             with self.lock:
-                self.evicted.discard(task)
                 if self._current(task):
+                    self.loaded.move_to_end(task)
                     return
                 if task not in self.entries:
                     raise UnknownTaskError(task, list(self.entries), removed=True)
@@ -195,6 +233,11 @@ class BankReplica:
                 self.loaded[task] = generation
                 if self.entries.get(task, (None, None))[1] != generation:  # replaced meanwhile
                     self._unload(task)
+                self._evict_over_limit()
+
+    async def resident(self, task: str) -> str:
+        """Overridden by Serve's multiplexed loader when the replicas have a limit (it reports tasks used)."""
+        return task
 
     def _current(self, task: str) -> bool:
         return task in self.entries and self.loaded.get(task) == self.entries[task][1] and task in self.bank
@@ -202,18 +245,18 @@ class BankReplica:
     def _unload(self, task: str) -> None:
         """Remove `task` from the bank now (its queued requests get 404, as on the single server)."""
         self.loaded.pop(task, None)
-        self.evicted.discard(task)
         if task in self.bank:
             self.bank.remove(task)
 
-    def evict(self, task: str) -> None:
-        with self.lock:
-            self.evicted.add(task)
-            self._drop_if_evicted(task)
-
-    def _drop_if_evicted(self, task: str) -> None:
-        if task in self.evicted and self.inflight[task] <= 0:
-            self._unload(task)
+    def _evict_over_limit(self) -> None:
+        """Past the limit, let go the least recently used tasks neither pinned nor wanted by a request in flight
+        (lock held). A call wanting more tasks than the limit holds them all until it is answered."""
+        while self.max_tasks is not None and len(self.loaded) > self.max_tasks:
+            victim = next((t for t in self.loaded if t not in self.pins and self.inflight[t] <= 0), None)
+            if victim is None:
+                return
+            self._unload(victim)
+            self.evictions.inc()
 
 
 def actor_name() -> str | None:
@@ -222,14 +265,14 @@ def actor_name() -> str | None:
 
 
 def replica_deployment(max_tasks: int | None):
-    """The replica class with Serve's multiplexed loader at this limit (none: every task everywhere)."""
+    """The replica class at this limit (none: every task everywhere). With a limit, Serve's multiplexer only
+    reports the tasks each replica used last, for routing; the replica itself decides what it holds."""
     if max_tasks is None:
         class Replica(BankReplica):
             pass
     else:
         class Replica(BankReplica):
             @serve.multiplexed(max_num_models_per_replica=max_tasks)
-            async def resident(self, task: str) -> _Resident:
-                await self._load(task)
-                return _Resident(self, task)
+            async def resident(self, task: str) -> str:
+                return task
     return serve.deployment(Replica, name=REPLICA)

@@ -1,7 +1,7 @@
 """increlora-serve on Ray Serve: the project's FastAPI app as the ingress, in front of N bank replicas.
 
     ingress (create_app + RayBank, RayBatcher) --one call per gathered batch--> BankReplica x N
-                        \\--- Catalog actor: {task: (adapter folder, generation)}, version ---/
+                        \\--- Catalog actor: {task: (adapter folder, generation)}, pins, version ---/
 
 The replicas and the catalog are in ray_replica.py, the ingress's bank and batcher in ray_ingress.py;
 docs/design/ray-serving.md says how they keep tasks loaded, follow admin changes and batch.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ..bank.adapter_folders import adapter_folders
 from ..bank.task_adapter import task_name
 from .app import create_app
 from .ray_ingress import RayBank
-from .ray_replica import Catalog, replica_deployment
+from .ray_replica import Catalog, TaskCatalog, replica_deployment
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -50,19 +51,23 @@ class Ingress:
 
 
 def build_application(adapters: str | Path, *, base_model: str | None = None, replicas: int = 1,
-                      max_tasks_per_replica: int | None = None, autoscaling: dict | None = None,
+                      max_tasks_per_replica: int | None = None, pin: list[str] | tuple[str, ...] = (),
+                      autoscaling: dict | None = None,
                       replica_cpus: float = 1.0, replica_gpus: float = 0.0, device: str | None = None,
                       dtype: str | None = None, settings: dict | None = None, name: str = "increlora"):
-    """The Serve application: an ingress and its replicas, and the catalog actor (made here, on the driver)."""
+    """The Serve application: an ingress and its replicas, and the catalog actor (made here, on the driver).
+    `pin`: tasks every replica loads and never evicts (needs max_tasks_per_replica, at most that many)."""
     if max_tasks_per_replica is not None and max_tasks_per_replica < 1:
         raise IncreLoraError(f"max_tasks_per_replica must be >= 1, got {max_tasks_per_replica}")
     tasks = initial_tasks(adapters)
+    TaskCatalog(tasks, pin, max_tasks_per_replica)  # pins that do not fit are refused here, before Serve starts
     if base_model is None:
         from ..bank.adapter_folders import choose_base_model
 
         base_model = choose_base_model([Path(p) for p in tasks.values()], adapters)
     catalog_name = f"{name}_catalog"
-    Catalog.options(name=catalog_name, lifetime="detached", get_if_exists=True).remote(tasks)
+    Catalog.options(name=catalog_name, lifetime="detached", get_if_exists=True).remote(tasks, pin,
+                                                                                       max_tasks_per_replica)
     config = {"base_model": base_model, "catalog": catalog_name, "max_tasks_per_replica": max_tasks_per_replica,
               "device": device, "dtype": dtype, "settings": dict(settings or {})}
     scale = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
@@ -83,8 +88,10 @@ def _admin_folder(adapters: str | Path) -> str | None:
 
 
 def app_builder(args: dict[str, str]):
-    """For `serve run serving.http.ray_serve:app_builder adapters=DIR [replicas=N] [max_tasks_per_replica=M]`."""
-    known = {"adapters", "base_model", "replicas", "max_tasks_per_replica", "device", "dtype", "replica_cpus"}
+    """For `serve run serving.http.ray_serve:app_builder adapters=DIR [replicas=N] [max_tasks_per_replica=M]
+    [pin=TASK,...]`."""
+    known = {"adapters", "base_model", "replicas", "max_tasks_per_replica", "pin", "device", "dtype",
+             "replica_cpus"}
     unknown = sorted(set(args) - known)
     if unknown or "adapters" not in args:
         raise IncreLoraError(f"app_builder arguments: adapters=DIR required; known {sorted(known)}; got {unknown}")
@@ -92,6 +99,7 @@ def app_builder(args: dict[str, str]):
     return build_application(args["adapters"], base_model=args.get("base_model"),
                              replicas=int(args.get("replicas", 1)),
                              max_tasks_per_replica=int(limit) if limit else None,
+                             pin=[t for t in args.get("pin", "").split(",") if t],
                              replica_cpus=float(args.get("replica_cpus", 1.0)), device=args.get("device"),
                              dtype=args.get("dtype"))
 
@@ -104,7 +112,9 @@ def add_ray_options(parser) -> None:
                             "to), or on a cluster started here when no address is given")
     group.add_argument("--replicas", type=int, default=1, help="bank replicas, one backbone each (with --ray)")
     group.add_argument("--max-tasks-per-replica", type=int, default=None,
-                       help="tasks a replica holds at most, least recently used ones leaving (default: all)")
+                       help="tasks a replica holds at most (--max-resident N says the same with --ray): the least "
+                            "recently used leave first, never a pinned one or one with requests in flight "
+                            "(default: all)")
     group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (fractions allowed)")
     group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (fractions allowed)")
     group.add_argument("--autoscaling", default=None, metavar="JSON",
@@ -134,11 +144,16 @@ def serve_on_ray(args, settings: ServiceSettings) -> int:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False)
+    limit = args.max_tasks_per_replica if args.max_tasks_per_replica is not None else args.max_resident
+    try:
+        app = build_application(args.adapters, base_model=args.base_model, replicas=args.replicas,
+                                max_tasks_per_replica=limit, pin=args.pin, autoscaling=autoscaling,
+                                replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, device=args.device,
+                                dtype=args.dtype, settings=settings_dict(settings))
+    except IncreLoraError as exc:  # pins that do not fit, a folder without adapters
+        print(f"increlora-serve: {exc}", file=sys.stderr)
+        return 2
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_application(args.adapters, base_model=args.base_model, replicas=args.replicas,
-                            max_tasks_per_replica=args.max_tasks_per_replica, autoscaling=autoscaling,
-                            replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, device=args.device,
-                            dtype=args.dtype, settings=settings_dict(settings))
     serve.run(app, name="increlora", route_prefix="/")
     logger.info("serving %s with Ray Serve on http://%s:%d", args.adapters, args.host, args.port)
     try:

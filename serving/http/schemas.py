@@ -204,7 +204,21 @@ class TaskInfo(BaseModel):
 
 
 class TaskList(BaseModel):
-    tasks: list[TaskInfo]
+    tasks: list[TaskInfo] = Field(description="The tasks the bank holds now.")
+    on_disk: list[str] | None = Field(
+        None, description="A server with --max-resident: adapter folders not held, loaded on their first request.")
+    pinned: list[str] | None = Field(None, description="A server with --max-resident: tasks never evicted.")
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[StrictStr] = Field(min_length=1, max_length=1000,
+                                   description="Names of adapter folders to load now and never evict.")
+
+
+class Pins(BaseModel):
+    pinned: list[str] = Field(description="Every task pinned now.")
 
 
 class LoadTaskRequest(BaseModel):

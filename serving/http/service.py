@@ -39,6 +39,7 @@ from .schemas import (
     Readiness,
     RegressionPrediction,
     TaskInfo,
+    TaskList,
 )
 from .settings import ServiceSettings
 
@@ -106,6 +107,8 @@ class Service:
         self.bank = bank
         self.metrics.tasks_loaded.set(len(bank.tasks))
         self.metrics.model_up.set(1)
+        if getattr(bank, "catalogue", None) is not None:  # a bank that loads tasks on first use
+            self.metrics.watch_residency(bank.residency_stats)
         listen = getattr(bank, "listen", None)  # a SupervisedBank tells when its model process dies
         if listen is not None:
             listen(ModelWatch(self, asyncio.get_running_loop()))
@@ -255,7 +258,10 @@ def model_inputs(request: PredictRequest) -> list[ModelInput]:
 
 
 def check_task(bank: Any, task: str) -> None:
-    if task not in bank.tasks:
+    catalogue = getattr(bank, "catalogue", None)  # a bank that loads tasks on first use
+    if catalogue is not None:
+        catalogue.folder(task)  # 404 unless an adapter folder of that name is there
+    elif task not in bank.tasks:
         raise UnknownTaskError(task, list(bank.tasks))
 
 
@@ -408,6 +414,17 @@ def task_infos(bank: Any) -> list[TaskInfo]:
         except UnknownTaskError:
             continue  # removed while listing
     return infos
+
+
+def task_list(bank: Any) -> TaskList:
+    """The held tasks; for a bank that loads tasks on first use, also the folders only on disk and the pins."""
+    infos = task_infos(bank)
+    catalogue = getattr(bank, "catalogue", None)
+    if catalogue is None:
+        return TaskList(tasks=infos)
+    held = {info.name for info in infos}
+    pinned = (bank.residency_stats() or {}).get("pinned", [])
+    return TaskList(tasks=infos, on_disk=[n for n in catalogue.names() if n not in held], pinned=pinned)
 
 
 class ModelWatch:

@@ -69,6 +69,7 @@ class TaskSet:
 
     tasks: tuple[str, ...]
     added: tuple[tuple[str, str], ...] = ()
+    pinned: tuple[str, ...] | None = None  # the pins the admin route last left (None: it was not used)
 
 
 class ModelStarter(Protocol):
@@ -98,6 +99,8 @@ class SupervisedBank:
         self.policy = policy or RestartPolicy()
         self.retry_wait_s = retry_wait_s
         self.max_length, self.tokenizer, self.base_model = bank.max_length, bank.tokenizer, bank.base_model
+        self.catalogue = getattr(bank, "catalogue", None)
+        self._pinned: tuple[str, ...] | None = None  # as the admin route last left them
         self._bank = bank
         self._starter = starter
         self._cond = threading.Condition()
@@ -171,6 +174,21 @@ class SupervisedBank:
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._once("task_info", task)
+
+    def pin(self, tasks: list[str]) -> list[str]:
+        pinned = self._once("pin", tasks)
+        with self._cond:
+            self._pinned = tuple(pinned)
+        return pinned
+
+    def unpin(self, tasks: list[str]) -> list[str]:
+        pinned = self._once("unpin", tasks)
+        with self._cond:
+            self._pinned = tuple(pinned)
+        return pinned
+
+    def residency_stats(self) -> dict[str, Any] | None:
+        return self._once("residency_stats")
 
     def add(self, path: Any) -> str:
         task = self._once("add", path)
@@ -322,7 +340,7 @@ class SupervisedBank:
         with self._cond:
             tasks = tuple(dead.tasks)
             added = tuple((t, path) for t, path in self._added.items() if t in tasks)
-        return TaskSet(tasks, added)
+        return TaskSet(tasks, added, self._pinned)
 
     def _count_crash(self) -> int:
         now = time.monotonic()
@@ -384,7 +402,13 @@ def restore(bank: Any, task_set: TaskSet) -> Any:
             bank.add(path)
         except Exception as exc:
             logger.error("task %r (%s) could not be loaded again: %s", task, path, exc)
+    if task_set.pinned is not None:  # as the admin route left them, not as --pin
+        try:
+            bank.unpin([t for t in bank.residency_stats()["pinned"] if t not in task_set.pinned])
+            bank.pin(list(task_set.pinned))
+        except Exception as exc:
+            logger.error("tasks %s could not be pinned again: %s", list(task_set.pinned), exc)
     missing = sorted(set(task_set.tasks) - set(bank.tasks))
-    if missing:
+    if missing and getattr(bank, "catalogue", None) is None:  # else they load again on first use
         logger.error("the new model process serves without tasks %s: their adapters no longer load", missing)
     return bank
