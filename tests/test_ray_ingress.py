@@ -10,7 +10,10 @@ import pytest
 
 pytest.importorskip("ray")
 
+from ray.exceptions import ActorDiedError, RayActorError  # noqa: E402
+
 from serving.bank.errors import UnknownTaskError  # noqa: E402  (after the check that Ray is installed)
+from serving.http.errors import PredictionError  # noqa: E402
 from serving.http.ray_ingress import RayBank, RayBatcher  # noqa: E402
 
 
@@ -110,3 +113,37 @@ def test_gathered_batches_go_out_without_waiting_for_those_in_flight():
             await second[1]
         await batcher.close()
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+class FakeReplicas:
+    """Replicas with a per-replica task limit: each task's call answers its requests, except those `failing`
+    names, which raise their errors in turn (one per call); records which calls were awaited."""
+
+    def __init__(self, failing: dict[str, list[BaseException]]) -> None:
+        self.failing = failing
+        self.awaited: list[str] = []
+        self.describe = Remote(lambda: type("Limited", (), {"result": lambda _: {
+            "max_length": 64, "tokenizer": None, "max_tasks_per_replica": 2}})())
+
+    def options(self, multiplexed_model_id):
+        return type("Handle", (), {"predict_many": Remote(lambda requests: self._call(multiplexed_model_id,
+                                                                                      requests))})()
+
+    async def _call(self, task, requests):
+        self.awaited.append(task)
+        await asyncio.sleep(0)
+        if self.failing.get(task):
+            raise self.failing[task].pop(0)
+        return [[{"task": t, "x": x}] for t, x in requests]
+
+
+@pytest.mark.parametrize("errors", [[RuntimeError("boom")], [ActorDiedError(), RayActorError()]],
+                         ids=["error", "replica-gone-twice"])
+def test_a_failed_task_call_fails_only_its_own_requests(errors):
+    replicas = FakeReplicas({"bad": list(errors)})
+    bank = RayBank(replicas, FakeCatalog(), refresh_seconds=0.0)
+    requests = [("sst2", ["a"]), ("bad", ["b"]), ("topic", ["c"]), ("bad", ["d"])]
+    outcomes = asyncio.run(bank.answer(requests))
+    assert outcomes[0] == [{"task": "sst2", "x": ["a"]}] and outcomes[2] == [{"task": "topic", "x": ["c"]}]
+    assert isinstance(outcomes[1], PredictionError) and outcomes[3] is outcomes[1]
+    assert sorted(replicas.awaited) == sorted(["sst2", "topic"] + ["bad"] * len(errors))  # every call awaited

@@ -70,22 +70,30 @@ class RayBank:
 
     async def answer(self, requests: list[Request]) -> list[Any]:
         """Each request's answers or error: one replica call for all, or with a per-replica task limit one per
-        task (Serve routes it to a replica holding the task). A call caught on a dying replica is sent again
-        once (predictions are idempotent)."""
+        task (Serve routes it to a replica holding the task). A call that fails fails only its own requests."""
         groups: dict[str | None, list[int]] = {}
         for i, (task, _) in enumerate(requests):
             groups.setdefault(task if self.limited else None, []).append(i)
-        calls = {key: self._predict(key, [requests[i] for i in idx]) for key, idx in groups.items()}
+        got = await asyncio.gather(*(self._answer_group(key, [requests[i] for i in idx])
+                                     for key, idx in groups.items()))
         outcomes: list[Any] = [None] * len(requests)
-        for key, idx in groups.items():
-            try:
-                got = await calls[key]
-            except REPLICA_GONE:
-                logger.warning("a replica died while answering %d requests; sending them again", len(idx))
-                got = await self._predict(key, [requests[i] for i in idx])
-            for i, outcome in zip(idx, got):
+        for idx, group_outcomes in zip(groups.values(), got):
+            for i, outcome in zip(idx, group_outcomes):
                 outcomes[i] = outcome
         return outcomes
+
+    async def _answer_group(self, task: str | None, requests: list[Request]) -> list[Any]:
+        """One call's outcomes; a call caught on a dying replica is sent again once (predictions are
+        idempotent), and any other failure becomes every one of its requests' error."""
+        try:
+            try:
+                return await self._predict(task, requests)
+            except REPLICA_GONE:
+                logger.warning("a replica died while answering %d requests; sending them again", len(requests))
+                return await self._predict(task, requests)
+        except Exception as exc:
+            logger.error("a call of %d requests got no answer from the replicas", len(requests), exc_info=exc)
+            return [PredictionError(f"prediction failed on the replicas ({type(exc).__name__})")] * len(requests)
 
     def task_info(self, task: str) -> dict[str, Any]:
         def call():
