@@ -14,7 +14,7 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from ..bank.task_adapter import task_name
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, fail_unfinished
 from .errors import PredictionError
 
 logger = logging.getLogger(__name__)
@@ -156,14 +156,28 @@ class RayBatcher(DynamicBatcher):
 
     def __init__(self, bank: RayBank, **kwargs: Any) -> None:
         super().__init__(bank, **kwargs)
-        self._calls: set[asyncio.Task] = set()
+        self._calls: dict[asyncio.Task, list] = {}  # each call in flight and its batch
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """As DynamicBatcher.close, and the calls in flight share the `grace_s`: then their requests get 503
+        and the calls are cancelled (a hung replica must not hold requests until their own timeout)."""
+        deadline = time.monotonic() + grace_s
+        await super().close(grace_s)
+        if self._calls:
+            _, late = await asyncio.wait(set(self._calls), timeout=max(0.0, deadline - time.monotonic()))
+            if late:
+                logger.warning("%d replica calls were unanswered %g s after the shutdown; their requests are "
+                               "answered 503", len(late), grace_s)
+            for call in late:
+                fail_unfinished(self._calls.get(call, []))
+                call.cancel()
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
             call = loop.create_task(self._send(batch))
-            self._calls.add(call)  # (held until done: the loop keeps only weak references to tasks)
-            call.add_done_callback(self._calls.discard)
+            self._calls[call] = batch  # (held until done: the loop keeps only weak references to tasks)
+            call.add_done_callback(lambda done: self._calls.pop(done, None))
 
     async def _send(self, batch: list) -> None:
         started = time.perf_counter()
