@@ -92,8 +92,8 @@ class Variant:
 
 
 def build_increlora(args, name: str = "IncreLoRA", every_step: bool = False) -> tuple[Variant, RankAllocator]:
-    config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, warmup_steps=10,
-                             score_every_step=every_step)
+    # schedule fields left None are derived from the run, as increlora-train derives them
+    config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, score_every_step=every_step)
     model = apply_increlora(backbone(0, args.shape), config)
     allocator = RankAllocator(model, config, args.steps)
     variant = Variant(name, model, args.steps,
@@ -145,8 +145,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--init-warmup", type=int, default=10)
-    ap.add_argument("--interval", type=int, default=10)
+    ap.add_argument("--init-warmup", type=int, default=None, help="default: derived from the run")
+    ap.add_argument("--interval", type=int, default=None, help="default: derived from the run")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
     ap.add_argument("--smoke", action="store_true", help="the smallest run: a 2-layer model, " + " ".join(SMOKE))
     args = ap.parse_args()
