@@ -92,6 +92,27 @@ def test_pinning_a_broken_folder_answers_as_loading_it_does(adapter_dir):
         assert client.get("/v1/tasks").json()["pinned"] == []
 
 
+def test_the_listing_loads_nothing_and_shows_a_task_evicted_meanwhile_on_disk(adapter_dir):
+    from serving.http.service import task_list
+
+    bank = AdapterBank.load(adapter_dir, max_resident=2)
+    for task in ["sst2", "topic"]:
+        bank.predict(["x"], [task])
+    names = bank.tasks  # the names a listing reads just before a batch evicts sst2
+
+    class JustBefore:  # the bank as such a listing sees it
+        def __getattr__(self, attr):
+            return getattr(bank, attr)
+
+        tasks = names
+
+    bank.predict(["x"], ["stsb"])
+    loads, held = bank.residency_stats()["loads"], bank.residency.held
+    listing = task_list(JustBefore())
+    assert bank.residency_stats()["loads"] == loads and bank.residency.held == held == ["topic", "stsb"]
+    assert sorted(t.name for t in listing.tasks) == ["stsb", "topic"] and "sst2" in listing.on_disk
+
+
 def test_pinning_a_server_holding_every_task_is_refused(adapter_dir):
     bank = AdapterBank.load([adapter_dir / "sst2"])
     with TestClient(create_app(bank, ServiceSettings(adapters=adapter_dir, admin_token=TOKEN))) as client:

@@ -460,6 +460,10 @@ class AdapterBank:
         with self._adapters_of([task]) as (found,):  # a task of the catalogue that is not held: loaded
             return found.info()
 
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        """task_info of every task held now, loading none (a listing must not evict what traffic uses)."""
+        return [t.info() for t in self._registry.values()]
+
     def describe(self) -> dict[str, Any]:
         return {"base_model": self.base_model, "device": str(self.device), "backend": self.backend,
                 "dtype": str(self.dtype).replace("torch.", ""),

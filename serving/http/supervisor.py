@@ -175,6 +175,9 @@ class SupervisedBank:
     def task_info(self, task: str) -> dict[str, Any]:
         return self._once("task_info", task)
 
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        return self._once("held_task_infos")
+
     def pin(self, tasks: list[str]) -> list[str]:
         pinned = self._once("pin", tasks)
         with self._cond:
