@@ -42,7 +42,7 @@ TINY_WORDS = ("good bad great terrible film movie funny dull boring gripping plo
 
 
 SMOKE = ["--backbone", "tiny", "--tasks", "2", "--rank", "2", "--requests", "16", "--concurrency", "1,4",
-         "--direct-seconds", "0.2", "--max-seconds", "20"]
+         "--direct-seconds", "0.2", "--max-seconds", "20", "--server-args=--request-timeout 300"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

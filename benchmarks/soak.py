@@ -39,7 +39,7 @@ from http_load import (  # benchmarks/http_load.py, beside this file
 
 WARM_UP = 256  # requests before the first memory reading
 SMOKE = ["--backbone", "tiny", "--tasks", "2", "--rank", "2", "--requests", "24", "--distinct", "12",
-         "--concurrency", "4", "--kill-every", "0"]
+         "--concurrency", "4", "--kill-every", "0", "--server-args=--request-timeout 300"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

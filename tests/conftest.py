@@ -62,6 +62,7 @@ LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
     "tests/test_http_resilience.py",   # 70
     "tests/test_readme.py",            # 65
     "tests/test_cli.py",               # 55
+    "tests/test_benchmarks.py",        # about 55: 104 CPU seconds in two processes at a time
     "tests/test_train_kinds.py",       # 55 in one process
     "tests/test_http_server.py",       # 40
     "tests/test_http_residency.py",    # 30 (a real server)

@@ -65,6 +65,14 @@ class _Request:
         return len(self.inputs)
 
 
+def fail_unfinished(requests: Sequence[_Request]) -> None:
+    """Answer 503 to the requests a batch still owes at shutdown, once its grace is over."""
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(BatcherClosedError(
+                "the server is shutting down and the model did not finish this request in time"))
+
+
 class DynamicBatcher:
     """Merge concurrent predictions into batched `bank.predict` calls run on one worker thread."""
 
@@ -104,10 +112,7 @@ class DynamicBatcher:
             if not done:
                 logger.warning("the model did not finish its batch of %d requests within %g s of the shutdown; "
                                "they are answered 503", len(self._running), grace_s)
-                for request in self._running:
-                    if not request.future.done():
-                        request.future.set_exception(BatcherClosedError(
-                            "the server is shutting down and the model did not finish this request in time"))
+                fail_unfinished(self._running)
                 self._loop_task.cancel()
         self._executor.shutdown(wait=False)
 

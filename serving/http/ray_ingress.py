@@ -14,7 +14,7 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from ..bank.task_adapter import task_name
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, fail_unfinished
 from .errors import PredictionError
 
 logger = logging.getLogger(__name__)
@@ -70,22 +70,30 @@ class RayBank:
 
     async def answer(self, requests: list[Request]) -> list[Any]:
         """Each request's answers or error: one replica call for all, or with a per-replica task limit one per
-        task (Serve routes it to a replica holding the task). A call caught on a dying replica is sent again
-        once (predictions are idempotent)."""
+        task (Serve routes it to a replica holding the task). A call that fails fails only its own requests."""
         groups: dict[str | None, list[int]] = {}
         for i, (task, _) in enumerate(requests):
             groups.setdefault(task if self.limited else None, []).append(i)
-        calls = {key: self._predict(key, [requests[i] for i in idx]) for key, idx in groups.items()}
+        got = await asyncio.gather(*(self._answer_group(key, [requests[i] for i in idx])
+                                     for key, idx in groups.items()))
         outcomes: list[Any] = [None] * len(requests)
-        for key, idx in groups.items():
-            try:
-                got = await calls[key]
-            except REPLICA_GONE:
-                logger.warning("a replica died while answering %d requests; sending them again", len(idx))
-                got = await self._predict(key, [requests[i] for i in idx])
-            for i, outcome in zip(idx, got):
+        for idx, group_outcomes in zip(groups.values(), got):
+            for i, outcome in zip(idx, group_outcomes):
                 outcomes[i] = outcome
         return outcomes
+
+    async def _answer_group(self, task: str | None, requests: list[Request]) -> list[Any]:
+        """One call's outcomes; a call caught on a dying replica is sent again once (predictions are
+        idempotent), and any other failure becomes every one of its requests' error."""
+        try:
+            try:
+                return await self._predict(task, requests)
+            except REPLICA_GONE:
+                logger.warning("a replica died while answering %d requests; sending them again", len(requests))
+                return await self._predict(task, requests)
+        except Exception as exc:
+            logger.error("a call of %d requests got no answer from the replicas", len(requests), exc_info=exc)
+            return [PredictionError(f"prediction failed on the replicas ({type(exc).__name__})")] * len(requests)
 
     def task_info(self, task: str) -> dict[str, Any]:
         def call():
@@ -148,14 +156,28 @@ class RayBatcher(DynamicBatcher):
 
     def __init__(self, bank: RayBank, **kwargs: Any) -> None:
         super().__init__(bank, **kwargs)
-        self._calls: set[asyncio.Task] = set()
+        self._calls: dict[asyncio.Task, list] = {}  # each call in flight and its batch
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """As DynamicBatcher.close, and the calls in flight share the `grace_s`: then their requests get 503
+        and the calls are cancelled (a hung replica must not hold requests until their own timeout)."""
+        deadline = time.monotonic() + grace_s
+        await super().close(grace_s)
+        if self._calls:
+            _, late = await asyncio.wait(set(self._calls), timeout=max(0.0, deadline - time.monotonic()))
+            if late:
+                logger.warning("%d replica calls were unanswered %g s after the shutdown; their requests are "
+                               "answered 503", len(late), grace_s)
+            for call in late:
+                fail_unfinished(self._calls.get(call, []))
+                call.cancel()
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
             call = loop.create_task(self._send(batch))
-            self._calls.add(call)  # (held until done: the loop keeps only weak references to tasks)
-            call.add_done_callback(self._calls.discard)
+            self._calls[call] = batch  # (held until done: the loop keeps only weak references to tasks)
+            call.add_done_callback(lambda done: self._calls.pop(done, None))
 
     async def _send(self, batch: list) -> None:
         started = time.perf_counter()
