@@ -83,6 +83,36 @@ def test_unknown_names_broken_folders_and_pins(adapter_dir, full):
         assert_predictions(r.json()["predictions"], expected(full, "stsb", TEXTS))
 
 
+def test_pinning_a_broken_folder_answers_as_loading_it_does(adapter_dir):
+    with TestClient(app_for(adapter_dir, max_resident=2)) as client:
+        load = client.post("/v1/tasks", json={"name": "broken"}, headers=ADMIN)
+        pin = client.post("/v1/pins", json={"tasks": ["broken"]}, headers=ADMIN)
+        assert pin.status_code == load.status_code == 422, (load.json(), pin.json())
+        assert "'broken' cannot be loaded" in pin.json()["detail"]
+        assert client.get("/v1/tasks").json()["pinned"] == []
+
+
+def test_the_listing_loads_nothing_and_shows_a_task_evicted_meanwhile_on_disk(adapter_dir):
+    from serving.http.service import task_list
+
+    bank = AdapterBank.load(adapter_dir, max_resident=2)
+    for task in ["sst2", "topic"]:
+        bank.predict(["x"], [task])
+    names = bank.tasks  # the names a listing reads just before a batch evicts sst2
+
+    class JustBefore:  # the bank as such a listing sees it
+        def __getattr__(self, attr):
+            return getattr(bank, attr)
+
+        tasks = names
+
+    bank.predict(["x"], ["stsb"])
+    loads, held = bank.residency_stats()["loads"], bank.residency.held
+    listing = task_list(JustBefore())
+    assert bank.residency_stats()["loads"] == loads and bank.residency.held == held == ["topic", "stsb"]
+    assert sorted(t.name for t in listing.tasks) == ["stsb", "topic"] and "sst2" in listing.on_disk
+
+
 def test_pinning_a_server_holding_every_task_is_refused(adapter_dir):
     bank = AdapterBank.load([adapter_dir / "sst2"])
     with TestClient(create_app(bank, ServiceSettings(adapters=adapter_dir, admin_token=TOKEN))) as client:

@@ -91,6 +91,42 @@ def test_a_dead_child_is_replaced_by_one_serving_the_tasks_of_that_moment():
         bank.close()
 
 
+class PinningBank(FakeBank):
+    """A FakeBank with pins, as a bank with a residency limit has them: removing a task drops its pin."""
+
+    def __init__(self, pins=()):
+        super().__init__()
+        self.pins = set(pins)
+
+    def pin(self, tasks):
+        self.pins |= set(tasks)
+        return sorted(self.pins)
+
+    def remove(self, task):
+        super().remove(task)
+        self.pins.discard(task)
+
+    def residency_stats(self):
+        return {"pinned": sorted(self.pins)}
+
+
+@pytest.mark.parametrize("admin_pinned", [True, False])
+def test_a_removed_task_is_not_pinned_again_by_a_restart(admin_pinned):
+    bank, starter = supervised()
+    try:
+        first = starter.children[0]
+        first.bank = PinningBank(() if admin_pinned else ["sst2", "topic"])  # else pinned at start (--pin)
+        bank.catalogue = first.bank  # anything but None: the bank has a residency limit
+        if admin_pinned:
+            assert bank.pin(["sst2", "topic"]) == ["sst2", "topic"]
+        bank.remove("sst2")
+        first.kill()
+        wait_until(lambda: bank.state == "up" and bank.pid != first.pid)
+        assert starter.task_sets[-1].pinned == ("topic",) and "sst2" not in starter.task_sets[-1].tasks
+    finally:
+        bank.close()
+
+
 def test_a_prediction_running_when_the_child_dies_is_retried_once_on_the_next():
     bank, starter = supervised()
     first = starter.children[0]

@@ -196,6 +196,33 @@ def test_memory_limit_counts_the_adapters_bytes(stub_catalogue):
     assert res.pinned == []
 
 
+def test_concurrent_pins_never_pass_the_task_limit(stub_catalogue):
+    loading, go = threading.Event(), threading.Event()
+
+    def load(folder, name):
+        if name == "t2":  # this pin waits in its load, past its first check, while another pin lands
+            loading.set()
+            assert go.wait(10)
+        return name
+
+    res = Residency(stub_catalogue, load, lambda n: None, lambda a: 1, max_tasks=2)
+    errors = []
+
+    def pin_t2():
+        try:
+            res.pin(["t2"])
+        except PinError as exc:
+            errors.append(exc)
+
+    late = threading.Thread(target=pin_t2)
+    late.start()
+    assert loading.wait(10)
+    assert res.pin(["t0", "t1"]) == ["t0", "t1"]
+    go.set()
+    late.join(10)
+    assert res.pinned == ["t0", "t1"] and len(errors) == 1 and "over the limit of 2" in str(errors[0])
+
+
 # --- the bank ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -364,3 +391,43 @@ def test_task_info_loads_a_task_on_disk_and_leaves_recency_alone(adapters):
     assert bank.task_info("sst2")["name"] == "sst2" and bank.residency.held == ["sst2", "topic"]
     assert bank.task_info("stsb")["problem_type"] == "regression"  # loaded: sst2 was the least recent
     assert bank.residency.held == ["topic", "stsb"]
+
+
+def test_a_remove_during_a_reload_of_the_task_wins_and_leaves_bank_and_residency_agreeing(adapters, tmp_path):
+    root = tmp_path / "catalogue"
+    shutil.copytree(adapters, root)
+    bank = AdapterBank.load(root, max_resident=2)
+    answers(bank, "sst2")
+    config = root / "sst2" / "adapter_config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # changed: reloaded
+    installed, go = threading.Event(), threading.Event()
+    install = bank.residency._load
+
+    def slow_install(folder, name):  # the new version is in the registry, not yet in the residency
+        task = install(folder, name)
+        installed.set()
+        assert go.wait(30)
+        return task
+
+    bank.residency._load = slow_install
+    reload = threading.Thread(target=answers, args=(bank, "sst2"))
+    reload.start()
+    assert installed.wait(30)
+    remove = threading.Thread(target=bank.remove, args=("sst2",))
+    remove.start()
+    remove.join(0.5)  # the old code removed at once, before the reload finished; the new one waits for it
+    go.set()
+    reload.join(30), remove.join(30)
+    assert bank.residency.held == bank.tasks == []
+    bank.residency._load = install
+    for task in ["sst2", "topic", "tags"]:  # evictions in later batches raise nothing
+        answers(bank, task)
+    assert bank.residency.held == bank.tasks == ["topic", "tags"]
+
+
+def test_evicting_a_task_already_gone_from_the_registry_does_not_fail_the_batch(adapters, full):
+    bank = AdapterBank.load(adapters, max_resident=1)
+    answers(bank, "sst2")
+    bank._drop("sst2")  # the registry no longer holds it; the residency still does
+    assert answers(bank, "topic") == answers(full, "topic")
+    assert bank.residency.held == bank.tasks == ["topic"]

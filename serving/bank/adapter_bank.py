@@ -278,12 +278,18 @@ class AdapterBank:
         with self._lock:
             self._registry = self._registry.without(task)
 
+    def _evict(self, task: str) -> None:
+        """Residency's unload: a task already gone from the registry is no error (it runs inside any batch)."""
+        with self._lock:
+            if task in self._registry:
+                self._registry = self._registry.without(task)
+
     # --- residency: tasks loaded on first use, kept by recency ---------------------------------------
 
     def limit_residency(self, catalogue: Catalogue, max_tasks: int | None = None,
                         max_bytes: int | None = None) -> None:
         """Serve every adapter folder of `catalogue`, loaded on first use, holding at most the limits."""
-        self.residency = Residency(catalogue, self._install, self._drop, TaskAdapter.memory_bytes,
+        self.residency = Residency(catalogue, self._install, self._evict, TaskAdapter.memory_bytes,
                                    max_tasks=max_tasks, max_bytes=max_bytes)
 
     @property
@@ -453,6 +459,10 @@ class AdapterBank:
             return self._registry.get(task).info()
         with self._adapters_of([task]) as (found,):  # a task of the catalogue that is not held: loaded
             return found.info()
+
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        """task_info of every task held now, loading none (a listing must not evict what traffic uses)."""
+        return [t.info() for t in self._registry.values()]
 
     def describe(self) -> dict[str, Any]:
         return {"base_model": self.base_model, "device": str(self.device), "backend": self.backend,

@@ -28,7 +28,8 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("predict", "embed", "rerank", "task_info", "add", "remove", "pin", "unpin", "residency_stats")
+_OPS = ("predict", "embed", "rerank", "task_info", "held_task_infos", "add", "remove", "pin", "unpin",
+        "residency_stats")
 
 
 class ProcessBank:
@@ -144,6 +145,9 @@ class ProcessBank:
 
     def task_info(self, task: str) -> dict[str, Any]:
         return self._call("task_info", task)
+
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        return self._call("held_task_infos")
 
     def add(self, path: Any) -> str:
         return self._call("add", str(path))

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,13 +220,10 @@ class Residency:
         for name in names:
             self.catalogue.folder(name)  # 404 before anything is loaded
         with self._cond:
-            pinned = self._pins | set(names)
-            if self.max_tasks is not None and len(pinned) > self.max_tasks:
-                raise PinError(f"pinning {sorted(set(names) - self._pins)} would pin {len(pinned)} tasks, over "
-                               f"the limit of {self.max_tasks} held tasks (max_resident); unpin some first")
+            self._check_pin_count(names)  # before loading anything
         with self.hold(names) as adapters:
             with self._cond:
-                pinned = self._pins | set(names)
+                pinned = self._check_pin_count(names)  # again: a concurrent pin may have landed meanwhile
                 size = sum(self._size(a) for a in adapters) + sum(
                     h.size for n, h in self._held.items() if n in self._pins and n not in names)
                 if self.max_bytes is not None and size > self.max_bytes:
@@ -235,6 +232,14 @@ class Residency:
                 self._pins = pinned
         logger.info("pinned tasks %s", names)
         return self.pinned
+
+    def _check_pin_count(self, names: list[str]) -> set[str]:
+        """The pins with `names` added; PinError if they pass max_tasks (lock held)."""
+        pinned = self._pins | set(names)
+        if self.max_tasks is not None and len(pinned) > self.max_tasks:
+            raise PinError(f"pinning {sorted(set(names) - self._pins)} would pin {len(pinned)} tasks, over "
+                           f"the limit of {self.max_tasks} held tasks (max_resident); unpin some first")
+        return pinned
 
     def unpin(self, names: Iterable[str]) -> list[str]:
         with self._cond:
@@ -251,12 +256,19 @@ class Residency:
             return name
 
     def remove(self, name: str) -> None:
-        """Forget a held task now (and its pin): its next request loads it again."""
-        with self._cond:
-            self._pins.discard(name)
-            if self._held.pop(name, None) is None:
-                raise UnknownTaskError(name, list(self._held))
-            self._unload(name)
+        """Forget a held task now (and its pin): its next request loads it again.
+
+        A load of the task in flight is waited for first, so the removal comes after it and wins."""
+        while True:
+            with self._cond:
+                future = self._loading.get(name)
+                if future is None:
+                    self._pins.discard(name)
+                    if self._held.pop(name, None) is None:
+                        raise UnknownTaskError(name, list(self._held))
+                    self._unload(name)
+                    return
+            wait([future])  # its result or error is the loader's to report
 
     # --- what is held, for listings and metrics ------------------------------------------------------
 

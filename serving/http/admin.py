@@ -8,7 +8,7 @@ from typing import Any
 
 from increlora.errors import IncreLoraError
 
-from ..bank.errors import DuplicateTaskError, PinError, UnknownTaskError
+from ..bank.errors import DuplicateTaskError, PinError, TaskLoadError, UnknownTaskError
 from ..bank.task_adapter import task_name
 from .errors import (
     AdapterConflictError,
@@ -86,7 +86,10 @@ def remove_task(bank: Any, task: str) -> RemovedTask:
 
 def pin_tasks(bank: Any, tasks: list[str]) -> Pins:
     """Load `tasks` now and keep them from eviction (a bank with a residency limit)."""
-    pinned = _pinning(bank).pin(tasks)
+    try:
+        pinned = _pinning(bank).pin(tasks)
+    except TaskLoadError as exc:  # a broken folder: answered as loading it through POST /v1/tasks is (422)
+        raise AdapterLoadError(f"cannot pin {tasks}: {exc}") from exc
     logger.info("admin: pinned %s", tasks)
     return Pins(pinned=pinned)
 

@@ -415,10 +415,13 @@ def task_infos(bank: Any) -> list[TaskInfo]:
 
 def task_list(bank: Any) -> TaskList:
     """The held tasks; for a bank that loads tasks on first use, also the folders only on disk and the pins."""
-    infos = task_infos(bank)
     catalogue = getattr(bank, "catalogue", None)
     if catalogue is None:
-        return TaskList(tasks=infos)
+        return TaskList(tasks=task_infos(bank))
+    if hasattr(bank, "held_task_infos"):  # one call, loading nothing: a task evicted meanwhile is listed on disk
+        infos = [TaskInfo.model_validate(info) for info in bank.held_task_infos()]
+    else:
+        infos = task_infos(bank)
     held = {info.name for info in infos}
     pinned = (bank.residency_stats() or {}).get("pinned", [])
     return TaskList(tasks=infos, on_disk=[n for n in catalogue.names() if n not in held], pinned=pinned)

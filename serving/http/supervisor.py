@@ -175,6 +175,9 @@ class SupervisedBank:
     def task_info(self, task: str) -> dict[str, Any]:
         return self._once("task_info", task)
 
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        return self._once("held_task_infos")
+
     def pin(self, tasks: list[str]) -> list[str]:
         pinned = self._once("pin", tasks)
         with self._cond:
@@ -197,9 +200,14 @@ class SupervisedBank:
         return task
 
     def remove(self, task: str) -> None:
-        self._once("remove", task)
+        self._once("remove", task)  # drops its pin in the child too: a restarted child must not pin it again
+        # the admin route never pinned: the loader's pins (--pin), as the child has them now, become the ones kept
+        stats = self._once("residency_stats") if self._pinned is None and self.catalogue is not None else None
         with self._cond:
             self._added.pop(task, None)
+            pinned = self._pinned if self._pinned is not None else stats and tuple(stats["pinned"])
+            if pinned is not None:
+                self._pinned = tuple(t for t in pinned if t != task)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the child within about `timeout` s, killing it if it does not exit (a hung one never does)."""

@@ -71,6 +71,15 @@ class FakeChild:
     def remove(self, task):
         return self._call("remove", task)
 
+    def pin(self, tasks):  # the next three: for a bank with pins put in place of `bank`
+        return self._call("pin", tasks)
+
+    def unpin(self, tasks):
+        return self._call("unpin", tasks)
+
+    def residency_stats(self):
+        return self._call("residency_stats")
+
     def _call(self, op, *args):
         self._check()
         self._busy = (op, time.monotonic())
