@@ -161,13 +161,15 @@ def main() -> None:
 
     inc, allocator = build_increlora(args)
     every, _ = build_increlora(args, "IncreLoRA, score_every_step=True", every_step=True)
-    # LoRA and the dense reference get IncreLoRA's final total rank (init_rank everywhere plus add_rank
-    # per growth step), known before the run; where the extra ranks land hardly changes the step time.
-    scoring = [allocator.is_scoring_step(i) for i in range(args.steps)]
-    growth = [allocator.is_growth_step(i) for i in range(args.steps)]
+    # LoRA and the dense reference get IncreLoRA's final total rank (its plan's budget), known before
+    # the run; where the extra ranks land hardly changes the step time.
+    # the steps of the plan: once it has spent the budget the allocator neither grows nor scores
+    plan, window = allocator.plan, allocator.config.effective_score_window
+    growth = [i in plan.steps for i in range(args.steps)]
+    scoring = [any(0 <= g - i < window for g in plan.steps) for i in range(args.steps)]
     ranks = rank_pattern(inc.model)
     names = list(ranks)
-    for k in range(sum(growth)):
+    for k in range(plan.budget - plan.start_rank):
         ranks[names[(7 * k) % len(names)]] += 1  # spread like a typical run; the timing depends on the sum
 
     lora = Variant("LoRA (PEFT)", build_lora(ranks, args.shape), args.steps)
