@@ -175,3 +175,20 @@ def test_a_model_process_that_does_not_load_in_time_is_killed_and_reaped():
         ProcessBank.start(functools.partial(time.sleep, 120), timeout=1, on_spawn=spawned.append)
     time.sleep(0.3)
     assert process_state(spawned[0].pid) is None  # not left as a zombie
+
+
+def test_residency_figures_never_wait_behind_a_call_holding_the_pipe(adapter_dir):
+    """A scrape while a batch runs (or the model hangs) answers the last figures read, at once."""
+    bank = ProcessBank.start(functools.partial(AdapterBank.load, adapter_dir, max_resident=2))
+    try:
+        bank.predict(["good film"], ["sst2"])
+        first = bank.residency_stats(wait=0.1)
+        assert first["loads"] >= 1 and "sst2" in first["hits"] | first["misses"]
+        with bank._lock:  # as a call in flight holds it
+            t0 = time.monotonic()
+            busy = bank.residency_stats(wait=0.1)
+            assert time.monotonic() - t0 < 2 and busy == first
+        bank.predict(["bad"], ["topic"])
+        assert bank.residency_stats(wait=0.1)["loads"] == first["loads"] + 1  # fresh once the pipe is free
+    finally:
+        bank.close()

@@ -303,8 +303,9 @@ class AdapterBank:
     def unpin(self, tasks: Iterable[str]) -> list[str]:
         return self._residency_or_refuse().unpin(tasks)
 
-    def residency_stats(self) -> dict[str, Any] | None:
-        """Held tasks, loads, evictions, hits and misses (None for a bank holding every task)."""
+    def residency_stats(self, wait: float = -1) -> dict[str, Any] | None:
+        """Held tasks, loads, evictions, hits and misses (None for a bank holding every task). `wait` is for a bank
+        in a model process (ProcessBank): here the figures are at hand."""
         return None if self.residency is None else self.residency.stats()
 
     def _residency_or_refuse(self) -> Residency:

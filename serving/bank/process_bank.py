@@ -28,6 +28,10 @@ from .errors import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
+class _PipeBusy(Exception):
+    """Another call holds the pipe to the child (internal: residency_stats answers the last figures)."""
+
+
 _OPS = ("predict", "embed", "rerank", "task_info", "held_task_infos", "add", "remove", "pin", "unpin",
         "residency_stats")
 
@@ -48,6 +52,7 @@ class ProcessBank:
         self.tokenizer: Any = info["tokenizer"]
         self.base_model: str = info.get("base_model", "unknown")
         self.catalogue: Any = info.get("catalogue")  # a bank loading tasks on first use: where they are
+        self._stats: dict[str, Any] | None = None  # the last residency figures read
 
     @classmethod
     def start(cls, loader: Callable[[], Any], timeout: float | None = None, passive_openmp: bool = True,
@@ -161,8 +166,15 @@ class ProcessBank:
     def unpin(self, tasks: list[str]) -> list[str]:
         return self._call("unpin", list(tasks))
 
-    def residency_stats(self) -> dict[str, Any] | None:
-        return self._call("residency_stats")
+    def residency_stats(self, wait: float = -1) -> dict[str, Any] | None:
+        """The child's residency figures. `wait`: at most this many seconds for the pipe (-1: as long as it takes);
+        past it (a batch running, or a hung child) the last figures read, so a metrics scrape never waits behind
+        the model."""
+        try:
+            self._stats = self._call("residency_stats", wait=wait)
+        except _PipeBusy:
+            pass
+        return self._stats
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to exit; kill it if it has not within `timeout` s, or if a call still holds the pipe after
@@ -185,8 +197,11 @@ class ProcessBank:
             if self._beats is not None:
                 self._beats.close()
 
-    def _call(self, op: str, *args: Any) -> Any:
-        with self._lock:
+    def _call(self, op: str, *args: Any, wait: float = -1) -> Any:
+        """Run `op` in the child; `wait`: at most this many seconds for the pipe (-1: as long as it takes)."""
+        if not self._lock.acquire(timeout=wait):
+            raise _PipeBusy(op)
+        try:
             self._busy = (op, time.monotonic())
             try:
                 self._conn.send((op, args))
@@ -197,6 +212,8 @@ class ProcessBank:
             finally:
                 self._busy = None
             self._tasks = tasks
+        finally:
+            self._lock.release()
         if status == "err":
             raise value
         return value

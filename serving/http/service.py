@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 2.0  # on shutdown, the batch the model runs gets this long before its requests are answered 503
 CLOSE_TIMEOUT_S = 2.0  # then the model process this long to exit before it is killed
+SCRAPE_WAIT_S = 0.2  # a metrics scrape waits this long for the model process's residency figures
 
 
 def is_bank(obj: Any) -> bool:
@@ -108,7 +110,8 @@ class Service:
         self.metrics.tasks_loaded.set(len(bank.tasks))
         self.metrics.model_up.set(1)
         if getattr(bank, "catalogue", None) is not None:  # a bank that loads tasks on first use
-            self.metrics.watch_residency(bank.residency_stats)
+            # a scrape waits at most SCRAPE_WAIT_S for the model process, then reports the last figures read
+            self.metrics.watch_residency(functools.partial(bank.residency_stats, wait=SCRAPE_WAIT_S))
         listen = getattr(bank, "listen", None)  # a SupervisedBank tells when its model process dies
         if listen is not None:
             listen(ModelWatch(self, asyncio.get_running_loop()))

@@ -190,8 +190,8 @@ class SupervisedBank:
             self._pinned = tuple(pinned)
         return pinned
 
-    def residency_stats(self) -> dict[str, Any] | None:
-        return self._once("residency_stats")
+    def residency_stats(self, wait: float = -1) -> dict[str, Any] | None:
+        return self._once("residency_stats", wait)
 
     def add(self, path: Any) -> str:
         task = self._once("add", path)
