@@ -243,6 +243,19 @@ def cut_to_tokens(tokenizer, texts: list[str], max_length: int) -> list[str]:
     return [t[:offsets[-1][1]] if offsets else t for t, offsets in zip(texts, enc["offset_mapping"])]
 
 
+class ItemsDataset(torch.utils.data.Dataset):
+    """Items already tokenized, one dict each, as a kind's collator takes them."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     """Items are dicts of unpadded token lists and a label, ready for `DataCollatorWithPadding`."""
 

@@ -28,7 +28,17 @@ from transformers.utils import ModelOutput
 
 from increlora import IncreLoraConfig, default_pooling
 
-from ..data import REGRESSION, DataError, Example, TaskData, TaskDefinition, check_splits, read_table, text_value
+from ..data import (
+    REGRESSION,
+    DataError,
+    Example,
+    ItemsDataset,
+    TaskData,
+    TaskDefinition,
+    check_splits,
+    read_table,
+    text_value,
+)
 from ..metrics import reciprocal_rank
 
 TASK_TYPE = "embedding"
@@ -118,18 +128,7 @@ def adjust_config(config: IncreLoraConfig) -> IncreLoraConfig:
     return config if config.modules_to_save is not None else dataclasses.replace(config, modules_to_save=[])
 
 
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-def to_dataset(d: TaskDefinition, rows: Sequence[Example], tokenizer, max_length: int) -> PairDataset:
+def to_dataset(d: TaskDefinition, rows: Sequence[Example], tokenizer, max_length: int) -> ItemsDataset:
     sides = {"anchor": [e.text for e in rows], "positive": [e.text_pair for e in rows]}
     if rows and rows[0].negative is not None:
         sides["negative"] = [e.negative for e in rows]
@@ -139,7 +138,7 @@ def to_dataset(d: TaskDefinition, rows: Sequence[Example], tokenizer, max_length
         for key, values in enc.items():
             for item, v in zip(items, values):
                 item[f"{side}_{key}"] = v
-    return PairDataset(items)
+    return ItemsDataset(items)
 
 
 class PairCollator:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from increlora import IncreLoraConfig
@@ -22,6 +21,7 @@ from increlora import IncreLoraConfig
 from ..data import (
     SINGLE_LABEL,
     DataError,
+    ItemsDataset,
     TaskData,
     TaskDefinition,
     check_splits,
@@ -191,17 +191,6 @@ def adjust_config(config: IncreLoraConfig) -> IncreLoraConfig:
     return config
 
 
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
 def align_labels(word_ids: Sequence[int | None], tag_ids: Sequence[int]) -> list[int]:
     """A word's tag on its first sub-token, IGNORE on special tokens and later sub-tokens."""
     out, previous = [], None
@@ -211,7 +200,7 @@ def align_labels(word_ids: Sequence[int | None], tag_ids: Sequence[int]) -> list
     return out
 
 
-def to_dataset(d: TaskDefinition, rows: Sequence[TokenExample], tokenizer, max_length: int) -> TokenDataset:
+def to_dataset(d: TaskDefinition, rows: Sequence[TokenExample], tokenizer, max_length: int) -> ItemsDataset:
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("token classification needs a fast tokenizer (one that maps sub-tokens to words)")
     label2id = d.label2id
@@ -221,7 +210,7 @@ def to_dataset(d: TaskDefinition, rows: Sequence[TokenExample], tokenizer, max_l
         item = {k: v[i] for k, v in enc.items()}
         item["labels"] = align_labels(enc.word_ids(i), [label2id[t] for t in e.tags])
         items.append(item)
-    return TokenDataset(items)
+    return ItemsDataset(items)
 
 
 def collator(tokenizer):
