@@ -262,7 +262,8 @@ def scrape(base: str) -> dict[str, float]:
         r"^(increlora_batch_(?:rows|tasks)_(?:sum|count)) (\S+)$", text, re.M)}
 
 
-def start_server(adapters: Path, args: argparse.Namespace, dtype: str) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: Path, args: argparse.Namespace, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+    """The server on a free port, ready. float32 by default, as the banks the other benchmarks check answers with."""
     cmd = [sys.executable, "-m", "serving.cli", "--adapters", str(adapters), "--host", "127.0.0.1", "--port", "0",
            "--dtype", dtype,
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),

@@ -92,8 +92,8 @@ def ray_runs(adapters: Path, args, requests, reference) -> list[dict]:
     try:
         for n in [int(r) for r in args.replicas.split(",")]:
             settings = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "max_queue": 4096}
-            serve.run(build_application(adapters, replicas=n, replica_cpus=cpus / n, settings=settings),
-                      name="increlora", route_prefix="/")
+            app = build_application(adapters, replicas=n, replica_cpus=cpus / n, settings=settings, dtype="float32")
+            serve.run(app, name="increlora", route_prefix="/")
             wait_ready(url)
             measure(url, requests[:args.warm_up], reference[:args.warm_up], args)
             cold = total_loads(n)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ray_serve_bench_") as tmp:
         base, name = base_model_folder(args.backbone, Path(tmp))
         adapters = make_random_adapters(base, Path(tmp) / "adapters", args.tasks, args.rank, args.seed)
-        bank = AdapterBank.load(adapters)
+        bank = AdapterBank.load(adapters, dtype="float32")
         words = tuple(int(w) for w in args.words.split(","))
         requests = make_requests(bank, args.requests, 1, words, args.seed)
         reference = reference_answers(bank, requests, args.max_batch_size)
