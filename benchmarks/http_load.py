@@ -252,7 +252,7 @@ def scrape(base: str) -> dict[str, float]:
         r"^(increlora_batch_(?:rows|tasks)_(?:sum|count)) (\S+)$", text, re.M)}
 
 
-def start_server(adapters: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: Path, args: argparse.Namespace, ready_seconds: float = 120) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "serving.cli", "--adapters", str(adapters), "--host", "127.0.0.1", "--port", "0",
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", "4096", "--max-inputs", str(max(64, args.rows_per_request))]
@@ -272,7 +272,7 @@ def start_server(adapters: Path, args: argparse.Namespace) -> tuple[subprocess.P
                 found.append(m.group(1))
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_seconds
     while time.monotonic() < deadline and proc.poll() is None:
         if found:
             try:

@@ -46,7 +46,7 @@ class FakeCatalog(ray_replica.TaskCatalog):
 def make_replica(http_base, tmp_path, monkeypatch, max_tasks: int | None = None):
     adapters = adapter_set(http_base, tmp_path / "adapters")
     catalog = FakeCatalog({task: str(adapters / task) for task in TASKS}, max_tasks)
-    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name: catalog)
+    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name, namespace=None: catalog)
     made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog",
                                     "max_tasks_per_replica": max_tasks, "settings": {"max_wait_ms": 1.0}})
     made.test_catalog, made.test_adapters = catalog, adapters

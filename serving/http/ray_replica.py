@@ -88,6 +88,11 @@ class TaskCatalog:
 
 
 Catalog = ray.remote(num_cpus=0)(TaskCatalog)  # the actor every replica and the ingress follow
+CATALOG_NAMESPACE = "increlora"  # its name is found there by the replicas, whichever job started Serve
+
+
+def catalog_actor(name: str):
+    return ray.get_actor(name, namespace=CATALOG_NAMESPACE)
 
 
 class BankReplica:
@@ -98,7 +103,7 @@ class BankReplica:
         self.settings = ServiceSettings(**config.get("settings", {}))
         self.bank = AdapterBank.load([], base_model=config["base_model"], device=config.get("device"),
                                      dtype=config.get("dtype"))
-        self.catalog = ray.get_actor(config["catalog"])
+        self.catalog = catalog_actor(config["catalog"])
         self.version, self.entries, self.pins = -1, {}, set()
         self.loaded: OrderedDict[str, int] = OrderedDict()  # task -> generation in the bank, least recent first
         self.metrics = ServiceMetrics()

@@ -12,15 +12,15 @@ import time
 import httpx
 
 
-def start_server(args: list[str], **popen) -> tuple[subprocess.Popen, str, queue.Queue]:
-    """Start `python -m serving.cli` on port 0; return it, its base URL (read from its log) and its log lines
-    (all of them, from the first). `popen`: more arguments for `subprocess.Popen`."""
+def start_server(args: list[str], seconds: float = 60, **popen) -> tuple[subprocess.Popen, str, queue.Queue]:
+    """Start `python -m serving.cli` on port 0; return it, its base URL (read from its log within `seconds`)
+    and its log lines (all of them, from the first). `popen`: more arguments for `subprocess.Popen`."""
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:  # the lines stay in the queue, for the test
         found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", "".join(list(lines.queue)))
         if found:
