@@ -136,12 +136,13 @@ RAY_HTTP = {"front": "increlora-serve --ray", "serve": "Serve proxy + ingress"}
 
 
 ROLES = (  # what a process of the run is, from its command line (Ray names its actors' processes ray::Class)
-    ("ray::ServeReplica:increlora:BankReplica", "Ray: bank replica"), ("ray::ServeReplica:increlora:Ingress",
-    "Ray: ingress replica"), ("ray::ProxyActor", "Ray: HTTP proxy"), ("ray::ServeController", "Ray: Serve controller"),
-    ("ray::Catalog", "Ray: catalog actor"), ("ray::", "Ray: other workers"), ("gcs_server", "Ray: GCS"),
-    ("raylet", "Ray: raylet"), ("dashboard", "Ray: dashboard, agents"), ("runtime_env", "Ray: dashboard, agents"),
-    ("log_monitor", "Ray: log monitor"), ("serving.cli --adapters", "HTTP process"),
-    ("spawn_main", "plain: model process"),
+    ("ServeReplica:increlora:BankReplica", "Ray: bank replica"),
+    ("ServeReplica:increlora:Ingress", "Ray: ingress replica"), ("ray::ProxyActor", "Ray: HTTP proxy"),
+    ("ray::ServeController", "Ray: Serve controller"), ("Catalog", "Ray: catalog actor"),
+    ("Agent", "Ray: dashboard, agents"), ("dashboard", "Ray: dashboard, agents"), ("ray::", "Ray: other workers"),
+    ("gcs_server", "Ray: GCS"), ("raylet", "Ray: raylet"), ("log_monitor", "Ray: log and autoscaler monitors"),
+    ("monitor.py", "Ray: log and autoscaler monitors"), ("serving.cli --adapters", "HTTP process"),
+    ("spawn_main", "plain: model process"), ("resource_tracker", "plain: resource tracker"),
 )
 
 
