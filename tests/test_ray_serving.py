@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from increlora.errors import IncreLoraError
 from serving import AdapterBank
 from tests.helpers.adapters import TAGS, TASKS, adapter_set, make_adapter
 from tests.helpers.http_adapters import assert_predictions, expected
@@ -101,6 +102,13 @@ def serve_run(port, adapters):
     url = f"http://127.0.0.1:{port}/serve_run"
     wait_ready(url, seconds=90)
     yield url, AdapterBank.load(adapters)
+
+
+def test_a_server_name_in_use_on_the_cluster_is_refused(served, adapters):
+    from serving.http.ray_serve import build_replicas
+
+    with pytest.raises(IncreLoraError, match="'increlora' runs on this Ray cluster already"):
+        build_replicas(adapters, name="increlora")  # served's catalog has that name
 
 
 def ask(url: str, task: str, inputs: list) -> httpx.Response:

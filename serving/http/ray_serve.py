@@ -1,12 +1,15 @@
-"""increlora-serve on Ray Serve: the project's FastAPI app as the ingress, in front of N bank replicas.
+"""increlora-serve on Ray Serve: the project's FastAPI app in front of N bank replicas.
 
-    ingress (create_app + RayBank, RayBatcher) --one call per gathered batch--> BankReplica x N
+    front (create_app + RayBank, RayBatcher) --one call per gathered batch--> BankReplica x N
                         \\--- Catalog actor: {task: (adapter folder, generation)}, pins, version ---/
 
-The replicas and the catalog are in ray_replica.py, the ingress's bank and batcher in ray_ingress.py;
+The front is `increlora-serve --ray`'s own process (start_on_ray: the replicas without HTTP, served by
+this process's uvicorn) or, under `serve run`, an ingress replica behind Serve's proxy (build_application).
+The replicas and the catalog are in ray_replica.py, the front's bank and batcher in ray_ingress.py;
 docs/design/ray-serving.md says how they keep tasks loaded, follow admin changes and batch.
 
-    serve run serving.http.ray_serve:app_builder adapters=adapters/ replicas=2     # or increlora-serve --ray
+    increlora-serve --adapters adapters/ --ray --replicas 2
+    serve run serving.http.ray_serve:app_builder adapters=adapters/ replicas=2
 """
 from __future__ import annotations
 
