@@ -332,3 +332,11 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
                  "--ray-app", "other"])
     assert code == 130 and (built["max_tasks_per_replica"], built["pin"]) == (2, ["sst2", "topic"])
     assert built["deleted"] == built["name"] == "other" and built["front"][1] == "catalog other"
+
+    def failing(app, name, route_prefix):
+        raise RuntimeError("Deploying application other failed: no such base model")
+    monkeypatch.setattr(ray_serve.serve, "run", failing)
+    built.clear()
+    assert main(["--adapters", str(adapters), "--ray", "--ray-app", "other"]) == 1
+    assert "replicas did not start on Ray: Deploying application other failed" in capsys.readouterr().err
+    assert built["deleted"] == "other" and "http" not in built

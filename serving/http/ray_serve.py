@@ -182,7 +182,8 @@ def check_ray_options(args) -> str | None:
 
 def start_on_ray(args, settings: ServiceSettings) -> tuple[Callable[[], RayBank], Callable[[], None]] | int:
     """Start the replicas on Ray (a Serve application without HTTP: no Serve proxy) for the app this process
-    serves at --host/--port: (create_app's loader, what removes the replicas at exit), or the exit code 2."""
+    serves at --host/--port: (create_app's loader, what removes the replicas at exit), or the exit code (2:
+    options that do not fit, 1: replicas that did not start)."""
     import json
 
     autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
@@ -200,7 +201,12 @@ def start_on_ray(args, settings: ServiceSettings) -> tuple[Callable[[], RayBank]
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2
     serve.start(proxy_location="Disabled", logging_config=QUIET)  # (no effect where Serve runs already)
-    handle = serve.run(app, name=args.ray_app, route_prefix=None)
+    try:
+        handle = serve.run(app, name=args.ray_app, route_prefix=None)
+    except RuntimeError as exc:  # a replica that cannot start (Serve's message names the cause)
+        print(f"increlora-serve: the replicas did not start on Ray: {exc}", file=sys.stderr)
+        serve.delete(args.ray_app)
+        return 1
     logger.info("%d replica(s) on Ray Serve (application %r); HTTP served by this process", args.replicas,
                 args.ray_app)
 
