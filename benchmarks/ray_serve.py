@@ -5,8 +5,9 @@ the plain `increlora-serve` (before and after the Ray runs, so load from elsewhe
 then to `increlora-serve --ray` (or, with `--ray-http serve`, the `serve run` application) on a local
 cluster on this machine at each of `--replicas`, the machine's CPUs shared among the replicas. Every
 answer is checked against `AdapterBank.predict` in this process. Reports requests/s, p50/p99 latency,
-adapter loads per 1,000 requests once warm (from the replicas' stats, after `--warm-up` requests) with
-the loads of the warm-up beside them, and the CPU milliseconds per request of each process.
+adapter loads per 1,000 requests once warm (from the replicas' stats, after `--warm-up` requests,
+repeated until every replica has loaded every task) with the loads of the warm-up beside them, and the
+CPU milliseconds per request of each process.
 
     python benchmarks/ray_serve.py                       # MiniLM, 3 tasks, 600 requests at concurrency 32
     python benchmarks/ray_serve.py --replicas 1 --requests 300
@@ -111,6 +112,10 @@ def ray_runs(adapters: Path, args, requests, reference) -> list[dict]:
                                                     f"--replicas {n} --replica-cpus {cpus / n:g}"), ready_seconds=300)
             try:
                 measure(url, requests[:args.warm_up], reference[:args.warm_up], args)
+                for _ in range(20):  # warm: every replica holds every task (a replica may get no call at first)
+                    if total_loads(n) >= n * args.tasks:
+                        break
+                    measure(url, requests[:args.warm_up], reference[:args.warm_up], args)
                 cold = total_loads(n)
                 before = cpu_seconds()
                 res = measure(url, requests, reference, args)
