@@ -144,8 +144,9 @@ ROLES = (  # what a process of the run is, from its command line (Ray names its 
     ("ServeReplica:increlora:BankReplica", "Ray: bank replica"),
     ("ServeReplica:increlora:Ingress", "Ray: ingress replica"), ("ray::ProxyActor", "Ray: HTTP proxy"),
     ("ray::ServeController", "Ray: Serve controller"), ("Catalog", "Ray: catalog actor"),
+    ("/raylet/raylet ", "Ray: raylet"), ("/gcs_server ", "Ray: GCS"),  # (their arguments name the agents)
     ("Agent", "Ray: dashboard, agents"), ("dashboard", "Ray: dashboard, agents"), ("ray::", "Ray: other workers"),
-    ("gcs_server", "Ray: GCS"), ("raylet", "Ray: raylet"), ("log_monitor", "Ray: log and autoscaler monitors"),
+    ("log_monitor", "Ray: log and autoscaler monitors"),
     ("monitor.py", "Ray: log and autoscaler monitors"), ("serving.cli --adapters", "HTTP process"),
     ("spawn_main", "plain: model process"), ("resource_tracker", "plain: resource tracker"),
 )
