@@ -371,7 +371,8 @@ def test_the_readme_runs_top_to_bottom(workspace, tiny_base):
                 make_kind_standins(ctx)
                 argv = shlex.split(fill(step.code, ctx), comments=True)
                 assert Path(argv[0]).is_file(), f"{step.where}: no {argv[0]}"
-                proc, base, _ = start_server(argv[1:])  # `python -m serving.cli`: what the console script runs
+                # `python -m serving.cli`: what the console script runs, with its default dtype
+                proc, base, _ = start_server(argv[1:], dtype=None)
                 servers.append(proc)
                 wait_ready(base)
                 ctx["port"] = base.rsplit(":", 1)[1]
