@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="batch wait (%(default)s)")
     p.add_argument("--words", default="6,24", help="min,max words per text (%(default)s)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time bound per run (%(default)s s)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |difference| of a score or value")
+    p.add_argument("--dtype", default="auto", help="dtype of every server and of the reference bank (%(default)s)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |difference| of a score or value (default 1e-4 in float32, else 5e-2: in 16 bits a "
+                        "row's result depends on the batch it is in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help="smallest form: tiny BERT, 2 tasks, 40 requests at concurrency 4, the plain server only")
@@ -66,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def plain_run(adapters: Path, args, requests, reference) -> dict:
     server_args = argparse.Namespace(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                      rows_per_request=1, torch_threads=None, server_args="")
-    proc, url = start_server(adapters, server_args)
+    proc, url = start_server(adapters, server_args, args.dtype)
     try:
         measure(url, requests[:args.warm_up], reference[:args.warm_up], args)
         before = cpu_seconds()
@@ -101,15 +104,16 @@ def ray_runs(adapters: Path, args, requests, reference) -> list[dict]:
             if args.ray_http == "serve":
                 settings = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                             "max_queue": 4096}
-                serve.run(build_application(adapters, replicas=n, replica_cpus=cpus / n, settings=settings),
-                          name="increlora", route_prefix="/")
+                serve.run(build_application(adapters, replicas=n, replica_cpus=cpus / n, settings=settings,
+                                            dtype=args.dtype), name="increlora", route_prefix="/")
                 url, proc = f"http://127.0.0.1:{port}", None
                 wait_ready(url)
             else:  # increlora-serve --ray on this cluster: its own HTTP, the replicas on Ray
                 proc, url = start_server(adapters, argparse.Namespace(
                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, rows_per_request=1,
                     torch_threads=None, server_args=f"--ray {ray.get_runtime_context().gcs_address} "
-                                                    f"--replicas {n} --replica-cpus {cpus / n:g}"), ready_seconds=300)
+                                                    f"--replicas {n} --replica-cpus {cpus / n:g}"), args.dtype,
+                    ready_seconds=300)
             try:
                 measure(url, requests[:args.warm_up], reference[:args.warm_up], args)
                 for _ in range(20):  # warm: every replica holds every task (a replica may get no call at first)
@@ -234,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ray_serve_bench_") as tmp:
         base, name = base_model_folder(args.backbone, Path(tmp))
         adapters = make_random_adapters(base, Path(tmp) / "adapters", args.tasks, args.rank, args.seed)
-        bank = AdapterBank.load(adapters)
+        bank = AdapterBank.load(adapters, dtype=args.dtype)
+        if args.tolerance is None:
+            args.tolerance = 1e-4 if str(bank.dtype) == "torch.float32" else 5e-2
         words = tuple(int(w) for w in args.words.split(","))
         requests = make_requests(bank, args.requests, 1, words, args.seed)
         reference = reference_answers(bank, requests, args.max_batch_size)
         print(f"{args.tasks} random rank-{args.rank} adapters on {name}; {args.requests} one-row requests at "
               f"concurrency {args.concurrency} after {args.warm_up} to warm up; {os.cpu_count()} CPUs; "
-              f"--max-batch-size {args.max_batch_size} --max-wait-ms {args.max_wait_ms:g}", flush=True)
+              f"--max-batch-size {args.max_batch_size} --max-wait-ms {args.max_wait_ms:g}; --dtype {args.dtype} "
+              f"({str(bank.dtype).removeprefix('torch.')}), tolerance {args.tolerance:g}", flush=True)
         results = [plain_run(adapters, args, requests, reference)]
         print(f"  plain: {results[0]['rows_per_s']:.1f} req/s", flush=True)
         if args.replicas:

@@ -68,7 +68,7 @@ def served(port, ray_cluster, adapters):
     proc, url = front(ray_cluster, adapters, "increlora", "--replicas", "2", "--max-tasks-per-replica", "2",
                       "--admin-token", TOKEN, "--max-wait-ms", "2")
     try:
-        yield url, AdapterBank.load(adapters)
+        yield url, AdapterBank.load(adapters, dtype="float32")
     finally:
         assert stop(proc) == 0
         assert "increlora" not in serve.status().applications  # the server removes its replicas as it stops
@@ -80,7 +80,7 @@ def single(port, ray_cluster, adapters):
     proc, url = front(ray_cluster, adapters, "single", "--max-wait-ms", "50", "--max-batch-size", "64",
                       "--max-queue", "100")
     try:
-        yield url, AdapterBank.load(adapters)
+        yield url, AdapterBank.load(adapters, dtype="float32")
     finally:
         stop(proc)
 
@@ -93,7 +93,8 @@ def serve_run(port, adapters):
     from serving.http.ray_serve import build_application
 
     settings = {"max_wait_ms": 50.0, "max_batch_size": 64, "max_queue": 100}
-    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="serve_run")
+    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="serve_run",
+                            dtype="float32")
     assert app._bound_deployment.max_ongoing_requests == 100  # the ingress; Serve's default is 5
     assert app._bound_deployment.init_args[0]._bound_deployment.max_ongoing_requests == 100  # the replicas
     for deployment in (app._bound_deployment, app._bound_deployment.init_args[0]._bound_deployment):
@@ -101,7 +102,7 @@ def serve_run(port, adapters):
     serve.run(app, name="serve_run", route_prefix="/serve_run")
     url = f"http://127.0.0.1:{port}/serve_run"
     wait_ready(url, seconds=90)
-    yield url, AdapterBank.load(adapters)
+    yield url, AdapterBank.load(adapters, dtype="float32")
 
 
 def test_a_server_name_in_use_on_the_cluster_is_refused(served, adapters):
@@ -238,7 +239,8 @@ def test_a_replaced_adapter_never_answers_after_the_admin_call(served, adapters,
     old_files = tmp_path / "old"
     shutil.copytree(folder, old_files)
     new = make_adapter(http_base, tmp_path / "new", "sst2", 2, seed=99)
-    for files, want in ((new, AdapterBank.load([new])), (old_files, AdapterBank.load([old_files]))):
+    for files in (new, old_files):
+        want = AdapterBank.load([files], dtype="float32")
         log: list[tuple[float, int, list | None]] = []  # (sent at, status, predictions)
         stop = threading.Event()
         senders = [threading.Thread(target=sst2_traffic, args=(url, stop, log)) for _ in range(4)]
