@@ -187,8 +187,9 @@ class BankReplica:
     async def _ready(self, task: str) -> None:
         """Make sure the catalog's current copy of `task` is loaded here."""
         if self.batcher is None:
-            s = self.settings
-            self.batcher = DynamicBatcher(self.bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+            s = self.settings  # no second wait: the front gathered each call already; the calls that come while
+            # a forward runs share the next one (before, a call waited max_wait_ms again here)
+            self.batcher = DynamicBatcher(self.bank, max_batch_size=s.max_batch_size, max_wait_ms=0.0,
                                           max_queue=s.max_queue, observer=self.metrics)
             self.batcher.start()
         if task not in self.entries:
