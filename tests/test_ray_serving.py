@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -310,9 +311,11 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ray_serve, "build_replicas",
                         lambda folder, **kw: built.update(folder=folder, **kw) or ("app", f"catalog {kw['name']}"))
     monkeypatch.setattr(ray_serve.serve, "run", lambda app, name, route_prefix: built.update(
-        name=name, route=route_prefix) or f"handle of {app}")
+        name=name, route=route_prefix, deleted_before=built.get("deleted")) or f"handle of {app}")
     monkeypatch.setattr(ray_serve, "front_loader", lambda handle, catalog: built.update(front=(handle, catalog)))
     monkeypatch.setattr(ray_serve.serve, "delete", lambda name: built.update(deleted=name))
+    left = {"increlora": "left by a server that was killed"}
+    monkeypatch.setattr(ray_serve.serve, "status", lambda: SimpleNamespace(applications=left))
 
     def serving(server):  # this process's own uvicorn, at --host/--port, stopped by Ctrl-C
         built["http"] = (server.config.host, server.config.port)
@@ -322,6 +325,7 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
                  "--replica-cpus", "0.5", "--admin-token", "s3cret", "--api-key", "k1", "--port", "8123",
                  "--autoscaling", '{"min_replicas": 1, "max_replicas": 4}'])
     assert code == 130 and built["deleted"] == built["name"] == "increlora"
+    assert built["deleted_before"] == "increlora"  # the application of a server that was killed goes first
     assert built["start"]["proxy_location"] == "Disabled" and built["route"] is None  # no Serve proxy: HTTP here
     assert built["http"] == ("127.0.0.1", 8123) and built["front"] == ("handle of app", "catalog increlora")
     assert built["folder"] == adapters
@@ -330,8 +334,10 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the secrets themselves, not masks
     assert built["settings"]["api_keys"] == ["k1"]
     assert built["pin"] == []
+    built.clear()
     code = main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--pin", "sst2,topic",
                  "--ray-app", "other"])
+    assert built["deleted_before"] is None  # no application of that name: nothing removed before
     assert code == 130 and (built["max_tasks_per_replica"], built["pin"]) == (2, ["sst2", "topic"])
     assert built["deleted"] == built["name"] == "other" and built["front"][1] == "catalog other"
 

@@ -201,6 +201,9 @@ def start_on_ray(args, settings: ServiceSettings) -> tuple[Callable[[], RayBank]
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2
     serve.start(proxy_location="Disabled", logging_config=QUIET)  # (no effect where Serve runs already)
+    if args.ray_app in serve.status().applications:  # left by a server that was killed (its name was free above):
+        logger.warning("removing the Serve application %r of a server that is gone", args.ray_app)
+        serve.delete(args.ray_app)  # its replicas follow a catalog that died with it
     try:
         handle = serve.run(app, name=args.ray_app, route_prefix=None)
     except RuntimeError as exc:  # a replica that cannot start (Serve's message names the cause)
