@@ -207,7 +207,7 @@ def server_metrics(base: str) -> dict[str, float]:
 
 
 def run(adapters: Path, requests: list[dict], reference: list[list[dict]], args, kill_every: int, name: str) -> dict:
-    proc, base = start_server(adapters, args)
+    proc, base = start_server(adapters, args, "float32")  # as the references
     try:
         phase = Phase(proc.pid, args.requests, kill_every)
         bodies = [json.dumps(r).encode() for r in requests]

@@ -37,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Shell commands the suite does not run (matched by how they start), and why.
 NOT_RUNNABLE = {
-    "make demo": "fetches MiniLM and three datasets and trains for ~15 minutes; the blocks it is made of run here",
+    "make demo": "fetches MiniLM and five datasets and trains for ~10 minutes; the blocks it is made of run here",
     "make test": "runs this very suite",
     ".venv/bin/torchrun": "tests/test_distributed.py runs increlora-train under torchrun with 2 CPU processes",
     ".venv/bin/increlora-train --tasks sms_spam,bbc_news,rotten_tomatoes --output /shared":
