@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoModelForTokenClassification, AutoTokeniz
 
 from increlora import load_adapter, read_adapter
 from tests.helpers.kinds_data import (
+    named_sentences,
     tagged_sentences,
     write_conll,
     write_pairs,
@@ -156,6 +157,22 @@ def test_token_classification_from_jsonl_scores_entity_f1_like_seqeval(tiny_base
     truth = [tags[:len(p)] for (_, tags), p in zip(sentences, preds)]  # words cut by --max-length drop out
     assert metrics["test"]["f1"] == pytest.approx(f1_score(truth, preds), abs=1e-9)
     assert metrics["test"]["f1"] > 0.3
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora"])
+def test_a_tagger_learns_entities_its_words_give_away_almost_exactly(tiny_base, tmp_path, method):
+    # Each word says its tag and is cut into a telling first piece and "##z" pieces: a pipeline that
+    # trains and saves the head and puts each label on its word's first piece tags the test set exactly;
+    # labels on other pieces, a frozen or unsaved head, or a loss over the wrong positions cannot.
+    files = [write_token_jsonl(tmp_path / f"n{i}.jsonl", n, i, named_sentences) for i, n in enumerate((320, 48, 40))]
+    out = tmp_path / "named"
+    assert train(tiny_base, out, "token-classification", files, "--steps", "80", "--method", method) == 0
+    sentences = named_sentences(40, 2)
+    preds = token_predictions(tiny_base, out, sentences)
+    truth = [tags[:len(p)] for (_, tags), p in zip(sentences, preds)]
+    assert sum(len(p) for p in preds) == sum(len(t) for _, t in sentences)  # no word cut off: all are scored
+    assert f1_score(truth, preds) >= 0.95
+    assert json.loads((out / "metrics.json").read_text())["test"]["f1"] == pytest.approx(f1_score(truth, preds))
 
 
 def test_conll_folder_in_the_official_layout(tiny_base, files, tmp_path):
