@@ -216,6 +216,7 @@ def test_conll_folder_in_the_official_layout(tiny_base, files, tmp_path):
 
 @pytest.mark.parametrize("kind,data,method", [("embedding", "pairs", "increlora"),
                                               ("token-classification", "tokens", "increlora"),
+                                              ("token-classification", "tokens", "lora"),
                                               ("embedding", "pairs", "adalora")])
 def test_every_kind_resumes_after_ctrl_c_to_the_same_adapter(tiny_base, files, tmp_path, kind, data, method):
     full, part = tmp_path / "full", tmp_path / "part"

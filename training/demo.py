@@ -69,7 +69,7 @@ def classification_examples(per_task: int = 2) -> list[tuple[str, str, str]]:
     return out
 
 
-def entity_examples(n: int = 3) -> list[tuple[str, list[str]]]:
+def entity_examples(n: int = 5) -> list[tuple[str, list[str]]]:
     """(tweet, its true entities as "type: words") of the first test tweets that hold an entity."""
     from .tasks import load_task
 
@@ -132,9 +132,12 @@ def show_entities(base: str) -> None:
     examples = entity_examples()
     answer = _call(f"{base}/v1/predict", {"task": ENTITY_TASK, "inputs": [t for t, _ in examples]})
     print(f"\nentities ({ENTITY_TASK}: test tweets, true entities beside the served ones):")
+    right = extra = 0
     for (text, truth), pred in zip(examples, answer["predictions"]):
         got = [f"{e['entity_group']}: {text[e['start']:e['end']]}" for e in pred["entities"]]
+        right, extra = right + sum(g in truth for g in got), extra + sum(g not in truth for g in got)
         print(f"  {_short(text)}\n      served {got}\n      true   {truth}")
+    print(f"  served {right} of the {sum(len(t) for _, t in examples)} true entities exactly, and {extra} others")
 
 
 def serve_and_query(adapters: str) -> int:
