@@ -1,4 +1,4 @@
-# Entry points: `make demo` (set up, train three real tasks, serve them), `make test` (the whole suite),
+# Entry points: `make demo` (set up, train five real tasks of three kinds, serve them), `make test` (the whole suite),
 # `make test-fast` (the suite without the tests marked slow) and `make lint` (ruff on the whole repository).
 PYTHON ?= python3
 VENV := .venv

@@ -15,6 +15,8 @@ batch of 32 is a different task. Compared in one run, on the same token ids:
 
 With --onnx (CPU; pip install increlora[bench]): ONNX Runtime running the base model alone, float32
 and dynamic int8, intra-op spinning off so its idle threads leave the cores to the other methods.
+With --also-dtype D: B0 and ours again in dtype D (a second bank), timed in the same rounds, e.g.
+`--dtype auto --also-dtype float32 --onnx` compares the default dtype, float32 and ONNX Runtime.
 
 On a GPU also: ours with the torch loop on the same packed factors, B0 and ours replayed from a CUDA
 graph of the whole forward (the batch's table made before capture), and kernel launches per forward.
@@ -341,7 +343,9 @@ def main() -> None:
                    "unless --kinds says)")
     p.add_argument("--device", default="cpu",
                    help="where the models run, e.g. cuda (loading is always timed on the CPU)")
-    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: float32)")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 or auto (default: the checkpoint's, float32)")
+    p.add_argument("--also-dtype", default=None, metavar="DTYPE",
+                   help="also time B0 and ours in this dtype, in the same rounds (e.g. float32 beside --dtype auto)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="the bank's backend (auto: Triton on a GPU, the torch loop on the CPU)")
     p.add_argument("--onnx", action="store_true", help="also ONNX Runtime on the base model alone (fp32, int8)")
@@ -379,9 +383,10 @@ def main() -> None:
     names = [p.name for p in paths]
     ranks = [a.shape[0] for t in names for a, _ in bank._registry.get(t).lora.values()]
     print(f"adapters: {kmax}, per-module ranks {min(ranks)}..{max(ranks)}, mean {statistics.mean(ranks):.2f}; "
-          f"bank backend {bank.backend}")
+          f"bank backend {bank.backend}, dtype {_name(bank.dtype)}")
     base = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).eval()
     base = base.to(device=device, dtype=bank.dtype)
+    other = other_dtype(paths, base_dir, bank, args) if args.also_dtype else None
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     enc = {k: v.to(device) for k, v in token_batch(tokenizer, args.batch, args.seq, seed=0).items()}
     padded, padded_bytes = padded_model(bank, names)
@@ -412,6 +417,9 @@ def main() -> None:
         if device.type == "cuda":
             gpu_methods(fns, bank, base, enc, tasks, ours)
         fns.update(ort_fns)
+        if other is not None:
+            fns[f"B0 {_name(other[0].dtype)}"] = lambda: other[1](**enc)
+            fns[f"ours {_name(other[0].dtype)}"] = lambda tasks=tasks: run_ours(other[0], enc, tasks)
         if device.type == "cpu" and bank.dtype == torch.bfloat16:  # lora_linear against the unfolded loop
             fns["ours unfolded"] = lambda tasks=tasks: unfolded(lambda: run_ours(bank, enc, tasks))
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
@@ -442,6 +450,8 @@ def main() -> None:
 
     if ort_fns:
         print_onnx_table(rows)
+    if other is not None:
+        print_dtype_table(rows, bank.dtype, other[0].dtype, bool(ort_fns))
     for k, _, t, _ in rows:
         if "ours unfolded" in t:
             print(f"K {k}: ours {t['ours'] / t['B0']:.3f}x B0 with the bias and updates in one product (lora_linear), "
@@ -478,6 +488,33 @@ def gpu_methods(fns: dict, bank: AdapterBank, base: nn.Module, enc: dict, tasks:
     assert close(replay()[torch.argsort(order)], ours, 1e-4), "the CUDA graph replay disagrees"
     assert close(fns["ours loop"](), ours, 1e-4), "the torch loop and the Triton kernels disagree"
     fns["ours graph"] = replay
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def other_dtype(paths: list[Path], base_dir: Path, bank: AdapterBank, args) -> tuple | None:
+    """The same adapters and base model in --also-dtype (None where it resolves to the bank's dtype)."""
+    obank = AdapterBank.load(paths, base_model=str(base_dir), device=args.device, dtype=args.also_dtype,
+                             backend=args.backend)
+    if obank.dtype == bank.dtype:
+        print(f"--also-dtype {args.also_dtype} is {_name(bank.dtype)}, as the bank: not timed twice")
+        return None
+    obase = AutoModelForSequenceClassification.from_pretrained(str(base_dir), num_labels=2).eval()
+    return obank, obase.to(device=bank.device, dtype=obank.dtype)
+
+
+def print_dtype_table(rows: list, dtype: torch.dtype, other: torch.dtype, onnx: bool) -> None:
+    print()
+    print("| K in bank | dtype | B0 ms | ours ms | ours/B0 | ours throughput / ours in "
+          f"{_name(other)}" + (" | ours throughput / ORT fp32 |" if onnx else " |"))
+    print("|---|---|---|---|---|---|" + ("---|" if onnx else ""))
+    for k, _, t, _ in rows:
+        o = f"ours {_name(other)}"
+        for name, b0, ours in ((_name(dtype), t["B0"], t["ours"]), (_name(other), t[f"B0 {_name(other)}"], t[o])):
+            print(f"| {k} | {name} | {b0:.0f} | {ours:.0f} | {ours / b0:.3f} | {t[o] / ours:.2f} |"
+                  + (f" {t['ORT fp32'] / ours:.2f} |" if onnx else ""))
 
 
 def unfolded(fn):

@@ -31,7 +31,7 @@ def adapter_dir(tmp_path_factory, http_base):
 
 @pytest.fixture
 def bank(adapter_dir):
-    return AdapterBank.load([adapter_dir / name for name in SERVED])
+    return AdapterBank.load([adapter_dir / name for name in SERVED], dtype="float32")
 
 
 @pytest.fixture

@@ -31,11 +31,11 @@ def adapter_dir(tmp_path_factory, http_base):
 
 @pytest.fixture(scope="module")
 def full(adapter_dir):
-    return AdapterBank.load([adapter_dir / t for t in TASKS])
+    return AdapterBank.load([adapter_dir / t for t in TASKS], dtype="float32")
 
 
 def app_for(adapter_dir, **load):
-    bank = AdapterBank.load(adapter_dir, **load)
+    bank = AdapterBank.load(adapter_dir, dtype="float32", **load)
     return create_app(bank, ServiceSettings(adapters=adapter_dir, admin_token=TOKEN, max_wait_ms=20))
 
 
@@ -95,7 +95,7 @@ def test_pinning_a_broken_folder_answers_as_loading_it_does(adapter_dir):
 def test_the_listing_loads_nothing_and_shows_a_task_evicted_meanwhile_on_disk(adapter_dir):
     from serving.http.service import task_list
 
-    bank = AdapterBank.load(adapter_dir, max_resident=2)
+    bank = AdapterBank.load(adapter_dir, max_resident=2, dtype="float32")
     for task in ["sst2", "topic"]:
         bank.predict(["x"], [task])
     names = bank.tasks  # the names a listing reads just before a batch evicts sst2
@@ -114,7 +114,7 @@ def test_the_listing_loads_nothing_and_shows_a_task_evicted_meanwhile_on_disk(ad
 
 
 def test_pinning_a_server_holding_every_task_is_refused(adapter_dir):
-    bank = AdapterBank.load([adapter_dir / "sst2"])
+    bank = AdapterBank.load([adapter_dir / "sst2"], dtype="float32")
     with TestClient(create_app(bank, ServiceSettings(adapters=adapter_dir, admin_token=TOKEN))) as client:
         r = client.post("/v1/pins", json={"tasks": ["sst2"]}, headers=ADMIN)
         assert r.status_code == 409 and "--max-resident" in r.json()["detail"]
@@ -177,7 +177,7 @@ def test_a_real_server_holding_two_of_five_answers_round_robin_as_a_bank_holding
 def test_a_restarted_model_process_gets_the_admin_pins_back(adapter_dir):
     from serving.http.supervisor import TaskSet, restore
 
-    bank = AdapterBank.load(adapter_dir, max_resident=2, pin=["news"])  # as the loader starts it again
+    bank = AdapterBank.load(adapter_dir, max_resident=2, pin=["news"], dtype="float32")  # as the loader starts it again
     restore(bank, TaskSet(("news", "sst2"), (), pinned=("sst2",)))
     assert bank.residency_stats()["pinned"] == ["sst2"] and "sst2" in bank.tasks
     restore(bank, TaskSet(("sst2",)))  # the admin route never used: the loader's pins stay

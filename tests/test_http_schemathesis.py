@@ -30,7 +30,7 @@ def served_app(tmp_path_factory, http_base):
     folder = make_tiny_adapters(tmp_path_factory.mktemp("adapters"), http_base, TASKS)
     make_adapter(http_base, folder, "embed", seed=1, task_type="embedding")
     make_adapter(http_base, folder, "ner", len(TAGS), seed=2, task_type="token-classification")
-    return create_app(AdapterBank.load(folder), ServiceSettings(
+    return create_app(AdapterBank.load(folder, dtype="float32"), ServiceSettings(
         adapters=folder, admin_token=TOKEN, max_inputs=16, max_body_bytes=16384, max_wait_ms=0))
 
 

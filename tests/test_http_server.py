@@ -48,7 +48,7 @@ def test_served_answers_equal_the_bank_for_concurrent_mixed_task_requests(adapte
     output = "".join(log.queue)
     assert code == 0 and "Application shutdown complete" in output, output[-3000:]  # SIGTERM drains, exits 0
 
-    bank = AdapterBank.load(adapters)
+    bank = AdapterBank.load(adapters, dtype="float32")
     for body, r in zip(bodies, responses):
         assert r.status_code == 200, r.text
         inputs = [x if isinstance(x, str) else tuple(x) for x in body["inputs"]]

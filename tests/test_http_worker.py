@@ -26,8 +26,9 @@ def adapter_dir(tmp_path_factory, http_base):
 
 
 def test_the_process_bank_answers_like_the_bank_and_follows_add_and_remove(adapter_dir):
-    local = AdapterBank.load([adapter_dir / "sst2", adapter_dir / "topic", adapter_dir / "extra"])
-    bank = ProcessBank.start(functools.partial(AdapterBank.load, [adapter_dir / "sst2", adapter_dir / "topic"]))
+    local = AdapterBank.load([adapter_dir / "sst2", adapter_dir / "topic", adapter_dir / "extra"], dtype="float32")
+    bank = ProcessBank.start(functools.partial(AdapterBank.load, [adapter_dir / "sst2", adapter_dir / "topic"],
+                                                 dtype="float32"))
     try:
         assert sorted(bank.tasks) == ["sst2", "topic"] and bank.max_length == local.max_length
         assert bank.tokenizer("good film")["input_ids"] == local.tokenizer("good film")["input_ids"]

@@ -47,7 +47,7 @@ def make_replica(http_base, tmp_path, monkeypatch, max_tasks: int | None = None)
     adapters = adapter_set(http_base, tmp_path / "adapters")
     catalog = FakeCatalog({task: str(adapters / task) for task in TASKS}, max_tasks)
     monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name: catalog)
-    made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog",
+    made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog", "dtype": "float32",
                                     "max_tasks_per_replica": max_tasks, "settings": {"max_wait_ms": 1.0}})
     made.test_catalog, made.test_adapters = catalog, adapters
     return made
@@ -59,7 +59,7 @@ def replica(http_base, tmp_path, monkeypatch):
 
 
 def test_a_task_is_loaded_once_and_stays(replica):
-    alone = AdapterBank.load(replica.test_adapters)
+    alone = AdapterBank.load(replica.test_adapters, dtype="float32")
 
     async def traffic():
         for _ in range(3):
@@ -74,9 +74,9 @@ def test_a_task_is_loaded_once_and_stays(replica):
 
 def test_a_replaced_adapter_leaves_at_once_even_with_requests_in_flight(replica, http_base, tmp_path):
     folder = replica.test_adapters / "sst2"
-    old = AdapterBank.load([folder])
+    old = AdapterBank.load([folder], dtype="float32")
     new_folder = make_adapter(http_base, tmp_path / "new", "sst2", 2, seed=99)
-    new = AdapterBank.load([new_folder])
+    new = AdapterBank.load([new_folder], dtype="float32")
     assert expected(old, "sst2", INPUTS) != expected(new, "sst2", INPUTS)
 
     async def scenario():
@@ -140,7 +140,7 @@ def test_a_limited_replica_holds_what_lru_with_pins_holds(http_base, tmp_path, m
     """Random single-task calls, pins and unpins on a replica holding at most 2 of 5 tasks, against a model:
     the least recently used task that is neither pinned nor in the call goes first; every answer is right."""
     replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=2)
-    catalog, alone = replica.test_catalog, AdapterBank.load(replica.test_adapters)
+    catalog, alone = replica.test_catalog, AdapterBank.load(replica.test_adapters, dtype="float32")
     held: list[str] = []  # the model: least recently used first
     pins: set[str] = set()
 
@@ -196,7 +196,7 @@ def test_a_task_with_requests_in_flight_is_never_evicted(http_base, tmp_path, mo
     """A limit of 1: one call wanting three tasks holds all three until it is answered, then one stays; a task
     whose request is in flight stays while other tasks come and go."""
     replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=1)
-    alone = AdapterBank.load(replica.test_adapters)
+    alone = AdapterBank.load(replica.test_adapters, dtype="float32")
 
     async def scenario():
         three = ["sst2", "topic", "stsb"]
@@ -239,8 +239,8 @@ def test_build_application_refuses_pins_over_the_limit_before_starting_anything(
 
     adapters = adapter_set(http_base, tmp_path / "adapters")  # no Ray started: refused before the catalog actor
     with pytest.raises(PinError, match="over the limit of 1"):
-        build_application(adapters, max_tasks_per_replica=1, pin=["sst2", "topic"])
+        build_application(adapters, max_tasks_per_replica=1, pin=["sst2", "topic"], dtype="float32")
     with pytest.raises(PinError, match="nothing to pin"):
-        build_application(adapters, pin=["sst2"])
+        build_application(adapters, pin=["sst2"], dtype="float32")
     with pytest.raises(UnknownTaskError):
-        build_application(adapters, max_tasks_per_replica=1, pin=["nope"])
+        build_application(adapters, max_tasks_per_replica=1, pin=["nope"], dtype="float32")

@@ -58,11 +58,11 @@ def served(port, adapters):
     from serving.http.ray_serve import build_application
 
     app = build_application(adapters, replicas=2, max_tasks_per_replica=2, replica_cpus=0.25,
-                            settings={"admin_token": TOKEN, "max_wait_ms": 2.0})
+                            settings={"admin_token": TOKEN, "max_wait_ms": 2.0}, dtype="float32")
     serve.run(app, name="increlora", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, seconds=90)
-    yield url, AdapterBank.load(adapters)
+    yield url, AdapterBank.load(adapters, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +73,13 @@ def single(port, adapters):
     from serving.http.ray_serve import build_application
 
     settings = {"max_wait_ms": 50.0, "max_batch_size": 64, "max_queue": 100}
-    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="single")
+    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="single", dtype="float32")
     assert app._bound_deployment.max_ongoing_requests == 100  # the ingress; Serve's default is 5
     assert app._bound_deployment.init_args[0]._bound_deployment.max_ongoing_requests == 100  # the replicas
     serve.run(app, name="single", route_prefix="/single")
     url = f"http://127.0.0.1:{port}/single"
     wait_ready(url, seconds=90)
-    yield url, AdapterBank.load(adapters)
+    yield url, AdapterBank.load(adapters, dtype="float32")
 
 
 def ask(url: str, task: str, inputs: list) -> httpx.Response:
@@ -206,7 +206,8 @@ def test_a_replaced_adapter_never_answers_after_the_admin_call(served, adapters,
     old_files = tmp_path / "old"
     shutil.copytree(folder, old_files)
     new = make_adapter(http_base, tmp_path / "new", "sst2", 2, seed=99)
-    for files, want in ((new, AdapterBank.load([new])), (old_files, AdapterBank.load([old_files]))):
+    for files in (new, old_files):
+        want = AdapterBank.load([files], dtype="float32")
         log: list[tuple[float, int, list | None]] = []  # (sent at, status, predictions)
         stop = threading.Event()
         senders = [threading.Thread(target=sst2_traffic, args=(url, stop, log)) for _ in range(4)]

@@ -37,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Shell commands the suite does not run (matched by how they start), and why.
 NOT_RUNNABLE = {
-    "make demo": "fetches MiniLM and three datasets and trains for ~15 minutes; the blocks it is made of run here",
+    "make demo": "fetches MiniLM and five datasets and trains for ~10 minutes; the blocks it is made of run here",
     "make test": "runs this very suite",
     ".venv/bin/torchrun": "tests/test_distributed.py runs increlora-train under torchrun with 2 CPU processes",
     ".venv/bin/increlora-train --tasks sms_spam,bbc_news,rotten_tomatoes --output /shared":
@@ -371,7 +371,8 @@ def test_the_readme_runs_top_to_bottom(workspace, tiny_base):
                 make_kind_standins(ctx)
                 argv = shlex.split(fill(step.code, ctx), comments=True)
                 assert Path(argv[0]).is_file(), f"{step.where}: no {argv[0]}"
-                proc, base, _ = start_server(argv[1:])  # `python -m serving.cli`: what the console script runs
+                # `python -m serving.cli`: what the console script runs, with its default dtype
+                proc, base, _ = start_server(argv[1:], dtype=None)
                 servers.append(proc)
                 wait_ready(base)
                 ctx["port"] = base.rsplit(":", 1)[1]

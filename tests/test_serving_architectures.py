@@ -56,7 +56,7 @@ def test_mixed_batch_equals_each_adapter_alone(family, base_labels, tmp_path):
     base = make_base(tmp_path / "base", family, base_labels)
     make_adapter(base, tmp_path / "adapters", "two", 2, seed=1)
     make_adapter(base, tmp_path / "adapters", "three", 3, seed=2)
-    bank = AdapterBank.load(tmp_path / "adapters")
+    bank = AdapterBank.load(tmp_path / "adapters", dtype="float32")
     assert sorted(bank.tasks) == ["three", "two"] and bank.load_errors == {}
     inputs = ["great film", ("a good plot", "the story"), "bad movie", "hello"]
     tasks = ["two", "three", "three", "two"]
@@ -82,7 +82,7 @@ def test_every_kind_mixes_in_one_batch_on_other_families(family, tmp_path):
     make_adapter(base, folder, "seq", 3, seed=1)
     make_adapter(base, folder, "ner", 5, seed=2, task_type="token-classification")
     make_adapter(base, folder, "emb", seed=3, task_type="embedding")
-    bank = AdapterBank.load(folder)
+    bank = AdapterBank.load(folder, dtype="float32")
     assert sorted(bank.tasks) == ["emb", "ner", "seq"] and bank.load_errors == {}
     inputs, tasks = ["great film", "hello world", "a good plot", "bad movie"], ["ner", "seq", "emb", "ner"]
     for x, t, got in zip(inputs, tasks, bank.logits(inputs, tasks)):

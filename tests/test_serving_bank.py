@@ -30,7 +30,7 @@ def adapters(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bank(adapters):
-    return AdapterBank.load(adapters)
+    return AdapterBank.load(adapters, dtype="float32")
 
 
 def ref(tiny_base, adapter_dir, tokenizer, text):
@@ -129,11 +129,11 @@ def test_a_bare_pair_is_one_input_and_a_list_is_many(bank):
 @pytest.mark.parametrize("size", [0, -1, 2.5, True, "8"])
 def test_a_bad_max_batch_size_is_refused(adapters, size):
     with pytest.raises(BankLoadError, match="max_batch_size must be a positive integer"):
-        AdapterBank.load(adapters, max_batch_size=size)
+        AdapterBank.load(adapters, max_batch_size=size, dtype="float32")
 
 
 def test_non_finite_logits_are_an_error_naming_the_task(adapters):
-    bank = AdapterBank.load(adapters, max_batch_size=2)
+    bank = AdapterBank.load(adapters, max_batch_size=2, dtype="float32")
     with torch.no_grad():
         bank._registry.get("topic").heads["classifier"].weight.fill_(float("inf"))
     good = bank.predict(["great film", "bad film"], ["sst2", "stsb"])
@@ -151,15 +151,15 @@ def test_long_inputs_are_truncated(bank):
 
 
 def test_large_calls_are_split_into_batches(adapters):
-    bank = AdapterBank.load(adapters, max_batch_size=2)
+    bank = AdapterBank.load(adapters, max_batch_size=2, dtype="float32")
     tasks = ["sst2", "topic", "stsb", "tags", "sst2", "mrpc"]
-    one = AdapterBank.load(adapters).logits(INPUTS, tasks)
+    one = AdapterBank.load(adapters, dtype="float32").logits(INPUTS, tasks)
     for a, b in zip(bank.logits(INPUTS, tasks), one):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_add_and_remove(tiny_base, adapters, tmp_path):
-    bank = AdapterBank.load([adapters / "sst2", adapters / "topic"])
+    bank = AdapterBank.load([adapters / "sst2", adapters / "topic"], dtype="float32")
     before = bank.logits(INPUTS[:3], ["sst2", "topic", "sst2"])
     make_adapter(tiny_base, tmp_path, "news", 5, seed=42, max_rank=6)
     assert bank.add(tmp_path / "news") == "news"
@@ -191,7 +191,7 @@ def test_bad_adapters_are_reported_and_never_stop_the_others(tiny_base, other_ti
     shutil.copytree(adapters / "topic", folder / "corrupt")
     (folder / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     (folder / "notes").mkdir()  # not an adapter folder: skipped silently
-    bank = AdapterBank.load(folder, base_model=str(tiny_base))
+    bank = AdapterBank.load(folder, base_model=str(tiny_base), dtype="float32")
     assert sorted(bank.tasks) == ["sst2", "stsb"]
     errors = {k.rsplit("/", 1)[-1]: v for k, v in bank.load_errors.items()}
     assert set(errors) == {"foreign", "corrupt", "stsb_copy"}
@@ -214,11 +214,11 @@ def test_loading_many_leaves_the_collector_and_threads_as_they_were(adapters, co
         raise RuntimeError("disk on fire")
     (gc.enable if collecting else gc.disable)()
     try:
-        assert len(AdapterBank.load(adapters).tasks) == len(TASKS)
+        assert len(AdapterBank.load(adapters, dtype="float32").tasks) == len(TASKS)
         assert gc.isenabled() is collecting and torch.get_num_threads() == threads
         monkeypatch.setattr(AdapterBank, "_prepare", lambda self, folder: fail(folder))
         with pytest.raises(RuntimeError, match="disk on fire"):
-            AdapterBank.load(adapters)
+            AdapterBank.load(adapters, dtype="float32")
         assert seen == [(False, 1)]
         assert gc.isenabled() is collecting and torch.get_num_threads() == threads
     finally:
@@ -235,7 +235,7 @@ def _without_fingerprint(src, dst, **changes):
 
 
 def test_adapters_that_do_not_fit_the_base_model_are_refused(tiny_base, adapters, tmp_path):
-    bank = AdapterBank.load([adapters / "sst2"])
+    bank = AdapterBank.load([adapters / "sst2"], dtype="float32")
     wide = tmp_path / "wide_base"
     from tests.tiny import make_tiny_base
     make_tiny_base(wide, seed=0, hidden_size=48, intermediate_size=96)
@@ -264,7 +264,7 @@ def test_a_head_narrower_than_the_labels_is_refused(tiny_base, adapters, tmp_pat
     config = json.loads((narrow / "adapter_config.json").read_text())
     config.update(task="narrow", num_labels=3, labels=["negative", "neutral", "positive"])
     (narrow / "adapter_config.json").write_text(json.dumps(config))
-    bank = AdapterBank.load(folder, base_model=str(tiny_base))
+    bank = AdapterBank.load(folder, base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == ["topic"]
     (error,) = bank.load_errors.values()
     assert isinstance(error, AdapterShapeError)
@@ -278,7 +278,7 @@ def test_a_config_of_the_wrong_shape_is_reported_not_raised(tiny_base, adapters,
     config = json.loads((folder / "bad" / "adapter_config.json").read_text())
     config["scaling_pattern"] = list(config["scaling_pattern"].values())
     (folder / "bad" / "adapter_config.json").write_text(json.dumps(config))
-    bank = AdapterBank.load(folder, base_model=str(tiny_base))
+    bank = AdapterBank.load(folder, base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == ["sst2"]
     (error,) = bank.load_errors.values()
     assert isinstance(error, AdapterFormatError) and "scaling_pattern" in str(error)
@@ -290,7 +290,7 @@ def test_an_adapter_without_the_task_head_is_refused(tiny_base, tmp_path):
     model = tiny_classifier(tiny_base, 2)
     apply_increlora(model, IncreLoraConfig(modules_to_save=["pooler"], lora_dropout=0.0))
     save_adapter(model, tmp_path / "headless", task="headless")
-    bank = AdapterBank.load(tmp_path / "headless", base_model=str(tiny_base))
+    bank = AdapterBank.load(tmp_path / "headless", base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == []
     (error,) = bank.load_errors.values()
     assert isinstance(error, AdapterShapeError) and "classifier" in str(error) and "headless" in str(error)
@@ -298,7 +298,7 @@ def test_an_adapter_without_the_task_head_is_refused(tiny_base, tmp_path):
 
 def test_peft_folders_are_converted_on_load(tiny_base, adapters, tmp_path):
     export_peft(adapters / "topic", tmp_path / "peft_topic")
-    bank = AdapterBank.load([tmp_path / "peft_topic", adapters / "sst2"], base_model=str(tiny_base))
+    bank = AdapterBank.load([tmp_path / "peft_topic", adapters / "sst2"], base_model=str(tiny_base), dtype="float32")
     assert sorted(bank.tasks) == ["peft_topic", "sst2"]
     (got,) = bank.logits(["hello world"], "peft_topic")
     torch.testing.assert_close(got, ref(tiny_base, adapters / "topic", bank.tokenizer, "hello world"),
@@ -310,7 +310,7 @@ def test_half_precision_bank_is_close_to_float32(adapters, dtype):
     bank16 = AdapterBank.load(adapters, dtype=dtype)
     assert bank16.dtype in (torch.bfloat16, torch.float16)
     assert bank16.load_errors == {}  # the fingerprint is checked on the weights as loaded
-    bank32 = AdapterBank.load(adapters)
+    bank32 = AdapterBank.load(adapters, dtype="float32")
     tasks = ["sst2", "topic", "stsb", "tags", "sst2", "mrpc"]
     for a, b in zip(bank16.logits(INPUTS, tasks), bank32.logits(INPUTS, tasks)):
         torch.testing.assert_close(a, b, atol=0.15, rtol=0.05)
@@ -323,7 +323,7 @@ def test_a_module_adapted_by_one_task_and_saved_by_another_is_refused(tiny_base,
     apply_increlora(model, IncreLoraConfig(target_modules=["query", "pooler.dense"], modules_to_save=["classifier"],
                                            lora_dropout=0.0))
     save_adapter(model, tmp_path / "pooler_lora", task="pooler_lora")
-    bank = AdapterBank.load(tmp_path / "pooler_lora", base_model=str(tiny_base))
+    bank = AdapterBank.load(tmp_path / "pooler_lora", base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == ["pooler_lora"]
     with pytest.raises(AdapterShapeError, match="overlap"):
         bank.add(adapters / "sst2")  # saves bert.pooler, which holds the adapted bert.pooler.dense
@@ -336,11 +336,11 @@ def test_a_module_adapted_by_one_task_and_saved_by_another_is_refused(tiny_base,
 def test_load_errors_for_missing_folders_and_unknown_base(tmp_path, adapters):
     from serving import BankLoadError
     with pytest.raises(BankLoadError, match="no such adapter folder"):
-        AdapterBank.load(tmp_path / "nowhere")
-    bank = AdapterBank.load(adapters / "sst2")  # one adapter folder
+        AdapterBank.load(tmp_path / "nowhere", dtype="float32")
+    bank = AdapterBank.load(adapters / "sst2", dtype="float32")  # one adapter folder
     assert bank.tasks == ["sst2"]
     with pytest.raises(BankLoadError, match="base_model="):
-        AdapterBank.load(adapters / "sst2", base_model=str(tmp_path / "no_model_here"))
+        AdapterBank.load(adapters / "sst2", base_model=str(tmp_path / "no_model_here"), dtype="float32")
 
 
 def test_when_every_folder_is_unreadable_the_error_says_why(tmp_path, adapters, tiny_base):
@@ -349,8 +349,9 @@ def test_when_every_folder_is_unreadable_the_error_says_why(tmp_path, adapters, 
     (folder / "sst2" / "adapter_config.json").write_text("{not json")
     for where in (folder, folder / "sst2"):
         with pytest.raises(BankLoadError, match=r"none of the 1 adapter folders.*sst2/adapter_config.json: unreadable"):
-            AdapterBank.load(where)
-    bank = AdapterBank.load(folder, base_model=str(tiny_base))  # with a base model: an empty bank, the error kept
+            AdapterBank.load(where, dtype="float32")
+    # with a base model: an empty bank, the error kept
+    bank = AdapterBank.load(folder, base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == [] and list(bank.load_errors) == [str(folder / "sst2")]
 
 

@@ -38,7 +38,7 @@ def test_the_missing_head_is_not_reported(tiny_base, transformers_log, caplog):
     assert any("LOAD REPORT" in m for m in transformers_log)  # what a plain from_pretrained shows
     transformers_log.clear()
     with caplog.at_level(logging.WARNING, logger="serving"):
-        bank = AdapterBank.load([], base_model=str(tiny_base))
+        bank = AdapterBank.load([], base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == [] and not any("LOAD REPORT" in m for m in transformers_log), transformers_log
     assert not [r for r in caplog.records if r.name.startswith("serving.bank.base_model")]
 
@@ -49,7 +49,7 @@ def test_backbone_weights_missing_from_the_checkpoint_are_a_warning(tmp_path, ti
         if path.name not in ("config.json", "model.safetensors"):
             (tmp_path / path.name).write_bytes(path.read_bytes())
     with caplog.at_level(logging.WARNING, logger="serving"):
-        AdapterBank.load([], base_model=str(tmp_path))
+        AdapterBank.load([], base_model=str(tmp_path), dtype="float32")
     warned = [r.getMessage() for r in caplog.records if r.name == "serving.bank.base_model"]
     assert len(warned) == 1 and "bert.pooler.dense.weight" in warned[0] and "classifier" not in warned[0], warned
     assert not any("LOAD REPORT" in m for m in transformers_log)

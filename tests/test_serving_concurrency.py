@@ -25,7 +25,7 @@ def folders(tiny_base, tmp_path_factory):
 
 def test_add_remove_concurrent_with_predictions(folders):
     adapters, flux = folders
-    bank = AdapterBank.load([adapters / t for t in STABLE])
+    bank = AdapterBank.load([adapters / t for t in STABLE], dtype="float32")
     bank.add(flux)
     expected = {(t, x): row for t in [*STABLE, "flux"] for x, row in zip(TEXTS, bank.logits(TEXTS, t))}
     bank.remove("flux")
@@ -76,7 +76,7 @@ def test_add_remove_concurrent_with_predictions(folders):
 def test_a_batch_keeps_the_tasks_it_started_with(folders):
     """A task removed while a batch runs still answers that batch (it holds the old snapshot)."""
     adapters, _ = folders
-    bank = AdapterBank.load([adapters / "sst2", adapters / "topic"])
+    bank = AdapterBank.load([adapters / "sst2", adapters / "topic"], dtype="float32")
     want = bank.logits(TEXTS, "topic")
     entered, release = threading.Event(), threading.Event()
     pooler = bank.model.bert.pooler  # a MultiHead: runs inside the forward, after the snapshot is taken

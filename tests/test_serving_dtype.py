@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 
 import pytest
@@ -94,6 +95,31 @@ def test_the_bank_runs_in_what_auto_picks(cpu_probes, tiny_base, tmp_path, nativ
     assert bank.dtype == want and bank.describe()["dtype"] == str(want).removeprefix("torch.")
     assert not bank.load_errors
     assert len(bank.predict(["good film"], tasks=bank.tasks[0])) == 1
+
+
+@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_is_the_default_and_an_explicit_dtype_wins(cpu_probes, tiny_base, tmp_path, caplog, native, want):
+    cpu_probes(amx=native)
+    adapters = adapter_set(tiny_base, tmp_path)
+    with caplog.at_level(logging.INFO, logger="serving.bank.dtype"):
+        assert AdapterBank.load(adapters, device="cpu").dtype == want
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dtype auto: {str(want).removeprefix('torch.')} on cpu "
+        f"({'the CPU has amx_bf16' if native else 'the CPU has none of avx512_bf16, amx_bf16'})"]
+    assert AdapterBank.load(adapters, device="cpu", dtype="float32").dtype == torch.float32
+    assert AdapterBank.load(adapters, device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+    assert AdapterBank.load(adapters, device="cpu", dtype=None).dtype == torch.float32  # the checkpoint's
+    bank = AdapterBank.load(adapters, device="cpu", max_resident=2)  # the residency loader passes it on
+    assert bank.dtype == want
+
+
+def test_auto_is_the_default_of_every_other_loader():
+    from serving.http.cli import build_parser
+
+    assert build_parser().parse_args(["--adapters", "x"]).dtype == "auto"
+    assert build_parser().parse_args(["--adapters", "x", "--dtype", "float32"]).dtype == "float32"
+    ray_serve = pytest.importorskip("serving.http.ray_serve")
+    assert inspect.signature(ray_serve.build_application).parameters["dtype"].default == "auto"
 
 
 def test_increlora_serve_takes_auto():

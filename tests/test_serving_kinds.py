@@ -48,7 +48,7 @@ def adapters(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bank(adapters):
-    bank = AdapterBank.load(adapters, backend="torch")
+    bank = AdapterBank.load(adapters, backend="torch", dtype="float32")
     assert sorted(bank.tasks) == sorted(SPECS) and bank.load_errors == {}
     return bank
 
@@ -238,7 +238,7 @@ def test_adapters_of_a_kind_that_does_not_fit_are_refused_by_name(tiny_base, oth
                           lambda t: t.update({"saved.classifier.weight": torch.zeros(2, 32)})),
         "other": make_adapter(other_tiny_base, tmp_path, "other", 3, seed=1, task_type="token-classification"),
     }
-    bank = AdapterBank.load(list(bad.values()), base_model=str(tiny_base))
+    bank = AdapterBank.load(list(bad.values()), base_model=str(tiny_base), dtype="float32")
     assert bank.tasks == []
     errors = {k: bank.load_errors[str(p)] for k, p in bad.items()}
     assert isinstance(errors["narrow"], AdapterShapeError) and "token head 'classifier'" in str(errors["narrow"])
@@ -248,7 +248,7 @@ def test_adapters_of_a_kind_that_does_not_fit_are_refused_by_name(tiny_base, oth
 
 @pytest.fixture(scope="module")
 def triton_bank(adapters):
-    return AdapterBank.load(adapters, backend="triton")
+    return AdapterBank.load(adapters, backend="triton", dtype="float32")
 
 
 def test_the_triton_path_serves_every_kind(bank, triton_bank):
@@ -265,7 +265,8 @@ def test_the_triton_path_serves_every_kind(bank, triton_bank):
 def test_the_model_process_carries_every_kind(adapters, bank):
     from serving.bank import ProcessBank
 
-    child = ProcessBank.start(functools.partial(AdapterBank.load, str(adapters), backend="torch"), timeout=120)
+    child = ProcessBank.start(functools.partial(AdapterBank.load, str(adapters), backend="torch", dtype="float32"),
+                               timeout=120)
     try:
         inputs, tasks = ["the good film", "Zebra in New-York", ("a", "b")], ["mean", "ner5", "cls2"]
         for got, want in zip(child.predict(inputs, tasks), bank.predict(inputs, tasks)):

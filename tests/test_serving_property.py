@@ -31,7 +31,7 @@ def setup(tiny_base, tmp_path_factory):
         make_adapter(tiny_base, folder, task, n, seed=20 + i, problem_type=pt, max_rank=max_rank)
     ranks = {t: set(read_adapter(folder / t).rank_pattern.values()) for t in SPECS}
     assert all(0 in r for r in ranks.values()) and len(set().union(*ranks.values())) > 5
-    return tiny_base, folder, AdapterBank.load(folder), {}
+    return tiny_base, folder, AdapterBank.load(folder, dtype="float32"), {}
 
 
 def alone(setup, task, x):

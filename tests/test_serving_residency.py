@@ -232,7 +232,7 @@ def adapters(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(adapters):
-    return AdapterBank.load(adapters)
+    return AdapterBank.load(adapters, dtype="float32")
 
 
 INPUTS = ["great film", ("a good plot", "the story"), "bad movie"]
@@ -243,7 +243,7 @@ def answers(bank, task):
 
 
 def test_a_bank_holding_two_of_five_answers_as_one_holding_all(adapters, full):
-    bank = AdapterBank.load(adapters, max_resident=2)
+    bank = AdapterBank.load(adapters, max_resident=2, dtype="float32")
     assert bank.tasks == [] and bank.catalogue.root == adapters.resolve()
     order = list(TASKS) * 2 + ["sst2", "sst2", "tags"]
     for task in order:
@@ -257,7 +257,7 @@ def test_a_bank_holding_two_of_five_answers_as_one_holding_all(adapters, full):
 
 
 def test_first_use_under_concurrency_loads_once(adapters, full):
-    bank = AdapterBank.load(adapters, max_resident=2)
+    bank = AdapterBank.load(adapters, max_resident=2, dtype="float32")
     start, got = threading.Barrier(6), []
 
     def ask():
@@ -276,10 +276,10 @@ def test_first_use_under_concurrency_loads_once(adapters, full):
 def test_a_replaced_folder_answers_with_its_new_version(tiny_base, adapters, tmp_path):
     root = tmp_path / "catalogue"
     shutil.copytree(adapters, root)
-    bank = AdapterBank.load(root, max_resident=2)
+    bank = AdapterBank.load(root, max_resident=2, dtype="float32")
     before = answers(bank, "sst2")
     make_adapter(tiny_base, tmp_path / "v2", "sst2", 2, seed=42)
-    new = AdapterBank.load([tmp_path / "v2" / "sst2"])
+    new = AdapterBank.load([tmp_path / "v2" / "sst2"], dtype="float32")
     shutil.rmtree(root / "sst2")
     shutil.copytree(tmp_path / "v2" / "sst2", root / "sst2")
     assert answers(new, "sst2") != before
@@ -293,7 +293,7 @@ def test_a_broken_folder_answers_its_problem_until_it_changes(adapters, tmp_path
     shutil.copytree(adapters, root)
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text(json.dumps({"task": "broken"}))
-    bank = AdapterBank.load(root, max_resident=2)
+    bank = AdapterBank.load(root, max_resident=2, dtype="float32")
     answers(bank, "sst2"), answers(bank, "topic")
     for _ in range(2):
         with pytest.raises(TaskLoadError, match="'broken' cannot be loaded: .*broken"):
@@ -310,7 +310,7 @@ def test_a_folder_added_after_start_is_served(adapters, tmp_path, full):
     root = tmp_path / "catalogue"
     root.mkdir()
     shutil.copytree(adapters / "sst2", root / "sst2")
-    bank = AdapterBank.load(root, max_resident=1)
+    bank = AdapterBank.load(root, max_resident=1, dtype="float32")
     with pytest.raises(NoAdapterFolderError):
         answers(bank, "topic")
     shutil.copytree(adapters / "topic", root / "topic")
@@ -318,7 +318,7 @@ def test_a_folder_added_after_start_is_served(adapters, tmp_path, full):
 
 
 def test_names_outside_the_folder_are_unknown(adapters, tmp_path):
-    bank = AdapterBank.load(adapters, max_resident=2)
+    bank = AdapterBank.load(adapters, max_resident=2, dtype="float32")
     shutil.copytree(adapters / "sst2", tmp_path / "outside")
     link = adapters / "link_out"
     os.symlink(tmp_path / "outside", link)
@@ -333,7 +333,7 @@ def test_names_outside_the_folder_are_unknown(adapters, tmp_path):
 
 
 def test_pins_are_loaded_at_start_never_evicted_and_limited(adapters, full):
-    bank = AdapterBank.load(adapters, max_resident=2, pin=["stsb"])
+    bank = AdapterBank.load(adapters, max_resident=2, pin=["stsb"], dtype="float32")
     assert bank.tasks == ["stsb"]
     for task in ["sst2", "topic", "tags", "mrpc"]:
         answers(bank, task)
@@ -345,9 +345,9 @@ def test_pins_are_loaded_at_start_never_evicted_and_limited(adapters, full):
     answers(bank, "sst2")
     assert sorted(bank.tasks) == ["sst2", "tags"]
     with pytest.raises(BankLoadError, match="cannot pin"):
-        AdapterBank.load(adapters, max_resident=2, pin=["nope"])
+        AdapterBank.load(adapters, max_resident=2, pin=["nope"], dtype="float32")
     with pytest.raises(BankLoadError, match="cannot pin"):
-        AdapterBank.load(adapters, max_resident=1, pin=["sst2", "topic"])
+        AdapterBank.load(adapters, max_resident=1, pin=["sst2", "topic"], dtype="float32")
     with pytest.raises(PinError, match="holds every task"):
         full.pin(["sst2"])
 
@@ -357,7 +357,7 @@ def test_bad_limits_are_refused(adapters):
         with pytest.raises(BankLoadError, match="max_resident"):
             AdapterBank.load(adapters, **kw)
     with pytest.raises(BankLoadError, match="folder of adapter folders"):
-        AdapterBank.load(adapters / "sst2", max_resident=1)
+        AdapterBank.load(adapters / "sst2", max_resident=1, dtype="float32")
 
 
 def test_start_reads_only_a_few_folders(adapters, tmp_path):
@@ -366,7 +366,7 @@ def test_start_reads_only_a_few_folders(adapters, tmp_path):
     for i in range(200):  # folders that would fail if they were read at start
         (root / f"zz{i:03d}").mkdir()
         (root / f"zz{i:03d}" / "adapter_config.json").write_text("{not json")
-    bank = AdapterBank.load(root, max_resident=3, max_resident_mb=1)
+    bank = AdapterBank.load(root, max_resident=3, max_resident_mb=1, dtype="float32")
     assert bank.tasks == [] and bank.load_errors == {}
     with pytest.raises(TaskLoadError, match="zz007"):
         answers(bank, "zz007")
@@ -374,7 +374,7 @@ def test_start_reads_only_a_few_folders(adapters, tmp_path):
 
 def test_evicted_tasks_give_their_packed_rows_back_on_the_triton_backend(adapters, full):
     pytest.importorskip("triton")
-    bank = AdapterBank.load(adapters, max_resident=1, backend="triton")
+    bank = AdapterBank.load(adapters, max_resident=1, backend="triton", dtype="float32")
     for task in [*TASKS, "sst2"]:
         got, want = bank.logits(INPUTS[:2], [task] * 2), full.logits(INPUTS[:2], [task] * 2)
         for g, w in zip(got, want):
@@ -386,7 +386,7 @@ def test_evicted_tasks_give_their_packed_rows_back_on_the_triton_backend(adapter
 
 
 def test_task_info_loads_a_task_on_disk_and_leaves_recency_alone(adapters):
-    bank = AdapterBank.load(adapters, max_resident=2)
+    bank = AdapterBank.load(adapters, max_resident=2, dtype="float32")
     answers(bank, "sst2"), answers(bank, "topic")
     assert bank.task_info("sst2")["name"] == "sst2" and bank.residency.held == ["sst2", "topic"]
     assert bank.task_info("stsb")["problem_type"] == "regression"  # loaded: sst2 was the least recent
@@ -396,7 +396,7 @@ def test_task_info_loads_a_task_on_disk_and_leaves_recency_alone(adapters):
 def test_a_remove_during_a_reload_of_the_task_wins_and_leaves_bank_and_residency_agreeing(adapters, tmp_path):
     root = tmp_path / "catalogue"
     shutil.copytree(adapters, root)
-    bank = AdapterBank.load(root, max_resident=2)
+    bank = AdapterBank.load(root, max_resident=2, dtype="float32")
     answers(bank, "sst2")
     config = root / "sst2" / "adapter_config.json"
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # changed: reloaded
@@ -426,7 +426,7 @@ def test_a_remove_during_a_reload_of_the_task_wins_and_leaves_bank_and_residency
 
 
 def test_evicting_a_task_already_gone_from_the_registry_does_not_fail_the_batch(adapters, full):
-    bank = AdapterBank.load(adapters, max_resident=1)
+    bank = AdapterBank.load(adapters, max_resident=1, dtype="float32")
     answers(bank, "sst2")
     bank._drop("sst2")  # the registry no longer holds it; the residency still does
     assert answers(bank, "topic") == answers(full, "topic")

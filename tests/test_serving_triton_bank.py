@@ -25,12 +25,12 @@ def adapters(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bank(adapters):
-    return AdapterBank.load(adapters, backend="triton")
+    return AdapterBank.load(adapters, backend="triton", dtype="float32")
 
 
 def test_mixed_batch_equals_each_adapter_alone_and_the_torch_backend(tiny_base, adapters, bank):
     assert bank.backend == "triton" and bank.describe()["backend"] == "triton"
-    torch_bank = AdapterBank.load(adapters, backend="torch")
+    torch_bank = AdapterBank.load(adapters, backend="torch", dtype="float32")
     assert torch_bank.backend == "torch"  # also what 'auto' picks on the CPU
     got, loop = bank.logits(INPUTS, MIXED), torch_bank.logits(INPUTS, MIXED)
     for x, task, row, loop_row in zip(INPUTS, MIXED, got, loop):
@@ -52,7 +52,7 @@ def test_factors_are_packed_at_their_true_size(bank, adapters):
 
 
 def test_removed_rows_are_reused_only_once_no_batch_holds_the_task(tiny_base, adapters, tmp_path):
-    bank = AdapterBank.load(adapters, backend="triton")
+    bank = AdapterBank.load(adapters, backend="triton", dtype="float32")
     running = bank._registry.get("tags")  # as a batch in flight holds it
     held = {m: (s.offset, s.rank) for m, s in running.lora.items()}
     bank.remove("tags")
@@ -76,13 +76,13 @@ def test_removed_rows_are_reused_only_once_no_batch_holds_the_task(tiny_base, ad
 
 def test_backend_choice_is_checked(adapters, monkeypatch):
     with pytest.raises(BankLoadError, match="backend must be one of"):
-        AdapterBank.load(adapters, backend="cuda-graphs")
+        AdapterBank.load(adapters, backend="cuda-graphs", dtype="float32")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BankLoadError, match="TRITON_INTERPRET=1"):
-        AdapterBank.load(adapters, backend="triton", device="cpu")
+        AdapterBank.load(adapters, backend="triton", device="cpu", dtype="float32")
     monkeypatch.setattr("serving.bank.adapter_bank.triton_available", lambda: False)
     with pytest.raises(BankLoadError, match="needs the triton package"):
-        AdapterBank.load(adapters, backend="triton", device="cpu")
+        AdapterBank.load(adapters, backend="triton", device="cpu", dtype="float32")
     assert AdapterBank.load(adapters, device="cpu").backend == "torch"  # 'auto' without triton, or on the CPU
 
 
@@ -205,7 +205,7 @@ def test_an_adapted_pooler_in_a_mixed_batch_equals_each_adapter_alone_forward_af
     from serving.layers import BatchContext, using_batch
 
     folder = _pooler_adapters(tiny_base, tmp_path)
-    bank = AdapterBank.load(folder, backend="triton")
+    bank = AdapterBank.load(folder, backend="triton", dtype="float32")
     assert "bert.pooler.dense" in bank._packed
     inputs, tasks = INPUTS[:5], ["pool_a", "pool_a", "pool_b", "pool_b", "pool_b"]
     got = bank.logits(inputs, tasks)
@@ -239,7 +239,7 @@ def test_a_captured_bank_forward_replays_equal_to_eager(tiny_base, tmp_path):
     from serving.layers import BatchContext, using_batch
 
     folder = _pooler_adapters(tiny_base, tmp_path)
-    bank = AdapterBank.load(folder, device="cuda", backend="triton")
+    bank = AdapterBank.load(folder, device="cuda", backend="triton", dtype="float32")
     inputs, tasks = INPUTS[:5], ["pool_a", "pool_a", "pool_b", "pool_b", "pool_b"]
     again = [inputs[i] for i in (3, 0, 4, 2, 1)]  # other rows for each task, the same padded length
 

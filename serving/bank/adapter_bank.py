@@ -209,14 +209,14 @@ class AdapterBank:
 
     @classmethod
     def load(cls, adapters: PathLike | Iterable[PathLike], base_model: str | None = None, *,
-             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+             device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
              max_batch_size: int = 64, backend: str = "auto", max_resident: int | None = None,
              max_resident_mb: float | None = None, pin: Iterable[str] = ()) -> AdapterBank:
         """Load the base model once, then every adapter; a bad adapter is logged and kept in load_errors.
 
         base_model: a path or hub id; by default the one most of the adapters were trained on.
-        device: default the GPU when there is one, else the CPU. dtype: default as the checkpoint; 'auto' is
-        bfloat16 where the device multiplies in it natively, else float32 (serving.bank.dtype).
+        device: default the GPU when there is one, else the CPU. dtype: 'auto' (default) is bfloat16 where the
+        device multiplies in it natively, else float32 (serving.bank.dtype); None keeps the checkpoint's.
         backend: 'auto' (Triton kernels on CUDA, the torch loop elsewhere), 'torch' or 'triton' to force one.
         max_resident / max_resident_mb: load only the `pin` tasks now; every folder of `adapters` is served,
         loaded on first use, and at most this many tasks (MB of adapter tensors) are held (see residency.py).

@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--base-model", default=None, help="backbone folder or hub id (default: the adapters' own)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the bank's choice)")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model dtype; auto: bfloat16 where the processor has native bfloat16, else float32 "
-                        "(default: the checkpoint's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model dtype; auto (default): bfloat16 where the processor has native bfloat16, else "
+                        "float32; the log says which and why")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="rows per model call (%(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long a batch waits to fill up (%(default)s ms)")

@@ -97,7 +97,7 @@ class BankReplica:
         self.max_tasks: int | None = config.get("max_tasks_per_replica")
         self.settings = ServiceSettings(**config.get("settings", {}))
         self.bank = AdapterBank.load([], base_model=config["base_model"], device=config.get("device"),
-                                     dtype=config.get("dtype"))
+                                     dtype=config.get("dtype", "auto"))
         self.catalog = ray.get_actor(config["catalog"])
         self.version, self.entries, self.pins = -1, {}, set()
         self.loaded: OrderedDict[str, int] = OrderedDict()  # task -> generation in the bank, least recent first

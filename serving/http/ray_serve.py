@@ -54,7 +54,7 @@ def build_application(adapters: str | Path, *, base_model: str | None = None, re
                       max_tasks_per_replica: int | None = None, pin: list[str] | tuple[str, ...] = (),
                       autoscaling: dict | None = None,
                       replica_cpus: float = 1.0, replica_gpus: float = 0.0, device: str | None = None,
-                      dtype: str | None = None, settings: dict | None = None, name: str = "increlora"):
+                      dtype: str | None = "auto", settings: dict | None = None, name: str = "increlora"):
     """The Serve application: an ingress and its replicas, and the catalog actor (made here, on the driver).
     `pin`: tasks every replica loads and never evicts (needs max_tasks_per_replica, at most that many)."""
     if max_tasks_per_replica is not None and max_tasks_per_replica < 1:
@@ -101,7 +101,7 @@ def app_builder(args: dict[str, str]):
                              max_tasks_per_replica=int(limit) if limit else None,
                              pin=[t for t in args.get("pin", "").split(",") if t],
                              replica_cpus=float(args.get("replica_cpus", 1.0)), device=args.get("device"),
-                             dtype=args.get("dtype"))
+                             dtype=args.get("dtype", "auto"))
 
 
 def add_ray_options(parser) -> None:

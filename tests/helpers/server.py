@@ -12,10 +12,14 @@ import time
 import httpx
 
 
-def start_server(args: list[str], **popen) -> tuple[subprocess.Popen, str, queue.Queue]:
+def start_server(args: list[str], dtype: str | None = "float32",
+                 **popen) -> tuple[subprocess.Popen, str, queue.Queue]:
     """Start `python -m serving.cli` on port 0; return it, its base URL (read from its log) and its log lines
-    (all of them, from the first). `popen`: more arguments for `subprocess.Popen`."""
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", "0", *args],
+    (all of them, from the first). dtype: float32 by default, as the banks the tests compare answers with
+    (None: the server's own default, 'auto'). `popen`: more arguments for `subprocess.Popen`."""
+    dtype_args = ["--dtype", dtype] if dtype else []
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", "0", *dtype_args,
+                             *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
     lines: queue.Queue = queue.Queue()
