@@ -7,7 +7,12 @@ and every metric moves by <= 0.2 points.
 
     python -m benchmarks.dtype_fidelity --adapters adapters            # after `make demo`
     python -m benchmarks.dtype_fidelity --adapters adapters --dtype bfloat16 --max-length 64
+    python -m benchmarks.dtype_fidelity --adapters adapters --dtype float32 --int8 weight-only
     python benchmarks/dtype_fidelity.py --smoke     # seconds: a tiny random model, generated rows
+
+--int8 (pip install torchao) quantises the candidate's backbone encoder linear layers with torchao
+(weight-only or dynamic int8; adapters, pooler and heads untouched) and also reports the cosine of the
+backbone's mean-pooled output to float32's: a measurement, not a serving option (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -63,6 +68,34 @@ def predict(bank: AdapterBank, task: str, rows: list, batch: int) -> tuple[np.nd
     return np.stack(out), time.perf_counter() - wall, time.process_time() - cpu
 
 
+def quantize_backbone(bank: AdapterBank, kind: str) -> None:
+    """torchao int8 on the backbone encoder's linear layers (inside the adapter wrappers); heads untouched."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if kind == "weight-only" else Int8DynamicActivationInt8WeightConfig()
+    quantize_(bank.model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".encoder." in fqn)
+    done = sum(type(m.weight.data) is not torch.Tensor for m in bank.model.modules() if isinstance(m, torch.nn.Linear))
+    assert done, "torchao quantised no layer"
+    print(f"int8 {kind}: {done} linear layers quantised")
+
+
+def pooled_cosine(banks: dict[str, AdapterBank], rows: list, batch: int) -> torch.Tensor:
+    """Per row, the cosine of the candidate base model's mean-pooled last hidden state to float32's."""
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = [e.text if e.text_pair is None else (e.text, e.text_pair) for e in rows[i:i + batch]]
+        pooled = {}
+        for name, bank in banks.items():
+            texts, pairs = zip(*[(c, None) if isinstance(c, str) else c for c in chunk])
+            enc = bank.tokenizer(list(texts), *([list(pairs)] if any(pairs) else []), padding=True, truncation=True,
+                                 max_length=bank.max_length, return_tensors="pt")
+            hidden = bank.model.base_model(**enc).last_hidden_state.float()  # outside a batch: the base alone
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled[name] = (hidden * mask).sum(1) / mask.sum(1)
+        out.append(torch.nn.functional.cosine_similarity(pooled["candidate"], pooled["float32"], dim=-1))
+    return torch.cat(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", type=Path, default=Path("adapters"), help="folder of the tasks' adapter folders")
@@ -70,6 +103,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="the candidate (default: auto)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs (default: as served)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--int8", choices=["weight-only", "dynamic"], default=None,
+                   help="torchao int8 on the candidate's backbone encoder (needs torchao)")
     p.add_argument("--smoke", action="store_true", help="the smallest run: a tiny random model and adapter, "
                    "24 generated rows of rotten_tomatoes' shape, --batch 8")
     args = p.parse_args()
@@ -86,7 +121,10 @@ def main() -> None:
         assert not bank.load_errors, bank.load_errors
         if args.max_length:
             bank.max_length = min(bank.max_length, args.max_length)
-    print(f"# dtype_fidelity: candidate {args.dtype} = {banks['candidate'].dtype}; max length "
+    if args.int8:
+        quantize_backbone(banks["candidate"], args.int8)
+    print(f"# dtype_fidelity: candidate {args.dtype} = {banks['candidate'].dtype}"
+          f"{f' + int8 {args.int8} (torchao)' if args.int8 else ''}; max length "
           f"{banks['float32'].max_length}; {torch.get_num_threads()} threads; load {os.getloadavg()[0]:.2f}")
     print("| task | test rows | labels agree | metric | float32 | candidate | moved (points) | "
           "wall float32/candidate | CPU float32/candidate |")
@@ -110,6 +148,10 @@ def main() -> None:
             name, n, agreed, wall_ratio, cpu_ratio = first if k == 0 else [""] * 5
             print(f"| {name} | {n} | {agreed} | {metric} | {a:.2f} | {b:.2f} | {b - a:+.2f} | {wall_ratio} "
                   f"| {cpu_ratio} |", flush=True)
+        if args.int8:
+            cos = pooled_cosine(banks, rows, args.batch)
+            print(f"  {task}: base model's pooled output, cosine to float32: min {cos.min():.4f}, "
+                  f"mean {cos.mean():.4f}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

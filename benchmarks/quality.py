@@ -37,7 +37,8 @@ VARIANTS = ("rotten_tomatoes-1k", "sms_spam-1k", "bbc_news-1k", "rotten_tomatoes
 LOW_RESOURCE = 1000
 # IncreLoRA with a named option, run like a method of its own (its own learning-rate grid, --methods NAME)
 OPTIONS = {"increlora_lora_init": ("increlora", ["--init", "lora"]),
-           "increlora_lora_grow": ("increlora", ["--init", "lora", "--grow-init", "lora"])}
+           "increlora_lora_grow": ("increlora", ["--init", "lora", "--grow-init", "lora"]),
+           "increlora_bf16": ("increlora", ["--bf16"])}  # bfloat16 autocast; the rest in float32
 ABLATIONS = {  # name -> IncreLoRA options changed
     "no_orth": ["--orth-reg-weight", "0"],
     "no_advance_learning": ["--no-advance-learning"],

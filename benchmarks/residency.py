@@ -138,7 +138,7 @@ class Checker:
     """Expected answers of each prototype on each text, from a bank holding the prototypes."""
 
     def __init__(self, proto_dir: Path, k: int) -> None:
-        bank = AdapterBank.load(proto_dir)
+        bank = AdapterBank.load(proto_dir, dtype="float32")
         self.k, self.want = k, {}
         for p in range(k):
             rows = bank.predict(TEXTS, [f"p{p:03d}"] * len(TEXTS))
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["zipf"] = s
 
     started = time.perf_counter()
-    bank = AdapterBank.load(catalogue, max_resident=args.max_resident)
+    bank = AdapterBank.load(catalogue, max_resident=args.max_resident, dtype="float32")
     out["start_s"] = round(time.perf_counter() - started, 2)
     print(f"start: {out['start_s']} s for {args.catalogue} folders", flush=True)
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "miss_p99": pct(miss, 0.99), "hits": len(hit), "misses": len(miss)}
     print(f"latency: {json.dumps(out['latency_ms'])}", flush=True)
 
-    full = AdapterBank.load(small)
+    full = AdapterBank.load(small, dtype="float32")
     draw_small = zipf_sampler(args.max_resident, s, 3)
     times = {"resident": [0.0, 0], "residency": [0.0, 0]}
     before = bank.residency_stats()

@@ -420,8 +420,6 @@ def main() -> None:
         if other is not None:
             fns[f"B0 {_name(other[0].dtype)}"] = lambda: other[1](**enc)
             fns[f"ours {_name(other[0].dtype)}"] = lambda tasks=tasks: run_ours(other[0], enc, tasks)
-        if device.type == "cpu" and bank.dtype == torch.bfloat16:  # lora_linear against the unfolded loop
-            fns["ours unfolded"] = lambda tasks=tasks: unfolded(lambda: run_ours(bank, enc, tasks))
         t = {"B1": float("nan"), **timed(fns, args.reps, device)}
         print(f"K {k}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in t.items()), flush=True)  # kept if cut off
         fb, fl = flops(base, bank, tasks, args.seq)
@@ -452,10 +450,6 @@ def main() -> None:
         print_onnx_table(rows)
     if other is not None:
         print_dtype_table(rows, bank.dtype, other[0].dtype, bool(ort_fns))
-    for k, _, t, _ in rows:
-        if "ours unfolded" in t:
-            print(f"K {k}: ours {t['ours'] / t['B0']:.3f}x B0 with the bias and updates in one product (lora_linear), "
-                  f"{t['ours unfolded'] / t['B0']:.3f}x with the unfolded loop")
 
     infos = [bank.task_info(t) for t in names]
     served = statistics.mean(i["memory_bytes"] for i in infos)
@@ -515,16 +509,6 @@ def print_dtype_table(rows: list, dtype: torch.dtype, other: torch.dtype, onnx: 
         for name, b0, ours in ((_name(dtype), t["B0"], t["ours"]), (_name(other), t[f"B0 {_name(other)}"], t[o])):
             print(f"| {k} | {name} | {b0:.0f} | {ours:.0f} | {ours / b0:.3f} | {t[o] / ours:.2f} |"
                   + (f" {t['ORT fp32'] / ours:.2f} |" if onnx else ""))
-
-
-def unfolded(fn):
-    """fn() with bfloat16 on the CPU served by the base layer then the segment loop, not lora_linear."""
-    fold = sys.modules["serving.ops.lora_segments"]
-    fold.FOLD_BF16 = False
-    try:
-        return fn()
-    finally:
-        fold.FOLD_BF16 = True
 
 
 def onnx_methods(base: nn.Module, enc: dict, folder: Path) -> dict:

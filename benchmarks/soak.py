@@ -3,7 +3,7 @@
 Two phases, each on a fresh server with `--tasks` random adapters: `--requests` requests at
 `--concurrency`, spread round-robin over the tasks; then the same with the model process killed
 (SIGKILL) every `--kill-every` requests, as an out-of-memory kill would. Every answer is checked
-against the adapter loaded alone (`AdapterBank.load([one adapter])`), not against the server's own
+against the adapter loaded alone (`AdapterBank.load([one adapter])`, float32), not against the server's own
 batching. Reports wrong answers (goal 0), lost requests (no answer at all; goal 0), answers by status
 (in the kill phase every failure should be a 503), p50/p99 latency, the restarts and recovery time
 from /metrics, and the resident memory of the server and of its model process after a warm-up and
@@ -73,7 +73,7 @@ def alone_references(adapters: Path, requests: list[dict], batch: int) -> list[l
 
     answers: list[list[dict] | None] = [None] * len(requests)
     for task in sorted({r["task"] for r in requests}):
-        bank = AdapterBank.load([adapters / task])
+        bank = AdapterBank.load([adapters / task], dtype="float32")
         mine = [i for i, r in enumerate(requests) if r["task"] == task]
         for start in range(0, len(mine), batch):
             chunk = mine[start:start + batch]
@@ -207,7 +207,7 @@ def server_metrics(base: str) -> dict[str, float]:
 
 
 def run(adapters: Path, requests: list[dict], reference: list[list[dict]], args, kill_every: int, name: str) -> dict:
-    proc, base = start_server(adapters, args)
+    proc, base = start_server(adapters, args, "float32")  # as the references
     try:
         phase = Phase(proc.pid, args.requests, kill_every)
         bodies = [json.dumps(r).encode() for r in requests]
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak_") as tmp:
         base, backbone = base_model_folder(args.backbone, Path(tmp))
         adapters = make_random_adapters(base, Path(tmp) / "adapters", args.tasks, args.rank, args.seed)
-        tokenizer_bank = AdapterBank.load([adapters / "task0"])
+        tokenizer_bank = AdapterBank.load([adapters / "task0"], dtype="float32")
         words = tuple(int(w) for w in args.words.split(","))
         requests = make_requests(tokenizer_bank, args.distinct, 1, words, args.seed)
         requests = [{**r, "task": f"task{i % args.tasks}"} for i, r in enumerate(requests)]  # every task

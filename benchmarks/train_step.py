@@ -9,10 +9,12 @@ and scheduler.
     python benchmarks/train_step.py                     # 60 steps, batch 32 x seq 128
     python benchmarks/train_step.py --steps 20 --batch 8 --seq 64
     python benchmarks/train_step.py --smoke             # seconds: a 2-layer model, 4 steps
+    python benchmarks/train_step.py --bf16              # LoRA and IncreLoRA in float32 and under bf16 autocast
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -70,17 +72,20 @@ def trainable(model) -> list[nn.Parameter]:
 class Variant:
     """A model with its optimizer, scheduler and per-step extra work; `step` is what gets timed."""
 
-    def __init__(self, name, model, steps, lr=5e-4, after_backward=None):
-        self.name, self.model, self.after_backward = name, model, after_backward
+    def __init__(self, name, model, steps, lr=5e-4, after_backward=None, bf16=False):
+        self.name, self.model, self.after_backward, self.bf16 = name, model, after_backward, bf16
         self.optimizer = torch.optim.AdamW(trainable(model), lr=lr)
         self.scheduler = RestartWarmupScheduler(self.optimizer, 10, steps)
         self.times: list[float] = []
 
     def step(self, i: int, ids, labels, orth_weight: float = 0.0) -> None:
         t0 = time.perf_counter()
-        loss = self.model(input_ids=ids, labels=labels).loss
-        if orth_weight:
-            loss = loss + orth_weight * orth_loss(self.model)
+        # as the Trainer's bf16: the forward and loss under autocast, parameters and optimizer in float32
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with cast:
+            loss = self.model(input_ids=ids, labels=labels).loss
+            if orth_weight:
+                loss = loss + orth_weight * orth_loss(self.model)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(self.model), 1.0)
         if self.after_backward is not None:
@@ -91,13 +96,14 @@ class Variant:
         self.times.append(time.perf_counter() - t0)
 
 
-def build_increlora(args, name: str = "IncreLoRA", every_step: bool = False) -> tuple[Variant, RankAllocator]:
+def build_increlora(args, name: str = "IncreLoRA", every_step: bool = False,
+                    bf16: bool = False) -> tuple[Variant, RankAllocator]:
     # schedule fields left None are derived from the run, as increlora-train derives them
     config = IncreLoraConfig(init_warmup=args.init_warmup, interval=args.interval, score_every_step=every_step)
     model = apply_increlora(backbone(0, args.shape), config)
     allocator = RankAllocator(model, config, args.steps)
     variant = Variant(name, model, args.steps,
-                      after_backward=lambda i, v: allocator.step(i, v.optimizer, v.scheduler))
+                      after_backward=lambda i, v: allocator.step(i, v.optimizer, v.scheduler), bf16=bf16)
     return variant, allocator
 
 
@@ -148,6 +154,8 @@ def main() -> None:
     ap.add_argument("--init-warmup", type=int, default=None, help="default: derived from the run")
     ap.add_argument("--interval", type=int, default=None, help="default: derived from the run")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="time LoRA and IncreLoRA in float32 and under bfloat16 autocast, side by side (no others)")
     ap.add_argument("--smoke", action="store_true", help="the smallest run: a 2-layer model, " + " ".join(SMOKE))
     args = ap.parse_args()
     args.shape = SHAPE
@@ -160,7 +168,6 @@ def main() -> None:
                 torch.randint(0, 2, (args.batch,), generator=g)) for _ in range(args.steps)]
 
     inc, allocator = build_increlora(args)
-    every, _ = build_increlora(args, "IncreLoRA, score_every_step=True", every_step=True)
     # LoRA and the dense reference get IncreLoRA's final total rank (its plan's budget), known before
     # the run; where the extra ranks land hardly changes the step time.
     # the steps of the plan: once it has spent the budget the allocator neither grows nor scores
@@ -180,8 +187,14 @@ def main() -> None:
             for layer in dense_layers.values():
                 layer.sensitivity()
 
-    dense = Variant("dense dW (reference)", dense_model, args.steps, after_backward=dense_score)
-    variants = [lora, inc, every, dense]
+    if args.bf16:
+        inc_bf16, _ = build_increlora(args, "IncreLoRA, bf16 autocast", bf16=True)
+        lora_bf16 = Variant("LoRA (PEFT), bf16 autocast", build_lora(ranks, args.shape), args.steps, bf16=True)
+        variants, increlora_runs = [lora, lora_bf16, inc, inc_bf16], (inc, inc_bf16)
+    else:
+        every, _ = build_increlora(args, "IncreLoRA, score_every_step=True", every_step=True)
+        dense = Variant("dense dW (reference)", dense_model, args.steps, after_backward=dense_score)
+        variants, increlora_runs = [lora, inc, every, dense], (inc, every)
     for v in variants:
         v.model.train()
 
@@ -191,12 +204,17 @@ def main() -> None:
           f"{inc.model.increlora_config.effective_score_window})", flush=True)
     for i, (ids, labels) in enumerate(batches):
         for v in variants:
-            v.step(i, ids, labels, orth_weight=0.1 if v in (inc, every) else 0.0)
+            v.step(i, ids, labels, orth_weight=0.1 if v in increlora_runs else 0.0)
         if (i + 1) % 10 == 0:
             print(f"step {i + 1}: " + ", ".join(f"{v.name} {1e3 * v.times[-1]:.0f} ms" for v in variants), flush=True)
     print(f"\nIncreLoRA total rank {allocator.total_rank} (budget {allocator.budget}); "
           f"LoRA/dense total rank {sum(ranks.values())}\n")
     print(summarize(variants, scoring, args.skip))
+    if args.bf16:
+        def mean(v: Variant) -> float:
+            return statistics.mean(v.times[args.skip:])
+        print(f"\nbf16 autocast / float32 step time: LoRA {mean(lora_bf16) / mean(lora):.2f}x, "
+              f"IncreLoRA {mean(inc_bf16) / mean(inc):.2f}x")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def served(adapters):
     proc, base, _ = start_server(["--adapters", str(adapters), "--max-wait-ms", "100", "--max-batch-size", "64"])
     try:
         wait_ready(base)
-        yield base, AdapterBank.load(adapters)  # the bank in this process: the reference
+        yield base, AdapterBank.load(adapters, dtype="float32")  # the bank in this process: the reference
     finally:
         stop(proc)
 

@@ -42,7 +42,7 @@ def bodies_and_answers(adapters):
     names = list(TASKS)
     bodies = [{"task": names[i % 3], "inputs": [" ".join(WORDS[(i + j) % 12:][:4] + WORDS[:j]) for j in
                                                    range(1 + i % 2)]} for i in range(24)]
-    alone = {task: AdapterBank.load([adapters / task]) for task in TASKS}
+    alone = {task: AdapterBank.load([adapters / task], dtype="float32") for task in TASKS}
     answers = [alone[b["task"]].predict(b["inputs"], [b["task"]] * len(b["inputs"])) for b in bodies]
     return bodies, answers
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import time
 
 import pytest
 
@@ -43,12 +44,12 @@ class FakeCatalog(ray_replica.TaskCatalog):
         return ray_replica.TaskCatalog.since(self, version)
 
 
-def make_replica(http_base, tmp_path, monkeypatch, max_tasks: int | None = None):
+def make_replica(http_base, tmp_path, monkeypatch, max_tasks: int | None = None, max_wait_ms: float = 1.0):
     adapters = adapter_set(http_base, tmp_path / "adapters")
     catalog = FakeCatalog({task: str(adapters / task) for task in TASKS}, max_tasks)
-    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name: catalog)
+    monkeypatch.setattr(ray_replica.ray, "get_actor", lambda name, namespace=None: catalog)
     made = ray_replica.BankReplica({"base_model": str(http_base), "catalog": "catalog", "dtype": "float32",
-                                    "max_tasks_per_replica": max_tasks, "settings": {"max_wait_ms": 1.0}})
+                                    "max_tasks_per_replica": max_tasks, "settings": {"max_wait_ms": max_wait_ms}})
     made.test_catalog, made.test_adapters = catalog, adapters
     return made
 
@@ -70,6 +71,19 @@ def test_a_task_is_loaded_once_and_stays(replica):
     asyncio.run(traffic())
     assert asyncio.run(replica.stats())["loads"] == len(TASKS)
     assert sorted(replica.bank.tasks) == sorted(TASKS)
+
+
+def test_a_call_runs_at_once_not_after_a_second_batch_wait(http_base, tmp_path, monkeypatch):
+    """The front waited max_wait_ms to gather the call: the replica runs it at once (calls that come during a
+    forward share the next one); it used to wait max_wait_ms again."""
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_wait_ms=4000.0)
+
+    async def calls():
+        await replica.predict_many([("sst2", INPUTS)])  # loads the task
+        started = time.monotonic()
+        await asyncio.gather(*(replica.predict_many([(task, INPUTS)]) for task in ("sst2", "sst2", "sst2")))
+        return time.monotonic() - started
+    assert asyncio.run(calls()) < 2.0
 
 
 def test_a_replaced_adapter_leaves_at_once_even_with_requests_in_flight(replica, http_base, tmp_path):

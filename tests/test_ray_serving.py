@@ -11,14 +11,16 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
+from increlora.errors import IncreLoraError
 from serving import AdapterBank
 from tests.helpers.adapters import TAGS, TASKS, adapter_set, make_adapter
 from tests.helpers.http_adapters import assert_predictions, expected
-from tests.helpers.server import wait_ready
+from tests.helpers.server import start_server, stop, wait_ready
 
 INPUTS = ["great film", "bad movie", ["a good plot", "the story"], "hello", "the best movie ever", "dull"]
 TOKEN = "ray-admin"
@@ -51,35 +53,64 @@ def port(ray_cluster):
         serve.shutdown()
 
 
+def front(ray_cluster, adapters, app: str, *options: str):
+    """`increlora-serve --ray` on the test's cluster: HTTP served by its own process, the replicas on Ray."""
+    proc, url, _ = start_server(["--adapters", str(adapters), "--ray", ray_cluster.get_runtime_context().gcs_address,
+                                 "--ray-app", app, "--replica-cpus", "0.25", *options], seconds=240)
+    wait_ready(url, seconds=90)
+    return proc, url
+
+
 @pytest.fixture(scope="module")
-def served(port, adapters):
+def served(port, ray_cluster, adapters):
+    """Two replicas holding at most two tasks each, behind `increlora-serve --ray`."""
     from ray import serve
 
-    from serving.http.ray_serve import build_application
-
-    app = build_application(adapters, replicas=2, max_tasks_per_replica=2, replica_cpus=0.25,
-                            settings={"admin_token": TOKEN, "max_wait_ms": 2.0}, dtype="float32")
-    serve.run(app, name="increlora", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, seconds=90)
-    yield url, AdapterBank.load(adapters, dtype="float32")
+    proc, url = front(ray_cluster, adapters, "increlora", "--replicas", "2", "--max-tasks-per-replica", "2",
+                      "--admin-token", TOKEN, "--max-wait-ms", "2")
+    try:
+        yield url, AdapterBank.load(adapters, dtype="float32")
+    finally:
+        assert stop(proc) == 0
+        assert "increlora" not in serve.status().applications  # the server removes its replicas as it stops
 
 
 @pytest.fixture(scope="module")
-def single(port, adapters):
-    """One replica without a task limit, in an application of its own at /single."""
+def single(port, ray_cluster, adapters):
+    """One replica without a task limit behind `increlora-serve --ray`, in a Serve application of its own."""
+    proc, url = front(ray_cluster, adapters, "single", "--max-wait-ms", "50", "--max-batch-size", "64",
+                      "--max-queue", "100")
+    try:
+        yield url, AdapterBank.load(adapters, dtype="float32")
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def serve_run(port, adapters):
+    """The application of `serve run` (Serve's proxy, an ingress replica) with one replica, at /serve_run."""
     from ray import serve
 
     from serving.http.ray_serve import build_application
 
     settings = {"max_wait_ms": 50.0, "max_batch_size": 64, "max_queue": 100}
-    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="single", dtype="float32")
+    app = build_application(adapters, replicas=1, replica_cpus=0.25, settings=settings, name="serve_run",
+                            dtype="float32")
     assert app._bound_deployment.max_ongoing_requests == 100  # the ingress; Serve's default is 5
     assert app._bound_deployment.init_args[0]._bound_deployment.max_ongoing_requests == 100  # the replicas
-    serve.run(app, name="single", route_prefix="/single")
-    url = f"http://127.0.0.1:{port}/single"
+    for deployment in (app._bound_deployment, app._bound_deployment.init_args[0]._bound_deployment):
+        assert deployment.logging_config["enable_access_log"] is False  # no log line per request
+    serve.run(app, name="serve_run", route_prefix="/serve_run")
+    url = f"http://127.0.0.1:{port}/serve_run"
     wait_ready(url, seconds=90)
     yield url, AdapterBank.load(adapters, dtype="float32")
+
+
+def test_a_server_name_in_use_on_the_cluster_is_refused(served, adapters):
+    from serving.http.ray_serve import build_replicas
+
+    with pytest.raises(IncreLoraError, match="'increlora' runs on this Ray cluster already"):
+        build_replicas(adapters, name="increlora")  # served's catalog has that name
 
 
 def ask(url: str, task: str, inputs: list) -> httpx.Response:
@@ -138,11 +169,12 @@ def test_one_replica_loads_each_task_once_and_batches_across_tasks(single):
     assert total / count > 5, (total, count)
 
 
-@pytest.mark.parametrize("app", ["served", "single"])
+@pytest.mark.parametrize("app", ["served", "single", "serve_run"])
 def test_tasks_of_every_kind_answer_as_the_bank_alone_on_every_route(app, request):
     """/v1/predict of an embedding and a token-classification task, /v1/embeddings and /v1/rerank (stsb: one
     output, mrpc: two labels), sent together (one replica batches them across kinds), equal the bank's
-    answers; a task of the wrong kind is 422, as on one server. After the test of loads per task (single)."""
+    answers; a task of the wrong kind is 422, as on one server. After the test of loads per task (single).
+    serve_run: the same through Serve's proxy and the ingress replica, mixed traffic first."""
     url, bank = request.getfixturevalue(app)
     texts = ["good film and a great plot", "the market fell"]
     rerank = {"query": "market news", "documents": texts}
@@ -151,6 +183,8 @@ def test_tasks_of_every_kind_answer_as_the_bank_alone_on_every_route(app, reques
         [("rerank", {"model": task, **rerank}) for task in ("stsb", "mrpc")] + \
         [("embeddings", {"model": "stsb", "input": "x"}), ("rerank", {"model": "search", **rerank}),
          ("rerank", {"model": "topic", **rerank}), ("predict", {"task": "ner", "inputs": [["a", "b"]]})]
+    if app == "serve_run":
+        assert mixed_traffic(url, bank, 30) == [200] * 30
     mixed = [s["multi_task_batches"] for s in replica_stats(app, 1).values()] if app == "single" else None
     with ThreadPoolExecutor(len(calls)) as pool:
         got = list(pool.map(lambda c: httpx.post(f"{url}/v1/{c[0]}", json=c[1], timeout=60), calls))
@@ -260,6 +294,7 @@ def test_a_killed_replica_is_replaced_and_requests_keep_being_answered(served):
 def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
     from serving.http import ray_serve
     from serving.http.cli import main
+    from serving.http.shutdown import DrainingServer
 
     adapters = tmp_path / "adapters"
     adapters.mkdir()
@@ -272,23 +307,44 @@ def test_increlora_serve_ray_options(tmp_path, monkeypatch, capsys):
 
     built = {}
     monkeypatch.setattr(ray_serve.ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray_serve.serve, "start", lambda http_options: built.update(http=http_options))
-    monkeypatch.setattr(ray_serve, "build_application", lambda folder, **kw: built.update(folder=folder, **kw))
-    monkeypatch.setattr(ray_serve.serve, "run", lambda app, name, route_prefix: built.update(name=name))
+    monkeypatch.setattr(ray_serve.serve, "start", lambda **options: built.update(start=options))
+    monkeypatch.setattr(ray_serve, "build_replicas",
+                        lambda folder, **kw: built.update(folder=folder, **kw) or ("app", f"catalog {kw['name']}"))
+    monkeypatch.setattr(ray_serve.serve, "run", lambda app, name, route_prefix: built.update(
+        name=name, route=route_prefix, deleted_before=built.get("deleted")) or f"handle of {app}")
+    monkeypatch.setattr(ray_serve, "front_loader", lambda handle, catalog: built.update(front=(handle, catalog)))
     monkeypatch.setattr(ray_serve.serve, "delete", lambda name: built.update(deleted=name))
+    left = {"increlora": "left by a server that was killed"}
+    monkeypatch.setattr(ray_serve.serve, "status", lambda: SimpleNamespace(applications=left))
 
-    def interrupt(seconds):
+    def serving(server):  # this process's own uvicorn, at --host/--port, stopped by Ctrl-C
+        built["http"] = (server.config.host, server.config.port)
         raise KeyboardInterrupt
-    monkeypatch.setattr(ray_serve.time, "sleep", interrupt)
+    monkeypatch.setattr(DrainingServer, "run", serving)
     code = main(["--adapters", str(adapters), "--ray", "--replicas", "3", "--max-tasks-per-replica", "5",
                  "--replica-cpus", "0.5", "--admin-token", "s3cret", "--api-key", "k1", "--port", "8123",
                  "--autoscaling", '{"min_replicas": 1, "max_replicas": 4}'])
     assert code == 130 and built["deleted"] == built["name"] == "increlora"
-    assert built["http"] == {"host": "127.0.0.1", "port": 8123} and built["folder"] == adapters
+    assert built["deleted_before"] == "increlora"  # the application of a server that was killed goes first
+    assert built["start"]["proxy_location"] == "Disabled" and built["route"] is None  # no Serve proxy: HTTP here
+    assert built["http"] == ("127.0.0.1", 8123) and built["front"] == ("handle of app", "catalog increlora")
+    assert built["folder"] == adapters
     assert (built["replicas"], built["max_tasks_per_replica"], built["replica_cpus"]) == (3, 5, 0.5)
     assert built["autoscaling"] == {"min_replicas": 1, "max_replicas": 4}
     assert built["settings"]["admin_token"] == "s3cret"  # the replicas get the secrets themselves, not masks
     assert built["settings"]["api_keys"] == ["k1"]
     assert built["pin"] == []
-    code = main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--pin", "sst2,topic"])
+    built.clear()
+    code = main(["--adapters", str(adapters), "--ray", "--max-resident", "2", "--pin", "sst2,topic",
+                 "--ray-app", "other"])
+    assert built["deleted_before"] is None  # no application of that name: nothing removed before
     assert code == 130 and (built["max_tasks_per_replica"], built["pin"]) == (2, ["sst2", "topic"])
+    assert built["deleted"] == built["name"] == "other" and built["front"][1] == "catalog other"
+
+    def failing(app, name, route_prefix):
+        raise RuntimeError("Deploying application other failed: no such base model")
+    monkeypatch.setattr(ray_serve.serve, "run", failing)
+    built.clear()
+    assert main(["--adapters", str(adapters), "--ray", "--ray-app", "other"]) == 1
+    assert "replicas did not start on Ray: Deploying application other failed" in capsys.readouterr().err
+    assert built["deleted"] == "other" and "http" not in built

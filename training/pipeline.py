@@ -180,7 +180,9 @@ def training_arguments(opts: TrainOptions, output: Path, steps: int, warmup_step
         logging_strategy="steps", logging_steps=opts.logging_steps,
         seed=opts.seed, data_seed=opts.seed, bf16=opts.precision == "bf16", fp16=opts.precision == "fp16",
         report_to="none", push_to_hub=False, disable_tqdm=not opts.progress, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_processes(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # bf16 on a machine without CUDA: autocast on the CPU, which the Trainer does only when told
+        use_cpu=cpu_processes() or (opts.precision == "bf16" and not torch.cuda.is_available()),
         ddp_find_unused_parameters=False)  # every parameter DDP owns (the head) is used in every forward
 
 

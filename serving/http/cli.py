@@ -137,10 +137,11 @@ def _adapter_folder(path: Path) -> Path | None:
     return path if path.is_dir() and not (path / "adapter_config.json").exists() else None
 
 
-def _maybe_ray(args: argparse.Namespace, settings: ServiceSettings) -> int | None:
-    """Serve on Ray when --ray is given (its exit code), None to serve here; 2 for Ray options that do not fit."""
+def _maybe_ray(args: argparse.Namespace, settings: ServiceSettings) -> int | tuple | None:
+    """With --ray, the replicas started on Ray: (the app's loader, what stops them); None without --ray; 2 for
+    Ray options that do not fit."""
     try:
-        from .ray_serve import check_ray_options, serve_on_ray
+        from .ray_serve import check_ray_options, start_on_ray
     except ImportError:
         print("increlora-serve: --ray needs Ray: pip install -e '.[ray]'", file=sys.stderr)
         return 2
@@ -148,7 +149,7 @@ def _maybe_ray(args: argparse.Namespace, settings: ServiceSettings) -> int | Non
     if problem:
         print(f"increlora-serve: {problem}", file=sys.stderr)
         return 2
-    return serve_on_ray(args, settings) if args.ray is not None else None
+    return start_on_ray(args, settings) if args.ray is not None else None
 
 
 def api_keys(given: list[str] | None, environ: dict[str, str]) -> list[str]:
@@ -183,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # the messages never show a key or the token (hide_input_in_errors)
         print(f"increlora-serve: {exc}", file=sys.stderr)
         return 2
+    on_ray = None  # with --ray: the replicas' loader and what stops them; this process serves HTTP all the same
     if getattr(args, "ray", None) is not None or hasattr(args, "replicas"):
-        ray_exit = _maybe_ray(args, settings)
-        if ray_exit is not None:
-            return ray_exit
+        on_ray = _maybe_ray(args, settings)
+        if isinstance(on_ray, int):
+            return on_ray
 
     import uvicorn
 
@@ -203,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     loader = functools.partial(load_bank, args.adapters, args.base_model, args.device, args.dtype,
                                args.torch_threads, args.max_resident, args.max_resident_mb, tuple(args.pin))
-    if not args.in_process:
+    if on_ray is not None:
+        loader = on_ray[0]
+    elif not args.in_process:
         loader = ProcessBankLoader(loader, passive_openmp=args.openmp_wait == "passive", policy=policy,
                                    retry_wait_s=settings.request_timeout)
     app = create_app(loader, settings, on_load_error=stop_on_load_error)
@@ -218,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         logger.info("stopped by Ctrl-C")
         return 130
+    finally:
+        if on_ray is not None:
+            on_ray[1]()
     if failed:
         print(f"increlora-serve: loading the adapters failed: {failed[0]}", file=sys.stderr)
         return 1

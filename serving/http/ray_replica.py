@@ -88,6 +88,11 @@ class TaskCatalog:
 
 
 Catalog = ray.remote(num_cpus=0)(TaskCatalog)  # the actor every replica and the ingress follow
+CATALOG_NAMESPACE = "increlora"  # its name is found there by the replicas, whichever job started Serve
+
+
+def catalog_actor(name: str):
+    return ray.get_actor(name, namespace=CATALOG_NAMESPACE)
 
 
 class BankReplica:
@@ -98,7 +103,7 @@ class BankReplica:
         self.settings = ServiceSettings(**config.get("settings", {}))
         self.bank = AdapterBank.load([], base_model=config["base_model"], device=config.get("device"),
                                      dtype=config.get("dtype", "auto"))
-        self.catalog = ray.get_actor(config["catalog"])
+        self.catalog = catalog_actor(config["catalog"])
         self.version, self.entries, self.pins = -1, {}, set()
         self.loaded: OrderedDict[str, int] = OrderedDict()  # task -> generation in the bank, least recent first
         self.metrics = ServiceMetrics()
@@ -182,8 +187,9 @@ class BankReplica:
     async def _ready(self, task: str) -> None:
         """Make sure the catalog's current copy of `task` is loaded here."""
         if self.batcher is None:
-            s = self.settings
-            self.batcher = DynamicBatcher(self.bank, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+            s = self.settings  # no second wait: the front gathered each call already; the calls that come while
+            # a forward runs share the next one (before, a call waited max_wait_ms again here)
+            self.batcher = DynamicBatcher(self.bank, max_batch_size=s.max_batch_size, max_wait_ms=0.0,
                                           max_queue=s.max_queue, observer=self.metrics)
             self.batcher.start()
         if task not in self.entries:

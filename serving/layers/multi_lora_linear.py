@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import folds_into_base, lora_linear, lora_segments
-from .batch_context import ModuleWork, current_batch
+from ..ops import lora_segments
+from .batch_context import current_batch
 
 
 class MultiLoraLinear(nn.Module):
@@ -29,8 +29,6 @@ class MultiLoraLinear(nn.Module):
         if x.shape[0] != batch.size:
             raise RuntimeError(f"{self.name}: input has {x.shape[0]} rows in dim 0, the batch has {batch.size}; "
                                "only layers whose inputs are [batch, ...] can be adapted")
-        if batch.backend == "torch" and folds_into_base(x) and type(self.base_layer) is nn.Linear:
-            return self._folded(x, batch.work_for(self.name))
         out = self.base_layer(x)
         per_row = x[0].numel() // self.in_features  # tokens of one example
         rows, out_rows = x.reshape(-1, self.in_features), out.view(-1, self.out_features)
@@ -43,14 +41,6 @@ class MultiLoraLinear(nn.Module):
         segments = [(s * per_row, e * per_row) for s, e in work.segments]
         lora_segments(rows, segments, work.A, work.B, out_rows)
         return out
-
-    def _folded(self, x: torch.Tensor, work: ModuleWork) -> torch.Tensor:
-        """The base product and the updates in one (lora_linear: bfloat16 on the CPU)."""
-        per_row = x[0].numel() // self.in_features
-        segments = [(s * per_row, e * per_row) for s, e in work.segments]
-        out = lora_linear(x.reshape(-1, self.in_features), self.base_layer.weight, self.base_layer.bias,
-                          segments, work.A, work.B)
-        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}"

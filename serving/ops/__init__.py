@@ -4,7 +4,7 @@ their packed factor buffers and per-batch tables, and the CPU thread helpers.
 The lowest level of serving: it knows tensors and segments, not tasks, layers or adapters. The GPU
 kernels sit next to the CPU loop they replace and are tested against `lora_segments_reference`.
 """
-from .lora_segments import folds_into_base, lora_linear, lora_segments
+from .lora_segments import lora_segments
 from .packed import PackedFactors, PackedSlot
 from .reference import lora_segments_reference
 
@@ -16,5 +16,4 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["PackedFactors", "PackedSlot", "folds_into_base", "lora_linear", "lora_segments", "lora_segments_reference",
-           "triton_available"]
+__all__ = ["PackedFactors", "PackedSlot", "lora_segments", "lora_segments_reference", "triton_available"]

@@ -4,8 +4,7 @@ Rows of `x` are sorted by task, so adapter i owns one contiguous segment [start,
 A_i [r_i, in] and B_i [out, r_i] (E and scaling folded into B_i), so a row's update is B_i (A_i x): each
 segment costs its true rank, with no padding to the bank's largest rank. On the CPU the segments may be
 shared out over the intra-op threads (only where idle OpenMP threads sleep), and small ranks multiply in
-the order MKL runs faster. In bfloat16 on the CPU, lora_linear does the base product too: the bias and
-every update are added in one product over the output. The measurements: docs/design/cpu-serving.md.
+the order MKL runs faster. The measurements: docs/design/cpu-serving.md.
 """
 from __future__ import annotations
 
@@ -60,41 +59,6 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
         else:
             run(x, starts, ends, A, B, rank_first, out, bounds)
     return out
-
-
-# bfloat16 on the CPU: the base product and the updates in one (lora_linear); benchmarks turn it off to compare
-FOLD_BF16 = True
-
-
-def folds_into_base(x: torch.Tensor) -> bool:
-    """Whether lora_linear, rather than the base layer then lora_segments, serves x (bfloat16 on the CPU)."""
-    return FOLD_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16
-
-
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, segments: Segments,
-                A_list: Sequence[torch.Tensor], B_list: Sequence[torch.Tensor]) -> torch.Tensor:
-    """x W^T + bias with B_i A_i x added to segment i's rows: a new [rows, out_features] tensor.
-
-    x W^T without the bias, then one product [h | 1] [B^T ; bias] adds the bias and every update in
-    one pass over the output (accumulated in float32 inside the product, rounded once), where h
-    [rows, sum r_i] holds each segment's A_i x in its own columns and zeros elsewhere. In bfloat16
-    the bias alone costs nn.Linear nearly as much as this pass; the small products keep one thread.
-    """
-    ranks = [a.shape[0] if end > start else 0 for (start, end), a in zip(segments, A_list, strict=True)]
-    total = sum(ranks)
-    h = x.new_zeros(x.shape[0], total + (bias is not None))  # [rows, sum r_i (+ 1)]
-    col = 0
-    with threads.one_thread(x.device, small=True):
-        for (start, end), a, rank in zip(segments, A_list, ranks):
-            if rank:
-                h[start:end, col:col + rank] = torch.mm(x[start:end], a.t())
-            col += rank
-    rows = [b.t() for b, rank in zip(B_list, ranks) if rank]  # [r_i, out] each
-    if bias is not None:
-        h[:, total] = 1
-        rows.append(bias[None])
-    out = torch.mm(x, weight.t())
-    return out.addmm_(h, torch.cat(rows)) if rows else out
 
 
 def _records_autograd(x: torch.Tensor, out: torch.Tensor, work: list) -> bool:

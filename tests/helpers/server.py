@@ -12,11 +12,11 @@ import time
 import httpx
 
 
-def start_server(args: list[str], dtype: str | None = "float32",
+def start_server(args: list[str], dtype: str | None = "float32", seconds: float = 60,
                  **popen) -> tuple[subprocess.Popen, str, queue.Queue]:
-    """Start `python -m serving.cli` on port 0; return it, its base URL (read from its log) and its log lines
-    (all of them, from the first). dtype: float32 by default, as the banks the tests compare answers with
-    (None: the server's own default, 'auto'). `popen`: more arguments for `subprocess.Popen`."""
+    """Start `python -m serving.cli` on port 0; return it, its base URL (read from its log within `seconds`)
+    and its log lines (all of them, from the first). dtype: float32 by default, as the banks the tests compare
+    answers with (None: the server's own default, 'auto'). `popen`: more arguments for `subprocess.Popen`."""
     dtype_args = ["--dtype", dtype] if dtype else []
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", "0", *dtype_args,
                              *args],
@@ -24,7 +24,7 @@ def start_server(args: list[str], dtype: str | None = "float32",
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:  # the lines stay in the queue, for the test
         found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", "".join(list(lines.queue)))
         if found:
