@@ -236,6 +236,8 @@ def _bad_files(d: Path) -> dict[str, list[str]]:
                                           "--resume"],
         "--max-train-examples must be >= 1": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
                                               "--max-train-examples", "0"],
+        "--head-lr-scale must be > 0": ["--task", "t", "--train", "{train}", "--output", str(d / "o"),
+                                        "--head-lr-scale", "0"],
     }
 
 

@@ -42,6 +42,9 @@ def test_demo_serves_every_kind_and_prints_answers_beside_the_truth(tiny_base, t
     for (text, _), entities in zip(demo.entity_examples(), served):
         assert all(e.split(": ", 1)[0] in {t[2:] for t in tags if t != "O"} and e.split(": ", 1)[1] in text
                    for e in entities)
+    right = sum(e in t for s, t in zip(served, truths) for e in s)
+    assert f"  served {right} of the {sum(map(len, truths))} true entities exactly, and " \
+           f"{sum(map(len, served)) - right} others" in out
     for i, task in enumerate(demo.ALL_TASKS):
         assert f'{task:15s} test {{"main": {0.61 + i / 100}}}' in out
     assert out.rstrip().endswith("service stopped")

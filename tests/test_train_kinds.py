@@ -12,10 +12,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 from seqeval.metrics import f1_score
-from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForTokenClassification, AutoTokenizer, TrainerCallback
 
 from increlora import load_adapter, read_adapter
 from tests.helpers.kinds_data import (
+    named_sentences,
     tagged_sentences,
     write_conll,
     write_pairs,
@@ -158,6 +159,48 @@ def test_token_classification_from_jsonl_scores_entity_f1_like_seqeval(tiny_base
     assert metrics["test"]["f1"] > 0.3
 
 
+@pytest.mark.parametrize("method", ["increlora", "lora"])
+def test_a_tagger_learns_entities_its_words_give_away_almost_exactly(tiny_base, tmp_path, method):
+    # Each word says its tag and is cut into a telling first piece and "##z" pieces: a pipeline that
+    # trains and saves the head and puts each label on its word's first piece tags the test set exactly;
+    # labels on other pieces, a frozen or unsaved head, or a loss over the wrong positions cannot.
+    files = [write_token_jsonl(tmp_path / f"n{i}.jsonl", n, i, named_sentences) for i, n in enumerate((320, 48, 40))]
+    out = tmp_path / "named"
+    assert train(tiny_base, out, "token-classification", files, "--steps", "80", "--method", method) == 0
+    sentences = named_sentences(40, 2)
+    preds = token_predictions(tiny_base, out, sentences)
+    truth = [tags[:len(p)] for (_, tags), p in zip(sentences, preds)]
+    assert sum(len(p) for p in preds) == sum(len(t) for _, t in sentences)  # no word cut off: all are scored
+    assert f1_score(truth, preds) >= 0.95
+    assert json.loads((out / "metrics.json").read_text())["test"]["f1"] == pytest.approx(f1_score(truth, preds))
+
+
+class GroupRates(TrainerCallback):
+    """The learning rate of every trainable parameter at one step, by name."""
+
+    def __init__(self, step: int):
+        self.step, self.rates = step, {}
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == self.step:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("method,scale", [("increlora", None), ("lora", None), ("lora", "1")])
+def test_the_tagger_head_learns_at_its_own_multiple_of_the_adapters_rate(tiny_base, files, tmp_path, method, scale):
+    rates = GroupRates(10)  # after the warmup of the first groups (4 steps), before the last growth
+    extra = ["--head-lr-scale", scale] if scale else []
+    assert train(tiny_base, tmp_path / "o", "token-classification", files["tokens"], "--steps", "12", "--method",
+                 method, *extra, callbacks=[rates]) == 0
+    head = {n: r for n, r in rates.rates.items() if "classifier" in n}
+    first = {n: r for n, r in rates.rates.items() if "lora_A" in n and ("lora_A.0" in n or method == "lora")}
+    assert len(head) == 2 and first  # the classifier's weight and bias; the first adapter blocks
+    assert len(set(first.values())) == 1 and len(set(head.values())) == 1
+    want = float(scale) if scale else 10.0  # the token-classification kind's default
+    assert next(iter(head.values())) == pytest.approx(want * next(iter(first.values())))
+
+
 def test_conll_folder_in_the_official_layout(tiny_base, files, tmp_path):
     out = tmp_path / "conll"
     argv = ["--task", "conll2003", "--conll-dir", str(files["conll"]), "--model", str(tiny_base), "--output",
@@ -173,6 +216,7 @@ def test_conll_folder_in_the_official_layout(tiny_base, files, tmp_path):
 
 @pytest.mark.parametrize("kind,data,method", [("embedding", "pairs", "increlora"),
                                               ("token-classification", "tokens", "increlora"),
+                                              ("token-classification", "tokens", "lora"),
                                               ("embedding", "pairs", "adalora")])
 def test_every_kind_resumes_after_ctrl_c_to_the_same_adapter(tiny_base, files, tmp_path, kind, data, method):
     full, part = tmp_path / "full", tmp_path / "part"

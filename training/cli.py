@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     run.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=5e-4,
                      help="peak learning rate")
+    run.add_argument("--head-lr-scale", type=float, default=None,
+                     help="learning rate of the modules trained in full (the head) as a multiple of --lr "
+                          "(default: the kind's: 10 for token classification, else 1)")
     run.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     run.add_argument("--eval-steps", type=int, default=None, help="evaluate on validation every N steps")
@@ -154,6 +157,8 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         raise CliError(f"--eval-steps must be >= 1, got {args.eval_steps}")
     if args.epochs <= 0:
         raise CliError(f"--epochs must be > 0, got {args.epochs}")
+    if args.head_lr_scale is not None and not args.head_lr_scale > 0:
+        raise CliError(f"--head-lr-scale must be > 0, got {args.head_lr_scale}")
     if args.cpus_per_task <= 0 or args.gpus_per_task < 0:
         raise CliError("--cpus-per-task must be > 0 and --gpus-per-task >= 0")
     if args.ray is None and (args.cpus_per_task != 1.0 or args.gpus_per_task != 0.0):
@@ -169,7 +174,8 @@ def options_from(args: argparse.Namespace) -> TrainOptions:
         model=args.model, method=args.method, task_type=args.task_type, seed=args.seed, max_length=args.max_length,
         max_train_examples=args.max_train_examples,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
-        epochs=args.epochs, steps=args.steps, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        epochs=args.epochs, steps=args.steps, learning_rate=args.learning_rate,
+        head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, eval_steps=args.eval_steps, save_steps=args.save_steps,
         logging_steps=args.logging_steps, precision=args.precision, progress=not args.no_progress,
         glue_dir=args.glue_dir, conll_dir=args.conll_dir, cache_dir=args.cache_dir, local=local,

@@ -23,7 +23,7 @@ from increlora.fingerprint import model_fingerprint
 from increlora.model import find_saved_modules, find_target_modules, resolve_modules_to_save, resolve_target_modules
 
 from .checkpoints import ADALORA_STATE_NAME, read_adalora_state, write_adalora_state
-from .trainer import IncreLoraTrainer
+from .trainer import HeadLearningRate, IncreLoraTrainer
 
 METHODS = ("increlora", "lora", "adalora")
 
@@ -34,7 +34,7 @@ class Prepared:
 
     method: str
     model: nn.Module
-    trainer_cls: type = Trainer
+    trainer_cls: type
     callbacks: list = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
@@ -46,7 +46,11 @@ class AdaLoraAllocation(TrainerCallback):
         model.base_model.update_and_allocate(state.global_step)
 
 
-class AdaLoraTrainer(Trainer):
+class LoraTrainer(HeadLearningRate, Trainer):
+    """The Trainer, with the head's own learning rate."""
+
+
+class AdaLoraTrainer(HeadLearningRate, Trainer):
     """Trainer whose checkpoints resume an AdaLoRA run exactly (see training.checkpoints)."""
 
     def _save_rng_state(self, output_dir):
@@ -96,7 +100,7 @@ def prepare(method: str, model: nn.Module, config: IncreLoraConfig, total_steps:
                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, init_lora_weights=True)
     if method == "lora":
         peft_config = LoraConfig(r=max(1, round(avg)), **common)
-        return Prepared(method, get_peft_model(model, peft_config), Trainer, [], targets)
+        return Prepared(method, get_peft_model(model, peft_config), LoraTrainer, [], targets)
     target_r = max(1, round(avg))
     tinit, tfinal, delta_t = adalora_schedule(total_steps)
     peft_config = AdaLoraConfig(target_r=target_r, init_r=target_r + 1, tinit=tinit, tfinal=tfinal,

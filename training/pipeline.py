@@ -48,7 +48,7 @@ ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
 SAME_ON_RESUME = ("method", "task_type", "model", "seed", "max_length", "max_train_examples", "batch_size",
                   "grad_accum", "epochs", "steps",
-                  "learning_rate", "weight_decay", "increlora", "processes")
+                  "learning_rate", "head_lr_scale", "weight_decay", "increlora", "processes")
 
 
 @dataclass
@@ -65,6 +65,7 @@ class TrainOptions:
     epochs: float = 3.0
     steps: int | None = None
     learning_rate: float = 5e-4
+    head_lr_scale: float | None = None  # the head's rate over learning_rate; None: the kind's HEAD_LR_SCALE
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     eval_steps: int | None = None
@@ -314,6 +315,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
         (folder / RUN_FILE).write_text(json.dumps(_run_record(opts), indent=1))
     stop = StopOnInterrupt()
     trainer_kwargs = {"increlora_config": config} if opts.method == "increlora" else {}
+    trainer_kwargs["head_lr_scale"] = kind.HEAD_LR_SCALE if opts.head_lr_scale is None else opts.head_lr_scale
     trainer = prepared.trainer_cls(
         model=prepared.model,
         args=training_arguments(opts, output, steps, 0 if opts.method == "increlora" else plan.warmup_steps),

@@ -11,6 +11,9 @@
 - Resume: before the Trainer loads a checkpoint's weights and optimizer, the layers are grown to the
   checkpoint's ranks and the optimizer is regrouped as it was, so both load as saved.
 - load_best_model_at_end: the layers are rebuilt to the best checkpoint's ranks before its weights load.
+
+``HeadLearningRate`` (a mixin of every method's trainer) gives the modules trained in full their own
+learning rate, a multiple of the adapters'.
 """
 from __future__ import annotations
 
@@ -30,7 +33,40 @@ from .checkpoints import STATE_NAME, arrange_param_groups, last_complete_checkpo
 logger = logging.getLogger(__name__)
 
 
-class IncreLoraTrainer(Trainer):
+# IncreLoRA's and PEFT's adapter factors; every other trainable parameter belongs to the head
+ADAPTER_PARAMETERS = ("lora_", "reserve_")
+
+
+def separate_head_groups(optimizer, model, scale: float) -> None:
+    """Move the head's parameters (trainable, not adapter factors) into groups of their own, appended after
+    the others, at `scale` times their group's rate: the first group stays an adapter group, which groups
+    that IncreLoRA's allocator adds copy."""
+    head = {id(p) for n, p in model.named_parameters()
+            if p.requires_grad and not any(k in n for k in ADAPTER_PARAMETERS)}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in head]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+            hyper = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            optimizer.add_param_group({**hyper, "params": moved, "lr": group["lr"] * scale})
+
+
+class HeadLearningRate:
+    """Trainer mixin: the modules trained in full learn at `head_lr_scale` times the adapters' rate."""
+
+    def __init__(self, *args, head_lr_scale: float = 1.0, **kwargs):
+        self.head_lr_scale = head_lr_scale
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.head_lr_scale != 1.0:
+            separate_head_groups(optimizer, self.model if model is None else model, self.head_lr_scale)
+        return optimizer
+
+
+class IncreLoraTrainer(HeadLearningRate, Trainer):
     def __init__(self, *args, increlora_config: IncreLoraConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.increlora_config = config = config_of(self.model, increlora_config, "IncreLoraTrainer")

@@ -56,8 +56,31 @@ def tagged_sentences(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
     return out
 
 
-def write_token_jsonl(path: Path, n: int, seed: int) -> Path:
-    path.write_text("".join(json.dumps({"tokens": t, "tags": g}) + "\n" for t, g in tagged_sentences(n, seed)))
+# Entities whose words say their tag outright: a B- word and an I- word of each type, each split by the
+# tiny tokenizer into a distinctive first piece and "##z" pieces, so only labels on the first piece teach.
+NAMED = {"PER": (("shezz", "hezz"), ("youzz", "wezz")), "LOC": (("marketzz",), ("teamzz",)),
+         "ORG": (("computerzz",), ("phonezz",))}
+
+
+def named_sentences(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """Filler words and one- or two-word entities of NAMED: a tagger that learned can be exact."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(rng.randint(1, 2)):  # at most 16 pieces: none is cut at the tests' --max-length 24
+            tokens += rng.choices(FILLER, k=rng.randint(1, 2))
+            tags += ["O"] * (len(tokens) - len(tags))
+            kind = rng.choice(sorted(NAMED))
+            first, rest = NAMED[kind]
+            tokens += [rng.choice(first)] + rng.choices(rest, k=rng.randint(0, 1))
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(tokens) - len(tags) - 1)
+        out.append((tokens, tags))
+    return out
+
+
+def write_token_jsonl(path: Path, n: int, seed: int, sentences=tagged_sentences) -> Path:
+    path.write_text("".join(json.dumps({"tokens": t, "tags": g}) + "\n" for t, g in sentences(n, seed)))
     return path
 
 

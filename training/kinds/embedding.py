@@ -41,6 +41,7 @@ from ..data import (
 )
 from ..metrics import reciprocal_rank
 
+HEAD_LR_SCALE = 1.0  # no head
 TASK_TYPE = "embedding"
 CONTRASTIVE = "contrastive"  # the problem_type of anchor/positive tasks (scored pairs are REGRESSION)
 SCALE = 20.0

@@ -12,6 +12,7 @@ from increlora import IncreLoraConfig
 from ..data import REGRESSION, DataError, TaskDefinition, to_torch_dataset
 from ..metrics import compute_metrics as _compute_metrics
 
+HEAD_LR_SCALE = 1.0
 TASK_TYPE = "sequence-classification"
 
 

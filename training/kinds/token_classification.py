@@ -30,6 +30,7 @@ from ..data import (
     split_rows,
 )
 
+HEAD_LR_SCALE = 10.0  # the head learns at 10x the adapters' rate (BENCHMARKS.md)
 TASK_TYPE = "token-classification"
 IGNORE = -100
 METRICS = ("f1", "precision", "recall")
