@@ -27,6 +27,7 @@ from pathlib import Path
 from http_load import (  # benchmarks/http_load.py, beside this file
     ROOT,
     base_model_folder,
+    default_tolerance,
     http_level,
     make_random_adapters,
     make_requests,
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters = make_random_adapters(base, Path(tmp) / "adapters", args.tasks, args.rank, args.seed)
         bank = AdapterBank.load(adapters, dtype=args.dtype)
         if args.tolerance is None:
-            args.tolerance = 1e-4 if str(bank.dtype) == "torch.float32" else 5e-2
+            args.tolerance = default_tolerance(bank.dtype)
         words = tuple(int(w) for w in args.words.split(","))
         requests = make_requests(bank, args.requests, 1, words, args.seed)
         reference = reference_answers(bank, requests, args.max_batch_size)
