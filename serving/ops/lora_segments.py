@@ -4,7 +4,8 @@ Rows of `x` are sorted by task, so adapter i owns one contiguous segment [start,
 A_i [r_i, in] and B_i [out, r_i] (E and scaling folded into B_i), so a row's update is B_i (A_i x): each
 segment costs its true rank, with no padding to the bank's largest rank. On the CPU the segments may be
 shared out over the intra-op threads (only where idle OpenMP threads sleep), and small ranks multiply in
-the order MKL runs faster. The measurements: docs/design/cpu-serving.md.
+the order MKL runs faster; in 16 bits runs of segments share stacked products instead (fewer, larger
+ones). The measurements: docs/design/cpu-serving.md.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
             if end > start and a.shape[0] > 0]
     if not work:
         return out
+    if STACK_16BIT and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return _stacked(x, work, out)
     # a module under SMALL_MACS multiply-adds is done on one thread, without sharing out
     macs = (x.shape[1] + out.shape[1]) * sum((end - start) * a.shape[0] for start, end, a, _ in work)
     share = (SHARE_OUT and x.device.type == "cpu" and macs >= threads.SMALL_MACS and torch.get_num_threads() > 1
@@ -59,6 +62,45 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
         else:
             run(x, starts, ends, A, B, rank_first, out, bounds)
     return out
+
+
+# On the CPU in 16 bits, consecutive segments share their products: one x A^T over all their rows with the
+# tasks' A stacked (a row then keeps only its own task's columns) and one update of the output with the B
+# stacked. More multiply-adds than a product per segment, but a few large bf16 products run near the matrix
+# units' rate where many small ones do not (docs/design/cpu-serving.md). At most STACK_COLUMNS stacked
+# ranks per product bound the extra work. In float32 the loop below is faster.
+STACK_16BIT = True
+STACK_COLUMNS = 128
+
+
+def _stacked(x: torch.Tensor, work: list, out: torch.Tensor) -> torch.Tensor:
+    group: list = []
+    for item in work:
+        if group and sum(a.shape[0] for _, _, a, _ in group) + item[2].shape[0] > STACK_COLUMNS:
+            _stacked_group(x, group, out)
+            group = []
+        group.append(item)
+    _stacked_group(x, group, out)
+    return out
+
+
+def _stacked_group(x: torch.Tensor, group: list, out: torch.Tensor) -> None:
+    """out[lo:hi] += mask(x[lo:hi] [A_1; ...; A_n]^T) [B_1, ..., B_n]^T over the group's rows lo..hi."""
+    lo, hi = group[0][0], group[-1][1]
+    ranks = sum(a.shape[0] for _, _, a, _ in group)
+    with threads.one_thread(x.device, small=(hi - lo) * ranks * (x.shape[1] + out.shape[1]) < threads.SMALL_MACS):
+        if len(group) == 1:
+            _, _, a, b = group[0]
+            out[lo:hi].addmm_(torch.mm(x[lo:hi], a.t()), b.t())
+            return
+        h = torch.mm(x[lo:hi], torch.cat([a for _, _, a, _ in group]).t())
+        col, row = 0, lo
+        for start, end, a, _ in group:
+            h[row - lo:start - lo].zero_()  # rows between segments: tasks without this module
+            h[start - lo:end - lo, :col].zero_()
+            h[start - lo:end - lo, col + a.shape[0]:].zero_()
+            col, row = col + a.shape[0], end
+        out[lo:hi].addmm_(h, torch.cat([b for _, _, _, b in group], dim=1).t())
 
 
 def _records_autograd(x: torch.Tensor, out: torch.Tensor, work: list) -> bool:
