@@ -133,7 +133,7 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
     with caplog.at_level("WARNING", logger="serving.ops.lora_segments"):
         assert lora_math._forked_runner.__wrapped__() is None
     assert "TorchScript unavailable" in caplog.text
-    monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)
+    monkeypatch.setattr(lora_math, "_forked_runner", lambda fn=None: None)
     x, bounds, a_list, b_list, out = random_case(8, [30, 20], [3, 5])
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
     with shared_out(require_torchscript=False):
@@ -144,7 +144,7 @@ def test_with_autograd_recording_the_updates_stay_on_one_thread(monkeypatch):
     x, bounds, a_list, b_list, out = random_case(9, [30, 20], [3, 5])
     a_list = [a.requires_grad_() for a in a_list]
 
-    def no_fork():
+    def no_fork(fn=None):
         raise AssertionError("shared out while autograd records")
 
     monkeypatch.setattr(lora_math, "_forked_runner", no_fork)
@@ -168,15 +168,16 @@ def stacking(on: bool, columns: int | None = None):
         lora_math.STACK_16BIT, lora_math.STACK_COLUMNS = saved
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["one-thread", "shared-out"])
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), columns=st.integers(1, 24),
        segs=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 12)), min_size=1, max_size=8))
-def test_stacked_16bit_products_equal_the_reference(seed, columns, segs):
+def test_stacked_16bit_products_equal_the_reference(shared, seed, columns, segs):
     # segments of rank 0 leave rows inside a stacked run that no task adapts: they must stay untouched
     rows, ranks = [n for n, _ in segs], [r for _, r in segs]
     x, bounds, a_list, b_list, out = random_case(seed, rows, ranks, dtype=torch.bfloat16)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    with stacking(True, columns):
+    with stacking(True, columns), shared_out() if shared else contextlib.nullcontext():
         got = lora_segments(x, bounds, a_list, b_list, out.clone())
     torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
     for (start, end), r in zip(bounds, ranks):
@@ -187,8 +188,12 @@ def test_stacked_16bit_products_equal_the_reference(seed, columns, segs):
 @pytest.mark.parametrize("dtype, stacked", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)])
 def test_16bit_on_the_cpu_stacks_runs_of_segments_up_to_the_column_bound(monkeypatch, dtype, stacked):
     groups = []
-    real = lora_math._stacked_group
-    monkeypatch.setattr(lora_math, "_stacked_group", lambda x, group, out: (groups.append(group), real(x, group, out)))
+    real = lora_math._stack
+    def spy(pieces):
+        groups.extend(real(pieces))
+        return real(pieces)
+
+    monkeypatch.setattr(lora_math, "_stack", spy)
     ranks = [5, 3, 4, 6, 1, 8]
     x, bounds, a_list, b_list, out = random_case(12, [7, 3, 9, 4, 2, 6], ranks, dtype=dtype)
     with stacking(True, 9):
@@ -196,7 +201,8 @@ def test_16bit_on_the_cpu_stacks_runs_of_segments_up_to_the_column_bound(monkeyp
     if not stacked:
         assert groups == []
         return
-    assert [[a.shape[0] for _, _, a, _ in g] for g in groups] == [[5, 3], [4], [6, 1], [8]]
+    assert [a.shape[0] for _, _, a, _, _ in groups] == [8, 4, 7, 8]  # ranks 5+3 | 4 | 6+1 | 8
+    assert [(lo, hi) for lo, hi, *_ in groups] == [(0, 10), (10, 19), (19, 25), (25, 31)]
 
 
 def test_stacked_products_carry_gradients_like_the_reference():
