@@ -72,7 +72,7 @@ class TrainOptions:
     eval_steps: int | None = None
     save_steps: int = 200
     logging_steps: int = 50
-    precision: str = "auto"  # or fp32, bf16, fp16 (autocast); "auto": training/precision.py; recorded resolved
+    precision: str = "auto"  # fp32, bf16, fp16 or auto (training/precision.py); run files record the one used
     progress: bool = True
     glue_dir: str | None = None
     conll_dir: str | None = None
