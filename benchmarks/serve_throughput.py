@@ -18,6 +18,9 @@ and dynamic int8, intra-op spinning off so its idle threads leave the cores to t
 With --also-dtype D: B0 and ours again in dtype D (a second bank), timed in the same rounds, e.g.
 `--dtype auto --also-dtype float32 --onnx` compares the default dtype, float32 and ONNX Runtime.
 
+In 16 bits on the CPU also `ours loop`: the bank with its stacked products switched off (a product
+pair per segment, as in float32), printed as a ratio to ours.
+
 On a GPU also: ours with the torch loop on the same packed factors, B0 and ours replayed from a CUDA
 graph of the whole forward (the batch's table made before capture), and kernel launches per forward.
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import json
 import logging
 import os
@@ -60,6 +64,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from increlora import IncreLoraConfig, apply_increlora, export_peft, increlora_layers, save_adapter
 from serving import AdapterBank, MultiLoraLinear
 from serving.layers import BatchContext, using_batch
+
+lora_math = importlib.import_module("serving.ops.lora_segments")  # the module, not the function serving.ops exports
 
 logger = logging.getLogger("serve_throughput")
 
@@ -183,6 +189,15 @@ def kernel_launches(fn) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def unstacked(fn):
+    """fn() with the bank's 16-bit CPU products per segment (STACK_16BIT off), as before stacking."""
+    saved, lora_math.STACK_16BIT = lora_math.STACK_16BIT, False
+    try:
+        return fn()
+    finally:
+        lora_math.STACK_16BIT = saved
 
 
 def run_per_task(bank: AdapterBank, enc: dict, tasks: list[str]) -> torch.Tensor:
@@ -416,6 +431,9 @@ def main() -> None:
             del fns["B1"]
         if device.type == "cuda":
             gpu_methods(fns, bank, base, enc, tasks, ours)
+        elif bank.dtype in (torch.bfloat16, torch.float16):
+            fns["ours loop"] = lambda tasks=tasks: unstacked(lambda: run_ours(bank, enc, tasks))
+            assert close(fns["ours loop"](), ours, 1e-3), "ours loop disagrees"
         fns.update(ort_fns)
         if other is not None:
             fns[f"B0 {_name(other[0].dtype)}"] = lambda: other[1](**enc)
@@ -446,6 +464,12 @@ def main() -> None:
             print(f"| {k} | {t['B0 graph']:.2f} | {t['ours graph']:.2f} | {t['ours graph'] / t['B0 graph']:.3f} "
                   f"| {t['ours loop']:.2f} | {t['ours loop'] / t['ours']:.2f} | {n_base} | {n_ours} |")
 
+    if "ours loop" in rows[0][2]:
+        print()
+        for k, _, t, _ in rows:
+            loop = t["ours loop"]
+            print(f"K {k}, 16 bits on the CPU: ours (stacked products) {t['ours']:.0f} ms, ours loop {loop:.0f} ms: "
+                  f"loop/ours {loop / t['ours']:.2f}, loop/B0 {loop / t['B0']:.3f}")
     if ort_fns:
         print_onnx_table(rows)
     if other is not None:

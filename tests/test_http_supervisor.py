@@ -380,3 +380,33 @@ def test_a_request_that_kills_the_model_process_gets_500_its_batch_is_answered_a
         assert "3 crashes of the model process" in bank.detail
     finally:
         bank.close()
+
+
+def test_a_request_that_hangs_the_model_process_gets_500_and_its_batch_is_answered():
+    policy = RestartPolicy(max_crashes=5, window_s=60, backoff_s=0.05, max_backoff_s=0.2, heartbeat_timeout_s=5,
+                           call_timeout_s=0.3)
+    bank, starter = supervised(policy)
+    starter.hang_on.add("stuck")
+    app = create_app(bank, ServiceSettings(max_wait_ms=300))
+    bodies = [("sst2", "good film"), ("topic", "stuck"), ("sst2", "bad plot")]
+
+    async def go():
+        async with serving(app) as c:
+            batch = await asyncio.gather(*(post_later(c, x, task) for task, x in bodies))  # one batch
+            await asyncio.to_thread(wait_until, lambda: bank.state == "up")
+            after = await c.post("/v1/predict", json={"task": "sst2", "inputs": "fine"})
+            return batch, after, (await c.get("/metrics")).text
+
+    try:
+        batch, after, metrics = asyncio.run(asyncio.wait_for(go(), 30))
+        assert [r.status_code for r in batch] == [200, 500, 200]
+        assert "each time it ran this request (1 input(s))" in batch[1].json()["detail"]
+        for (task, x), r in zip(bodies, batch):
+            if r.status_code == 200:
+                want = answer(task, x, FakeBank()._tasks[task])
+                assert r.json()["predictions"][0].get("label") == want.get("label")
+        assert after.status_code == 200
+        # the batch, its retry and the request alone each hung a child: three hangs, one crash per request
+        assert "increlora_model_hangs_total 3.0" in metrics
+    finally:
+        bank.close()

@@ -139,6 +139,13 @@ def test_embedding_files_carving_and_score_scaling(tmp_path):
         load_task("x", task_type="embedding", train=bad)
     with pytest.raises(DataError, match="unknown task type"):
         kind_of("ranking")
+    pairs = write_pairs(tmp_path / "q.csv", 20, 0)
+    with pytest.raises(DataError, match=r"text_column \(--text-column\): only for sequence-classification files; "
+                                        r"embedding files have fixed columns: anchor,positive"):
+        load_task("x", task_type="embedding", train=pairs, text_column="question")
+    with pytest.raises(DataError, match=r"label_column \(--label-column\), problem_type"):
+        load_task("x", task_type="embedding", train=pairs, label_column="y", problem_type="regression")
+    assert load_task("x", task_type="embedding", train=pairs, text_column="text", text_pair_column=None).sizes()
 
 
 def test_token_files_jsonl_conll_and_their_errors(tmp_path):
@@ -160,6 +167,8 @@ def test_token_files_jsonl_conll_and_their_errors(tmp_path):
         load_task("ner", task_type="token-classification", train=one_column)
     with pytest.raises(DataError, match="eng.train/eng.testa/eng.testb or train.txt/valid.txt/test.txt"):
         load_task("conll2003", conll_dir=tmp_path)
+    with pytest.raises(DataError, match=r"text_pair_column .*token-classification files have fixed columns: JSONL"):
+        load_task("ner", task_type="token-classification", train=conll, text_pair_column="b")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_intra_op_threads_are_restored(two_threads):
 def test_shared_out_half_precision(dtype):
     x, bounds, a_list, b_list, out = random_case(4, [50, 1, 80, 30], [4, 1, 9, 2], dtype=dtype)
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
-    with shared_out():
+    with shared_out(), stacking(False):  # the loop, which 16 bits on the CPU take only with stacking off
         got = lora_segments(x, bounds, a_list, b_list, out.clone())
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
@@ -133,7 +133,7 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
     with caplog.at_level("WARNING", logger="serving.ops.lora_segments"):
         assert lora_math._forked_runner.__wrapped__() is None
     assert "TorchScript unavailable" in caplog.text
-    monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)
+    monkeypatch.setattr(lora_math, "_forked_runner", lambda fn=None: None)
     x, bounds, a_list, b_list, out = random_case(8, [30, 20], [3, 5])
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
     with shared_out(require_torchscript=False):
@@ -144,7 +144,7 @@ def test_with_autograd_recording_the_updates_stay_on_one_thread(monkeypatch):
     x, bounds, a_list, b_list, out = random_case(9, [30, 20], [3, 5])
     a_list = [a.requires_grad_() for a in a_list]
 
-    def no_fork():
+    def no_fork(fn=None):
         raise AssertionError("shared out while autograd records")
 
     monkeypatch.setattr(lora_math, "_forked_runner", no_fork)
@@ -154,3 +154,67 @@ def test_with_autograd_recording_the_updates_stay_on_one_thread(monkeypatch):
     assert all(a.grad is not None for a in a_list)
     torch.testing.assert_close(got.detach(), lora_segments_reference(x, bounds, a_list, b_list, out).detach(),
                                atol=1e-5, rtol=1e-5)
+
+
+@contextlib.contextmanager
+def stacking(on: bool, columns: int | None = None):
+    """Switch the CPU 16-bit stacked products on or off (and their column bound) for one block."""
+    saved = lora_math.STACK_16BIT, lora_math.STACK_COLUMNS
+    lora_math.STACK_16BIT = on
+    lora_math.STACK_COLUMNS = columns or saved[1]
+    try:
+        yield
+    finally:
+        lora_math.STACK_16BIT, lora_math.STACK_COLUMNS = saved
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-thread", "shared-out"])
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), columns=st.integers(1, 24),
+       segs=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 12)), min_size=1, max_size=8))
+def test_stacked_16bit_products_equal_the_reference(shared, seed, columns, segs):
+    # segments of rank 0 leave rows inside a stacked run that no task adapts: they must stay untouched
+    rows, ranks = [n for n, _ in segs], [r for _, r in segs]
+    x, bounds, a_list, b_list, out = random_case(seed, rows, ranks, dtype=torch.bfloat16)
+    want = lora_segments_reference(x, bounds, a_list, b_list, out)
+    with stacking(True, columns), shared_out() if shared else contextlib.nullcontext():
+        got = lora_segments(x, bounds, a_list, b_list, out.clone())
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.03)
+    for (start, end), r in zip(bounds, ranks):
+        if r == 0:
+            assert torch.equal(got[start:end], out[start:end])
+
+
+@pytest.mark.parametrize("dtype, stacked", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)])
+def test_16bit_on_the_cpu_stacks_runs_of_segments_up_to_the_column_bound(monkeypatch, dtype, stacked):
+    groups = []
+    real = lora_math._stack
+    def spy(pieces):
+        groups.extend(real(pieces))
+        return real(pieces)
+
+    monkeypatch.setattr(lora_math, "_stack", spy)
+    ranks = [5, 3, 4, 6, 1, 8]
+    x, bounds, a_list, b_list, out = random_case(12, [7, 3, 9, 4, 2, 6], ranks, dtype=dtype)
+    with stacking(True, 9):
+        lora_segments(x, bounds, a_list, b_list, out)
+    if not stacked:
+        assert groups == []
+        return
+    assert [a.shape[0] for _, _, a, _, _ in groups] == [8, 4, 7, 8]  # ranks 5+3 | 4 | 6+1 | 8
+    assert [(lo, hi) for lo, hi, *_ in groups] == [(0, 10), (10, 19), (19, 25), (25, 31)]
+
+
+def test_stacked_products_carry_gradients_like_the_reference():
+    x, bounds, a_list, b_list, out = random_case(13, [20, 6, 15, 9], [3, 2, 5, 4], dtype=torch.bfloat16)
+    leaves = [t.detach().float().requires_grad_() for t in (*a_list, *b_list)]
+    with stacking(True, 8):
+        got = lora_segments(x, bounds, [t.to(torch.bfloat16) for t in leaves[:4]],
+                            [t.to(torch.bfloat16) for t in leaves[4:]], out.clone())
+    got.float().square().sum().backward()
+    fast = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    lora_segments_reference(x, bounds, leaves[:4], leaves[4:], out).square().sum().backward()
+    for f, t in zip(fast, leaves):
+        torch.testing.assert_close(f, t.grad, atol=0.5, rtol=0.05)

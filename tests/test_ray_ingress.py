@@ -53,7 +53,7 @@ class FakeCatalog:
 
     def _since(self, version):
         if not self.hold:
-            return Ref(done((0, {"sst2": ("a", 0)})))
+            return Ref(done((0, {"sst2": ("a", 0)}, [])))
         self.pending.append(Future())
         return Ref(self.pending[-1])
 
@@ -73,9 +73,9 @@ def test_listing_tasks_never_waits_on_the_catalog():
         assert bank.tasks == ["sst2"] and "sst2" in bank
     assert time.perf_counter() - started < 0.5
     assert len(catalog.pending) == 1  # one fetch at a time
-    catalog.pending[0].set_result((2, {"sst2": ("a", 0), "topic": ("b", 2)}))
+    catalog.pending[0].set_result((2, {"sst2": ("a", 0), "topic": ("b", 2)}, []))
     assert bank.tasks == ["sst2", "topic"]
-    catalog.pending[1].set_result((1, {"sst2": ("a", 0)}))  # an older answer, arriving later
+    catalog.pending[1].set_result((1, {"sst2": ("a", 0)}, []))  # an older answer, arriving later
     assert bank.tasks == ["sst2", "topic"]
 
 

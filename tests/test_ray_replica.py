@@ -7,7 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import threading
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -258,3 +262,151 @@ def test_build_application_refuses_pins_over_the_limit_before_starting_anything(
         build_application(adapters, pin=["sst2"], dtype="float32")
     with pytest.raises(UnknownTaskError):
         build_application(adapters, max_tasks_per_replica=1, pin=["nope"], dtype="float32")
+
+
+
+def loads(replica) -> int:
+    return int(replica.metrics.registry.get_sample_value("increlora_adapter_loads_total") or 0)
+
+
+def test_listing_a_limited_replica_loads_nothing(http_base, tmp_path, monkeypatch):
+    """held_task_infos gives the task_info of the tasks held now, loading none (not even a new pin) and leaving
+    the order of use as it is; a task the catalog replaced meanwhile is not listed."""
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=2)
+    catalog = replica.test_catalog
+
+    async def scenario():
+        for task in ("sst2", "topic", "stsb"):
+            await replica.predict_many([(task, INPUTS)])
+        assert list(replica.loaded) == ["topic", "stsb"] and loads(replica) == 3
+        catalog.pin(["sst2"])
+        for _ in range(3):
+            listed = await replica.held_task_infos()
+            assert listed == [replica.bank.task_info(task) for task in ("topic", "stsb")]
+        assert loads(replica) == 3 and list(replica.loaded) == ["topic", "stsb"] and replica.pins == {"sst2"}
+        catalog.replace("stsb", str(replica.test_adapters / "stsb"))
+        assert [info["name"] for info in await replica.held_task_infos()] == ["topic"]
+        assert loads(replica) == 3
+    asyncio.run(scenario())
+
+
+
+def test_a_pinned_folder_that_fails_to_load_is_not_read_again_on_every_call(http_base, tmp_path, monkeypatch, caplog):
+    """A pinned task whose folder is broken is tried once per catalog generation: the other tasks' calls do
+    not read it again (nor log it again); its own requests still get the error; unpinned and pinned again, or
+    added again (a new generation), it is tried once more."""
+    from increlora.errors import AdapterFormatError
+
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=2)
+    catalog, alone = replica.test_catalog, AdapterBank.load(replica.test_adapters, dtype="float32")
+    broken = tmp_path / "broken" / "extra"
+    broken.mkdir(parents=True)
+    catalog.add("extra", str(broken))
+    catalog.pin(["extra"])
+    reads: list[str] = []
+    add = replica.bank.add
+    monkeypatch.setattr(replica.bank, "add", lambda path: reads.append(path) or add(path))
+
+    async def calls(*tasks: str) -> None:
+        for task in tasks:
+            (got,) = await replica.predict_many([(task, INPUTS)])
+            assert_predictions(strip(got), expected(alone, task, INPUTS))
+
+    async def scenario():
+        await calls("sst2", "topic", "sst2", "stsb")
+        assert reads.count(str(broken)) == 1
+        (got,) = await replica.predict_many([("extra", INPUTS)])
+        assert isinstance(got, AdapterFormatError)  # its own request tries, and gets the error
+        assert reads.count(str(broken)) == 2
+        await calls("sst2")
+        assert reads.count(str(broken)) == 2
+        catalog.unpin("extra")
+        await calls("sst2")
+        catalog.pin(["extra"])
+        await calls("sst2", "topic")
+        assert reads.count(str(broken)) == 3
+        catalog.remove("extra")  # the admin adds it again, from a good folder
+        catalog.add("extra", str(make_adapter(http_base, tmp_path / "good", "extra", 3, seed=5)))
+        catalog.pin(["extra"])
+        await calls("sst2")
+        assert reads.count(str(broken)) == 3 and "extra" in replica.bank.tasks
+    with caplog.at_level("ERROR", logger=ray_replica.__name__):
+        asyncio.run(scenario())
+    assert sum("pinned task 'extra' could not be loaded" in r.getMessage() for r in caplog.records) == 2
+
+
+class Served:
+    """An in-process replica and catalog as RayBank calls them (`.method.remote(...).result()` on a Serve handle,
+    `.future().result()` on an actor's answer), the replica's coroutines run on a loop of their own."""
+
+    def __init__(self, replica) -> None:
+        self.replica, self.loop = replica, asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def handle(self) -> Any:
+        def method(name):
+            def call(*args):
+                answer = getattr(self.replica, name)(*args)
+                value = self.run(answer) if asyncio.iscoroutine(answer) else answer
+                return SimpleNamespace(result=lambda: value, future=lambda: done(value))
+            return Remote(call)
+        return SimpleNamespace(options=lambda multiplexed_model_id: self.handle(),
+                               **{name: method(name) for name in ("describe", "task_info", "held_task_infos")})
+
+    def catalog(self) -> Any:
+        catalog = self.replica.test_catalog
+        return SimpleNamespace(**{name: Remote(lambda *args, name=name: SimpleNamespace(
+            future=lambda: done(getattr(ray_replica.TaskCatalog, name)(catalog, *args))))
+            for name in ("since", "pin", "unpin")})
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+@pytest.mark.parametrize("max_tasks", [None, 2], ids=["every-task", "limit-2"])
+def test_the_ray_fronts_task_list_loads_nothing_with_a_limit(http_base, tmp_path, monkeypatch, max_tasks):
+    """GET /v1/tasks on the Ray front: with a per-replica limit, the tasks the answering replica holds, the other
+    catalog tasks on disk and the catalog's pins, loading nothing; without a limit every task, as before. One
+    task's info (GET /v1/tasks/{task}) still loads it."""
+    from serving.http.ray_ingress import RayBank
+    from serving.http.service import task_info, task_list
+
+    replica = make_replica(http_base, tmp_path, monkeypatch, max_tasks=max_tasks)
+    served = Served(replica)
+    try:
+        for task in ("sst2", "topic"):
+            served.run(replica.predict_many([(task, INPUTS)]))
+        bank = RayBank(served.handle(), served.catalog(), refresh_seconds=60.0)
+        if max_tasks is None:
+            listed = task_list(bank)
+            assert sorted(info.name for info in listed.tasks) == sorted(TASKS)
+            assert listed.on_disk is None and listed.pinned is None
+            return
+        assert bank.pin(["topic"]) == ["topic"]
+        listed = task_list(bank)
+        assert [info.model_dump() for info in listed.tasks] == [
+            task_info_of(replica, task) for task in ("sst2", "topic")]
+        assert listed.on_disk == [task for task in TASKS if task not in ("sst2", "topic")]
+        assert listed.pinned == ["topic"]
+        assert loads(replica) == 2 and list(replica.loaded) == ["sst2", "topic"]
+        assert task_info(bank, "mrpc").name == "mrpc" and loads(replica) == 3
+        assert sorted(info.name for info in task_list(bank).tasks) == ["mrpc", "topic"]
+    finally:
+        served.close()
+
+
+def task_info_of(replica, task: str) -> dict:
+    from serving.http.schemas import TaskInfo
+
+    return TaskInfo.model_validate(replica.bank.task_info(task)).model_dump()

@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train", help="local training file (.csv, .tsv, .jsonl with a header/keys)")
     data.add_argument("--validation", help="local validation file; without it, 10%% of --train")
     data.add_argument("--test", help="local test file (optional)")
-    data.add_argument("--text-column", default="text", help="text column of the local files")
+    data.add_argument("--text-column", default="text", help="text column of sequence-classification files")
     data.add_argument("--text-pair-column", default=None, help="second text column, for sentence pairs")
-    data.add_argument("--label-column", default="label", help="label column of the local files")
+    data.add_argument("--label-column", default="label", help="label column of sequence-classification files")
     data.add_argument("--problem-type", choices=("single_label_classification", "regression"), default=None,
                       help="local files: classes (default) or a regression score")
     data.add_argument("--glue-dir", help="folder in the official GLUE layout (else GLUE comes through `datasets`)")

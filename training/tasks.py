@@ -116,6 +116,12 @@ def load_task(name: str, glue_dir: str | Path | None = None, cache_dir: str | Pa
         kind = kind_of(task_type or DEFAULT_TASK_TYPE)
         if kind.TASK_TYPE == DEFAULT_TASK_TYPE:
             return load_local_task(name, **local_kwargs)
+        # the other kinds' files have fixed columns: an option that names columns would be ignored
+        named = [k for k, default in CLASSIFICATION_FILE_OPTIONS.items() if local_kwargs.get(k, default) != default]
+        if named:
+            flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in named)
+            raise DataError(f"{flags}: only for sequence-classification files; {kind.TASK_TYPE} files have "
+                            f"fixed columns: {kind.LOCAL_FILES}")
         data = kind.load_local(name, **local_kwargs)
         logger.info("task %s (%s): %s", name, kind.TASK_TYPE, data.sizes())
         return data
@@ -351,6 +357,11 @@ _WHEEL_LOADERS = {"rotten_tomatoes": _load_rotten_tomatoes, "sms_spam": _load_sm
 
 # ---------------------------------------------------------------------------------------------------
 # local files
+
+
+# options of load_local_task that the other kinds' fixed-column files do not take, with their defaults
+CLASSIFICATION_FILE_OPTIONS = {"text_column": "text", "text_pair_column": None, "label_column": "label",
+                               "problem_type": None}
 
 
 def load_local_task(name: str, train: str | Path, validation: str | Path | None = None, test: str | Path | None = None,

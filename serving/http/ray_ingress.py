@@ -49,21 +49,24 @@ class RayBank:
         self.refresh_seconds = refresh_seconds
         self.batcher_type = RayBatcher  # the Service batches with it
         self._lock = threading.Lock()
-        self._version, self._tasks = -1, []
+        self._version, self._tasks, self._pins = -1, [], []
         self._fetched = 0.0
         self._fetching: Future | None = None
         self._refresh()
 
     @property
     def tasks(self) -> list[str]:
-        """The catalog's tasks as last fetched; past refresh_seconds a fetch starts in the background."""
+        return self.catalog_view()[0]
+
+    def catalog_view(self) -> tuple[list[str], list[str]]:
+        """The catalog's tasks and pins as last fetched; past refresh_seconds a fetch starts in the background."""
         with self._lock:
-            tasks, fetch = list(self._tasks), None
+            tasks, pins, fetch = list(self._tasks), list(self._pins), None
             if time.monotonic() - self._fetched > self.refresh_seconds and self._fetching is None:
                 fetch = self._fetching = self.catalog.since.remote(-1).future()
         if fetch is not None:  # (outside the lock: the callback runs here if the answer is in already)
             fetch.add_done_callback(self._fetched_now)
-        return tasks
+        return tasks, pins
 
     def __contains__(self, task: object) -> bool:
         return task in self.tasks
@@ -103,6 +106,16 @@ class RayBank:
         except REPLICA_GONE:
             return unwrapped(call)
 
+    def held_task_infos(self) -> list[dict[str, Any]]:
+        """task_info of the tasks held by the replica that answers, loading none (with a per-replica limit, a
+        listing that loaded every task would evict and reload what traffic uses)."""
+        def call():
+            return self.replicas.held_task_infos.remote().result()
+        try:
+            return unwrapped(call)
+        except REPLICA_GONE:
+            return unwrapped(call)
+
     def add(self, path: str | Path) -> str:
         """Load the adapter on one replica (a bad one is refused with the bank's own error), then list it."""
         task = task_name(path)
@@ -117,12 +130,15 @@ class RayBank:
 
     def pin(self, tasks: list[str]) -> list[str]:
         """Pin `tasks` in the catalog: each replica loads them at its next call and never evicts them."""
-        return unwrapped(lambda: self.catalog.pin.remote(list(tasks)).future().result())
+        pinned = unwrapped(lambda: self.catalog.pin.remote(list(tasks)).future().result())
+        self._refresh()
+        return pinned
 
     def unpin(self, tasks: list[str]) -> list[str]:
         pinned: list[str] = []
         for task in tasks:
             pinned = unwrapped(lambda t=task: self.catalog.unpin.remote(t).future().result())
+        self._refresh()
         return pinned
 
     def _predict(self, task: str | None, requests: list[Request]):
@@ -143,11 +159,11 @@ class RayBank:
             with self._lock:
                 self._fetching = None
 
-    def _store(self, news: tuple[int, dict]) -> None:
+    def _store(self, news: tuple[int, dict, list[str]]) -> None:
         with self._lock:
             self._fetched = time.monotonic()
             if news[0] >= self._version:  # never an older answer over a newer one
-                self._version, self._tasks = news[0], list(news[1])
+                self._version, self._tasks, self._pins = news[0], list(news[1]), list(news[2])
 
 
 class RayBatcher(DynamicBatcher):

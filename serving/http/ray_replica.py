@@ -106,6 +106,7 @@ class BankReplica:
         self.catalog = catalog_actor(config["catalog"])
         self.version, self.entries, self.pins = -1, {}, set()
         self.loaded: OrderedDict[str, int] = OrderedDict()  # task -> generation in the bank, least recent first
+        self.broken_pins: dict[str, int] = {}  # pinned task -> the generation whose folder failed to load
         self.metrics = ServiceMetrics()
         self.loads = prometheus_client.Counter("increlora_adapter_loads", "Adapter folders read into this replica.",
                                                registry=self.metrics.registry)
@@ -143,6 +144,13 @@ class BankReplica:
             await self._sync()
             await self._ready(task)
             return self.bank.task_info(task)
+
+    async def held_task_infos(self) -> list[dict[str, Any]]:
+        """task_info of every task this replica holds now (after following the catalog), loading none and
+        leaving its order of use as it is: a listing must not evict what traffic uses."""
+        await self._follow()
+        with self.lock:
+            return [self.bank.task_info(task) for task in self.loaded if self._current(task)]
 
     async def check_adapter(self, path: str) -> str:
         """Read an adapter folder here and let it go again (the admin's add is refused if this fails): it is
@@ -199,24 +207,33 @@ class BankReplica:
         await self._load(task)
 
     async def _sync(self) -> None:
-        """Follow the catalog, in one call: tasks it dropped or replaced leave the bank at once, pinned tasks
-        are loaded. An answer older than what this replica already knows is ignored (concurrent requests sync
-        concurrently)."""
+        """Follow the catalog and load the pinned tasks. A pinned folder that failed to load is not read again
+        until the catalog changes that task (its own requests still try, and get the error)."""
+        await self._follow()
+        for task in sorted(self.pins):
+            if not self._current(task) and task in self.entries \
+                    and self.broken_pins.get(task) != self.entries[task][1]:
+                try:
+                    await self._load(task)
+                except Exception as exc:  # its own requests get the error; the others go on
+                    self.broken_pins[task] = self.entries[task][1]
+                    logger.error("pinned task %r could not be loaded (not tried again before the catalog changes "
+                                 "it): %s", task, exc)
+
+    async def _follow(self) -> None:
+        """Follow the catalog, in one call: tasks it dropped or replaced leave the bank at once. An answer older
+        than what this replica already knows is ignored (concurrent requests sync concurrently)."""
         news = await self.catalog.since.remote(self.version)
         if news is not None and news[0] > self.version:
             self.version, self.entries, pins = news
             with self.lock:
                 self.pins = set(pins)
+                self.broken_pins = {task: generation for task, generation in self.broken_pins.items()
+                                    if task in self.pins and self.entries.get(task, (None, None))[1] == generation}
                 for task, generation in list(self.loaded.items()):
                     if self.entries.get(task, (None, None))[1] != generation:
                         self._unload(task)
                 self._evict_over_limit()  # tasks unpinned may leave
-        for task in sorted(self.pins):
-            if not self._current(task):
-                try:
-                    await self._load(task)
-                except Exception as exc:  # its own requests get the error; the others go on
-                    logger.error("pinned task %r could not be loaded: %s", task, exc)
 
     async def _load(self, task: str) -> None:
         """Load the catalog's current copy of `task` unless the bank holds it already (one load at a time)."""

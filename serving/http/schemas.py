@@ -204,10 +204,13 @@ class TaskInfo(BaseModel):
 
 
 class TaskList(BaseModel):
-    tasks: list[TaskInfo] = Field(description="The tasks the bank holds now.")
+    tasks: list[TaskInfo] = Field(description="The tasks the bank holds now. On Ray with a per-replica limit: the "
+                                              "tasks held by the one replica that answered (each holds its own).")
     on_disk: list[str] | None = Field(
-        None, description="A server with --max-resident: adapter folders not held, loaded on their first request.")
-    pinned: list[str] | None = Field(None, description="A server with --max-resident: tasks never evicted.")
+        None, description="A server with --max-resident: adapter folders not held, loaded on their first request "
+                          "(on Ray: the catalog's tasks that replica does not hold).")
+    pinned: list[str] | None = Field(None, description="A server with --max-resident: tasks never evicted (on Ray: "
+                                                       "the catalog's pins, loaded by each replica at its next call).")
 
 
 class PinRequest(BaseModel):

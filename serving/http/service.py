@@ -418,6 +418,9 @@ def task_infos(bank: Any) -> list[TaskInfo]:
 
 def task_list(bank: Any) -> TaskList:
     """The held tasks; for a bank that loads tasks on first use, also the folders only on disk and the pins."""
+    if getattr(bank, "limited", False):  # Ray replicas holding some tasks each: what the answering one holds
+        names, pinned = bank.catalog_view()
+        return held_list([TaskInfo.model_validate(info) for info in bank.held_task_infos()], names, pinned)
     catalogue = getattr(bank, "catalogue", None)
     if catalogue is None:
         return TaskList(tasks=task_infos(bank))
@@ -425,9 +428,12 @@ def task_list(bank: Any) -> TaskList:
         infos = [TaskInfo.model_validate(info) for info in bank.held_task_infos()]
     else:
         infos = task_infos(bank)
+    return held_list(infos, catalogue.names(), (bank.residency_stats() or {}).get("pinned", []))
+
+
+def held_list(infos: list[TaskInfo], names: list[str], pinned: list[str]) -> TaskList:
     held = {info.name for info in infos}
-    pinned = (bank.residency_stats() or {}).get("pinned", [])
-    return TaskList(tasks=infos, on_disk=[n for n in catalogue.names() if n not in held], pinned=pinned)
+    return TaskList(tasks=infos, on_disk=[n for n in names if n not in held], pinned=pinned)
 
 
 class ModelWatch:

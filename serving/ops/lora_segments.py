@@ -4,7 +4,8 @@ Rows of `x` are sorted by task, so adapter i owns one contiguous segment [start,
 A_i [r_i, in] and B_i [out, r_i] (E and scaling folded into B_i), so a row's update is B_i (A_i x): each
 segment costs its true rank, with no padding to the bank's largest rank. On the CPU the segments may be
 shared out over the intra-op threads (only where idle OpenMP threads sleep), and small ranks multiply in
-the order MKL runs faster. The measurements: docs/design/cpu-serving.md.
+the order MKL runs faster; in 16 bits runs of segments share stacked products instead (fewer, larger
+ones). The measurements: docs/design/cpu-serving.md.
 """
 from __future__ import annotations
 
@@ -44,21 +45,93 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
             if end > start and a.shape[0] > 0]
     if not work:
         return out
+    stack = STACK_16BIT and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
     # a module under SMALL_MACS multiply-adds is done on one thread, without sharing out
     macs = (x.shape[1] + out.shape[1]) * sum((end - start) * a.shape[0] for start, end, a, _ in work)
     share = (SHARE_OUT and x.device.type == "cpu" and macs >= threads.SMALL_MACS and torch.get_num_threads() > 1
              and not _records_autograd(x, out, work))
-    run = _forked_runner() if share else None
-    pieces, bounds = _shares(work, torch.get_num_threads()) if run is not None else (work, [])
+    run = (_forked_runner(_stacked_forked if stack else _forked)) if share else None
+    pieces, bounds = _shares(work, torch.get_num_threads()) if run is not None else (work, [0, len(work)])
+    small = run is not None or macs < threads.SMALL_MACS * (1 if stack else len(work))
+    if stack:
+        groups: list = []
+        group_bounds = [0]
+        for lo, hi in zip(bounds, bounds[1:]):
+            groups += _stack(pieces[lo:hi])
+            group_bounds.append(len(groups))
+        columns = [list(column) for column in zip(*groups)]
+        with threads.one_thread(x.device, small=small):
+            if run is None:
+                _stacked_loop(x, *columns, out, 0, len(groups))
+            else:
+                run(x, *columns, out, group_bounds)
+        return out
     starts, ends, A, B = (list(column) for column in zip(*pieces))
     cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
     rank_first = [cpu_fp32 and _rank_first(end - start, x.shape[1], a) for start, end, a in zip(starts, ends, A)]
-    with threads.one_thread(x.device, small=run is not None or macs < threads.SMALL_MACS * len(work)):
+    with threads.one_thread(x.device, small=small):
         if run is None:
             _segment_loop(x, starts, ends, A, B, rank_first, out, 0, len(pieces))
         else:
             run(x, starts, ends, A, B, rank_first, out, bounds)
     return out
+
+
+# On the CPU in 16 bits, consecutive segments share their products: one x A^T over all their rows with the
+# tasks' A stacked (a row then keeps only its own task's columns) and one update of the output with the B
+# stacked. More multiply-adds than a product per segment, but a few large bf16 products run near the matrix
+# units' rate where many small ones do not (docs/design/cpu-serving.md). At most STACK_COLUMNS stacked
+# ranks per product bound the extra work. In float32 the loop below is faster.
+STACK_16BIT = True
+STACK_COLUMNS = 128
+
+
+def _stack(pieces: list) -> list[tuple[int, int, torch.Tensor, torch.Tensor, list[int]]]:
+    """Consecutive pieces grouped under STACK_COLUMNS ranks: (lo, hi, A stacked, B stacked, zeros), where
+    zeros lists the blocks (row0, row1, col0, col1 relative to lo) of the product a row must not keep."""
+    groups, members = [], []
+    for piece in [*pieces, None]:
+        if members and (piece is None or sum(m[2].shape[0] for m in members) + piece[2].shape[0] > STACK_COLUMNS):
+            lo, hi = members[0][0], members[-1][1]
+            width = sum(m[2].shape[0] for m in members)
+            zeros, col, row = [], 0, lo
+            for start, end, a, _ in members:
+                zeros += [row - lo, start - lo, 0, width]  # rows between pieces: tasks without this module
+                zeros += [start - lo, end - lo, 0, col, start - lo, end - lo, col + a.shape[0], width]
+                col, row = col + a.shape[0], end
+            zeros = [v for k in range(0, len(zeros), 4) if zeros[k] < zeros[k + 1] and zeros[k + 2] < zeros[k + 3]
+                     for v in zeros[k:k + 4]]
+            a_stack = members[0][2] if len(members) == 1 else torch.cat([m[2] for m in members])
+            b_stack = members[0][3] if len(members) == 1 else torch.cat([m[3] for m in members], dim=1)
+            groups.append((lo, hi, a_stack, b_stack, zeros))
+            members = []
+        if piece is not None:
+            members.append(piece)
+    return groups
+
+
+def _stacked_loop(x: torch.Tensor, los: list[int], his: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
+                  zeros: list[list[int]], out: torch.Tensor, lo: int, hi: int) -> int:
+    """Groups lo..hi-1: out[rows] += mask(x A^T) B^T (compiled by TorchScript inside _stacked_forked)."""
+    for i in range(lo, hi):
+        h = torch.mm(x[los[i]:his[i]], A[i].t())
+        z = zeros[i]
+        for k in range(0, len(z), 4):
+            h[z[k]:z[k + 1], z[k + 2]:z[k + 3]].zero_()
+        out[los[i]:his[i]].addmm_(h, B[i].t())
+    return hi - lo
+
+
+def _stacked_forked(x: torch.Tensor, los: list[int], his: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
+                    zeros: list[list[int]], out: torch.Tensor, bounds: list[int]) -> int:
+    """Run k of the groups on an inter-op thread for k >= 1, run 0 here (TorchScript)."""
+    futures: list[torch.jit.Future[int]] = []
+    for k in range(1, len(bounds) - 1):
+        futures.append(torch.jit.fork(_stacked_loop, x, los, his, A, B, zeros, out, bounds[k], bounds[k + 1]))
+    done = _stacked_loop(x, los, his, A, B, zeros, out, bounds[0], bounds[1])
+    for f in futures:
+        done += torch.jit.wait(f)
+    return done
 
 
 def _records_autograd(x: torch.Tensor, out: torch.Tensor, work: list) -> bool:
@@ -118,13 +191,13 @@ def _forked(x: torch.Tensor, starts: list[int], ends: list[int], A: list[torch.T
 
 
 @functools.cache
-def _forked_runner() -> Callable[..., int] | None:
-    """_forked compiled by TorchScript, whose fork runs on the inter-op threads without the GIL; None
-    where TorchScript is not available (the loop then runs on the calling thread)."""
+def _forked_runner(fn: Callable[..., int] = _forked) -> Callable[..., int] | None:
+    """fn (_forked or _stacked_forked) compiled by TorchScript, whose fork runs on the inter-op threads without
+    the GIL; None where TorchScript is not available (the loop then runs on the calling thread)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still shipped
-            return torch.jit.script(_forked)  # compiles _segment_loop with it
+            return torch.jit.script(fn)  # compiles the loop it forks with it
     except Exception as exc:  # noqa: BLE001 - any failure means: no parallel path
         logger.warning("TorchScript unavailable (%s); multi-adapter updates run on one thread", exc)
         return None

@@ -1,5 +1,5 @@
 """Stand-ins for the model process under supervision: a FakeBank behind a 'process' that kill() ends, stop()
-freezes (as SIGSTOP does), and inputs in `crash_on` kill."""
+freezes (as SIGSTOP does), inputs in `crash_on` kill, and inputs in `hang_on` hold a call (heartbeats go on)."""
 from __future__ import annotations
 
 import itertools
@@ -18,15 +18,16 @@ _PIDS = itertools.count(1000)
 class FakeChild:
     """The ProcessBank interface over a FakeBank; kill() makes its sentinel ready and its calls fail as a
     dead child's do (a call running at the kill fails too, once the bank returns). After stop() it sends no
-    heartbeat and its calls wait for the kill; a prediction with an input in `crash_on` kills it."""
+    heartbeat and its calls wait for the kill; a prediction with an input in `crash_on` kills it, one with an
+    input in `hang_on` waits for the kill while the heartbeats go on (a call past its deadline)."""
 
-    def __init__(self, bank: FakeBank, crash_on: set[str] = frozenset()) -> None:
+    def __init__(self, bank: FakeBank, crash_on: set[str] = frozenset(), hang_on: set[str] = frozenset()) -> None:
         self.bank = bank
         self.pid = next(_PIDS)
         self.max_length, self.tokenizer, self.base_model = bank.max_length, bank.tokenizer, "fake-base"
         self.exitcode: int | None = None
         self.sentinel, self._write_end = os.pipe()  # the read end is ready once the write end is closed
-        self.crash_on = crash_on
+        self.crash_on, self.hang_on = crash_on, hang_on
         self.stopped_at: float | None = None
         self.killed = threading.Event()
         self._busy: tuple[str, float] | None = None
@@ -84,8 +85,10 @@ class FakeChild:
         self._check()
         self._busy = (op, time.monotonic())
         try:
-            if self.stopped_at is not None or (op == "predict" and self.crash_on & set(map(str, args[0]))):
-                if self.stopped_at is None:
+            crash, hang = ((self.crash_on & set(map(str, args[0])), self.hang_on & set(map(str, args[0])))
+                           if op == "predict" else (set(), set()))
+            if self.stopped_at is not None or crash or hang:
+                if self.stopped_at is None and not hang:
                     self.kill()
                 assert self.killed.wait(10), "a stopped fake child was never killed"
                 self._check()
@@ -103,13 +106,14 @@ class FakeChild:
 class FakeStarter:
     """Starts FakeChildren as ProcessBankLoader.start does, recording each task set; `fail` next starts raise,
     `gate` (a threading.Event), when set up, holds every start until released, and every child dies on the
-    inputs in `crash_on`."""
+    inputs in `crash_on` and hangs on those in `hang_on`."""
 
     def __init__(self) -> None:
         self.task_sets: list[TaskSet | None] = []
         self.children: list[FakeChild] = []
         self.fail = 0
         self.crash_on: set[str] = set()
+        self.hang_on: set[str] = set()
         self.gate: threading.Event | None = None
         self.cancelled = threading.Event()
         self.started = threading.Event()
@@ -122,7 +126,7 @@ class FakeStarter:
             self.fail -= 1
             raise WorkerDiedError("the model process died while loading (exit code -9)")
         bank = FakeBank()
-        child = FakeChild(restore(bank, task_set) if task_set is not None else bank, self.crash_on)
+        child = FakeChild(restore(bank, task_set) if task_set is not None else bank, self.crash_on, self.hang_on)
         self.children.append(child)
         self.started.set()
         return child

@@ -43,6 +43,7 @@ from ..metrics import reciprocal_rank
 
 HEAD_LR_SCALE = 1.0  # no head
 TASK_TYPE = "embedding"
+LOCAL_FILES = "anchor,positive[,negative] or sentence1,sentence2,score"
 CONTRASTIVE = "contrastive"  # the problem_type of anchor/positive tasks (scored pairs are REGRESSION)
 SCALE = 20.0
 SIDES = ("anchor", "positive", "negative")

@@ -32,6 +32,7 @@ from ..data import (
 
 HEAD_LR_SCALE = 10.0  # the head learns at 10x the adapters' rate (BENCHMARKS.md)
 TASK_TYPE = "token-classification"
+LOCAL_FILES = "JSONL rows with tokens and tags, or CoNLL (a word per line, its tag last)"
 IGNORE = -100
 METRICS = ("f1", "precision", "recall")
 CONLL_SUFFIXES = (".conll", ".txt", ".bio", ".iob")
