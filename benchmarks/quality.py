@@ -59,6 +59,8 @@ def train_args(args, variant: str, method: str, lr: float, seed: int, out: Path,
         argv += ["--max-train-examples", str(LOW_RESOURCE)]
     if method == "increlora":  # the authors' start, as in every run before the default became "lora"
         argv += ["--init", "paper"]
+    if not {"--bf16", "--fp16"} & set(extra):  # float32 as the recorded runs, whatever the CPU's default
+        argv += ["--fp32"]
     return argv + extra  # an option's own --init comes later and wins
 
 

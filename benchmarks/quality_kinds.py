@@ -47,7 +47,8 @@ def train(args, task: str, method: str, lr: float, seed: int) -> dict | None:
     argv = [sys.executable, "-m", "training.cli", "--task", task, "--method", method, "--seed", str(seed),
             "--lr", repr(lr), "--output", str(out), "--model", args.model, "--steps", str(args.steps or steps),
             "--batch-size", "16", "--eval-batch-size", "64", "--max-length", str(args.max_length or max_length),
-            "--target-avg-rank", "2", "--save-steps", "40", "--logging-steps", "20", "--no-progress", "--resume"]
+            "--target-avg-rank", "2", "--save-steps", "40", "--logging-steps", "20", "--no-progress", "--resume",
+            "--fp32"]  # as the recorded runs, whatever the CPU's default precision
     if args.max_train_examples:
         argv += ["--max-train-examples", str(args.max_train_examples)]
     out.parent.mkdir(parents=True, exist_ok=True)

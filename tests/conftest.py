@@ -124,6 +124,22 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cpu_probes(monkeypatch, tmp_path):
+    """Set what torch's probes and /proc/cpuinfo say of native bfloat16 (increlora.bf16):
+    cpu_probes(avx512_bf16=..., amx=..., cpuinfo=...); the default is a CPU without it."""
+    import increlora.bf16
+
+    def force(avx512_bf16: bool = False, amx: bool = False, cpuinfo: str | None = "flags : fpu sse avx2 avx512f"):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        path = tmp_path / "cpuinfo"
+        if cpuinfo is not None:
+            path.write_text(cpuinfo)
+        monkeypatch.setattr(increlora.bf16, "CPUINFO", path)
+    return force
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)

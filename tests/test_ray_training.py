@@ -11,7 +11,7 @@ from tests.helpers.train_cli import InterruptAt, assert_same_adapter
 from training.cli import main
 
 ARGS = ["--steps", "3", "--batch-size", "8", "--max-length", "16", "--init-warmup", "1", "--interval", "1",
-        "--top-h", "4", "--save-steps", "10", "--no-progress", "--seed", "3"]
+        "--top-h", "4", "--save-steps", "10", "--no-progress", "--seed", "3", "--fp32"]  # compared across runs
 
 
 def test_tasks_on_ray_equal_single_process_runs_and_failures_are_named(ray_cluster, tiny_base, tmp_path, capsys):

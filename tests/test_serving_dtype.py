@@ -1,7 +1,6 @@
 """dtype='auto': each branch of the native-bfloat16 detection, forced, and what the bank then runs in."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 
@@ -12,21 +11,7 @@ from serving import AdapterBank, BankLoadError
 from serving.bank.dtype import cpu_bf16_flags, native_bf16, resolve_dtype
 from tests.helpers.adapters import adapter_set
 
-dtype_module = importlib.import_module("serving.bank.dtype")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def cpu_probes(monkeypatch, tmp_path):
-    """Set what torch's probes and /proc/cpuinfo say: cpu_probes(avx512_bf16=..., amx=..., cpuinfo=...)."""
-    def force(avx512_bf16: bool = False, amx: bool = False, cpuinfo: str | None = "flags : fpu sse avx2 avx512f"):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        path = tmp_path / "cpuinfo"
-        if cpuinfo is not None:
-            path.write_text(cpuinfo)
-        monkeypatch.setattr(dtype_module, "CPUINFO", path)
-    return force
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [

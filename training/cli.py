@@ -128,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-steps", type=int, default=200, help="write a checkpoint every N steps")
     run.add_argument("--logging-steps", type=int, default=50, help="log the loss every N steps")
     prec = run.add_mutually_exclusive_group()
-    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default="fp32",
-                      help="bfloat16 mixed precision")
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default="auto",
+                      help="bfloat16 autocast (default on a CPU with native bfloat16: AVX512-BF16 or AMX; "
+                           "elsewhere float32; --resume keeps the interrupted run's precision)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="float16 mixed precision")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                      help="float32 throughout, also where bfloat16 is the default")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

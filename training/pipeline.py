@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from .data import TaskData
 from .interrupt import StopOnInterrupt
 from .kinds import kind_of
 from .outputs import write_outputs
+from .precision import resolve_precision
 from .tasks import load_task
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ ELAPSED_FILE = "elapsed.json"
 # Options that must not change between a run and its resumption.
 SAME_ON_RESUME = ("method", "task_type", "model", "seed", "max_length", "max_train_examples", "batch_size",
                   "grad_accum", "epochs", "steps",
-                  "learning_rate", "head_lr_scale", "weight_decay", "increlora", "processes")
+                  "learning_rate", "head_lr_scale", "weight_decay", "increlora", "processes", "precision")
 
 
 @dataclass
@@ -71,7 +72,7 @@ class TrainOptions:
     eval_steps: int | None = None
     save_steps: int = 200
     logging_steps: int = 50
-    precision: str = "fp32"
+    precision: str = "auto"  # fp32, bf16, fp16 or auto (training/precision.py); run files record the one used
     progress: bool = True
     glue_dir: str | None = None
     conll_dir: str | None = None
@@ -186,15 +187,18 @@ def training_arguments(opts: TrainOptions, output: Path, steps: int, warmup_step
         ddp_find_unused_parameters=False)  # every parameter DDP owns (the head) is used in every forward
 
 
-def _check_resume_options(run_file: Path, opts: TrainOptions, checkpoint: str) -> None:
+def _resumed_options(task: str, run_file: Path, opts: TrainOptions, checkpoint: str) -> TrainOptions:
+    """opts with precision "auto" taken from the interrupted run; refused if any of SAME_ON_RESUME differs."""
     saved = json.loads(run_file.read_text())
-    now = _run_record(opts)
     # run files written before it was recorded: the Trainer saves one RNG file per process when there are several
     saved.setdefault("processes", len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1)
+    opts = replace(opts, precision=resolve_precision(opts.precision, task, resumed=saved.get("precision")))
+    now = _run_record(opts)
     changed = [k for k in SAME_ON_RESUME if saved.get(k) != now.get(k)]
     if changed:
         raise CheckpointError(f"--resume with other options than the interrupted run: {', '.join(changed)} "
                               f"differ (see {run_file})")
+    return opts
 
 
 def _run_record(opts: TrainOptions) -> dict:
@@ -206,13 +210,12 @@ def _jsonable(opts: TrainOptions) -> dict:
     return json.loads(json.dumps(asdict(opts), default=str))
 
 
-def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> str | None:
-    """The checkpoint to continue from (None: start afresh)."""
+def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> tuple[str | None, TrainOptions]:
+    """The checkpoint to continue from (None: start afresh), and opts with the precision resolved."""
     folder = output / CHECKPOINTS
     checkpoint = last_complete_checkpoint(folder, opts.method) if resume and folder.is_dir() else None
     if checkpoint is not None:
-        _check_resume_options(folder / RUN_FILE, opts, checkpoint)
-        return checkpoint
+        return checkpoint, _resumed_options(task, folder / RUN_FILE, opts, checkpoint)
     if resume and folder.is_dir():
         if any(folder.glob("checkpoint-*")):  # every save there was cut off
             raise CheckpointError(f"--resume: no complete checkpoint in {folder}; rerun with --overwrite to start over")
@@ -220,7 +223,7 @@ def resume_point(task: str, output: Path, opts: TrainOptions, resume: bool) -> s
         logger.info("%s: the run in %s stopped before its first checkpoint; starting from step 0", task, output)
     elif resume:
         logger.info("%s: nothing to resume in %s; starting", task, output)
-    return None
+    return None, replace(opts, precision=resolve_precision(opts.precision, task))
 
 
 class TrainTime(TrainerCallback):
@@ -284,7 +287,7 @@ def train_task(task: str, output: str | os.PathLike, opts: TrainOptions, *, resu
     if resume and is_finished(output):
         logger.info("%s: already trained in %s; skipping", task, output)
         return TaskResult(task, output, True, -1, json.loads((output / "metrics.json").read_text()))
-    checkpoint = resume_point(task, output, opts, resume)
+    checkpoint, opts = resume_point(task, output, opts, resume)  # from here on, opts.precision is never "auto"
 
     with procs.main_process_first():  # downloads and caches once
         data = load_task(task, glue_dir=opts.glue_dir, cache_dir=opts.cache_dir, conll_dir=opts.conll_dir,
