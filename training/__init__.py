@@ -2,8 +2,8 @@
 
 Python: add ``IncreLoraCallback()`` to a Trainer whose model went through ``apply_increlora``, or use
 ``IncreLoraTrainer`` (restart-warmup schedule, exact resume). Command line: ``increlora-train``.
-The names below are imported on first use: ``training.data`` or ``training.tasks`` alone (the benchmarks,
-the serving side) then skips the Trainer's imports (peft, accelerate), seconds per process.
+The names below are imported on first use, so that a process using ``training.data``, ``training.tasks``
+or ``training.metrics`` alone (benchmarks that read the data sets) skips the Trainer's imports (seconds).
 """
 from __future__ import annotations
 
