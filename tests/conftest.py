@@ -55,20 +55,20 @@ SLOW = (
 # `make test` spreads the modules over pytest-xdist workers (--dist loadfile). A module is one unit, so
 # its module fixtures are built once; the Ray modules share a unit, so one worker starts one cluster.
 # Units start longest first, then the rest as collected: the last unit to start should be a short one.
-LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores
-    "tests/test_ray_serving.py",       # 130 with test_ray_training
+LONGEST_FIRST = (  # seconds per unit with two workers on 2 cores (sums of test durations, 2026-12-05)
+    "tests/test_ray_serving.py",       # 120 with test_ray_training
     "tests/test_ray_training.py",
-    "tests/test_distributed.py",       # 80
-    "tests/test_http_resilience.py",   # 70
-    "tests/test_readme.py",            # 65
-    "tests/test_cli.py",               # 55
-    "tests/test_benchmarks.py",        # about 55: 104 CPU seconds in two processes at a time
-    "tests/test_train_kinds.py",       # 55 in one process
-    "tests/test_http_server.py",       # 40
-    "tests/test_http_residency.py",    # 30 (a real server)
-    "tests/test_triton_kernels.py",    # 40
-    "tests/test_trainer_callback.py",  # 30
-    "tests/test_serving_kinds.py",     # 25
+    "tests/test_distributed.py",       # 70
+    "tests/test_http_resilience.py",   # 80
+    "tests/test_readme.py",            # 100
+    "tests/test_cli.py",               # 45
+    "tests/test_benchmarks.py",        # 130: about 180 CPU seconds in two processes at a time
+    "tests/test_train_kinds.py",       # 30
+    "tests/test_http_server.py",       # 35
+    "tests/test_http_residency.py",    # 17 (a real server)
+    "tests/test_triton_kernels.py",    # 16
+    "tests/test_trainer_callback.py",  # 34
+    "tests/test_serving_kinds.py",     # 13
 )
 SHARED_UNITS = {"tests/test_ray_training.py": "tests/test_ray_serving.py"}
 

@@ -33,6 +33,21 @@ def cli(tiny_base, files, out, *extra, callbacks=None) -> int:
     return main(argv, callbacks=callbacks)
 
 
+@pytest.fixture(scope="module")
+def finished(tiny_base, files, tmp_path_factory):
+    """finished(method): the folder of a whole run of FAST with that method, trained once for the module's
+    tests that read one or compare with one; a test that changes a run works on a copy."""
+    runs: dict[str, Path] = {}
+
+    def run(method: str = "increlora") -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"finished_{method}") / method
+            assert cli(tiny_base, files, out, *(("--method", method) if method != "increlora" else ())) == 0
+            runs[method] = out
+        return runs[method]
+    return run
+
+
 def test_accuracy(tiny_base, adapter_dir: Path, test_csv: Path) -> float:
     """Accuracy of the saved adapter loaded into a fresh base model: what serving would see."""
     adapter = read_adapter(adapter_dir)
@@ -49,9 +64,8 @@ def test_accuracy(tiny_base, adapter_dir: Path, test_csv: Path) -> float:
 test_accuracy.__test__ = False
 
 
-def test_train_outputs_and_resume_after_ctrl_c(tiny_base, files, tmp_path, capsys):
-    full = tmp_path / "full"
-    assert cli(tiny_base, files, full) == 0
+def test_train_outputs_and_resume_after_ctrl_c(tiny_base, files, finished, tmp_path, capsys):
+    full = finished("increlora")
     names = {p.name for p in full.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "rank_pattern.json",
             "ranks_heatmap.png", "rank_growth.png", "train_log.json"} <= names
@@ -158,11 +172,11 @@ def test_a_killed_run_resumes_with_the_training_time_its_checkpoint_took(tiny_ba
 
 
 @pytest.mark.parametrize(("method", "stop_at"), [("lora", 11), ("adalora", 11), ("adalora", 20)])
-def test_baselines_resume_after_ctrl_c_ends_with_the_same_adapter(tiny_base, files, tmp_path, method, stop_at):
+def test_baselines_resume_after_ctrl_c_ends_with_the_same_adapter(tiny_base, files, finished, tmp_path, method,
+                                                                  stop_at):
     # AdaLoRA on this 28-step run prunes ranks on steps 5-14 and keeps the final pattern after step 15:
     # a resume mid-pruning needs the importance averages, one after it the pattern and the pruned triplets.
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert cli(tiny_base, files, full, "--method", method) == 0
+    full, part = finished(method), tmp_path / "part"
     assert cli(tiny_base, files, part, "--method", method, callbacks=[InterruptAt(stop_at)]) == 130
     assert cli(tiny_base, files, part, "--method", method, "--resume") == 0
     assert json.loads((part / "metrics.json").read_text())["resumed_from_step"] == stop_at
@@ -172,9 +186,8 @@ def test_baselines_resume_after_ctrl_c_ends_with_the_same_adapter(tiny_base, fil
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_baselines_write_peft_and_servable_adapters(tiny_base, other_tiny_base, files, tmp_path, method):
-    out = tmp_path / method
-    assert cli(tiny_base, files, out, "--method", method) == 0
+def test_baselines_write_peft_and_servable_adapters(tiny_base, other_tiny_base, files, finished, method):
+    out = finished(method)
     assert (out / "peft" / "adapter_config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["final_total_rank"] <= 24
@@ -186,9 +199,9 @@ def test_baselines_write_peft_and_servable_adapters(tiny_base, other_tiny_base, 
         load_adapter(tiny_classifier(other_tiny_base, 2), out)
 
 
-def test_overwrite_keeps_the_old_adapter_when_the_new_run_cannot_start(tiny_base, files, tmp_path):
+def test_overwrite_keeps_the_old_adapter_when_the_new_run_cannot_start(files, finished, tmp_path):
     out = tmp_path / "kept"
-    assert cli(tiny_base, files, out) == 0
+    shutil.copytree(finished("increlora"), out)
     before = (out / "adapter_model.safetensors").read_bytes()
     assert cli(tmp_path / "no_such_model", files, out, "--overwrite") == 1
     assert (out / "adapter_model.safetensors").read_bytes() == before

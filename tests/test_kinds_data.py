@@ -220,3 +220,41 @@ def test_pairs_cut_to_their_first_tokens_tokenize_as_the_whole_pair(tiny_base):
                   max_length=max_length)
         assert cut["input_ids"] == whole["input_ids"] and cut["token_type_ids"] == whole["token_type_ids"]
     assert all(len(t) < 200 for t in cut_to_tokens(tok, b, 8))
+
+
+def test_pairs_are_cut_where_reading_each_text_whole_cuts_them(tiny_base):
+    """cut_to_tokens reads a long text's beginning first: its cuts equal those of the whole texts, also for a
+    long word or a run of spaces at the end of that beginning, few tokens in it, and text without spaces."""
+    from transformers import AutoTokenizer
+
+    from training.data import cut_to_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    rng = np.random.default_rng(1)
+    words = ["the", "striker", "scored", "twice,", "markets", "rallied", "x" * 40, " " * 30, "é", "--"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 200, size=60)]
+    texts += ["word " * 30 + "y" * 400, "z" * 1000, " " * 500 + "late words", "a" * 127 + " b" * 100, "",
+              "a b " + "\u0301" * 300 + " d" * 40]  # accents alone: a word without tokens (the tokenizer strips them)
+    for max_length in (4, 8, 16):
+        enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length,
+                  return_offsets_mapping=True)
+        whole = [t[:o[-1][1]] if o else t for t, o in zip(texts, enc["offset_mapping"])]
+        assert cut_to_tokens(tok, texts, max_length) == whole
+
+
+def test_embedding_sides_of_long_documents_tokenize_as_the_whole_texts(tiny_base):
+    from transformers import AutoTokenizer
+
+    from training.data import Example
+    from training.kinds import embedding
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    words = "the striker scored twice, and markets rallied on friday; tech shares rose".split()
+    rng = np.random.default_rng(2)
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 400, size=30)]
+    rows = [Example(texts[i], texts[-1 - i], 1.0, negative=texts[(i + 7) % 30]) for i in range(30)]
+    for max_length in (8, 32):
+        items = embedding.to_dataset(embedding.definition("toy", scored=False), rows, tok, max_length).items
+        for side, column in (("anchor", "text"), ("positive", "text_pair"), ("negative", "negative")):
+            whole = tok([getattr(r, column) for r in rows], truncation=True, max_length=max_length)
+            assert [it[f"{side}_input_ids"] for it in items] == whole["input_ids"], (side, max_length)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,9 +239,25 @@ def cut_to_tokens(tokenizer, texts: list[str], max_length: int) -> list[str]:
     """
     if not getattr(tokenizer, "is_fast", False):
         return texts
+    # The tokenizer reads a whole text even when it truncates: read the first 16 characters a token first. That
+    # cut stands when a word starts after a whitespace between the last kept token and the end of the part read
+    # (the words before it tokenize alone); other texts, and those with fewer tokens, are read whole.
+    head = 16 * max_length
+    cut = _cut(tokenizer, [t[:head] for t in texts], max_length)
+    again = [i for i, (t, (end, n)) in enumerate(zip(texts, cut))
+             if len(t) > head and (n < max_length or not re.search(r"\s\S", t[end:head]))]
+    for i, whole in zip(again, _cut(tokenizer, [texts[i] for i in again], max_length)):
+        cut[i] = whole
+    return [t[:end] if n else t for t, (end, n) in zip(texts, cut)]
+
+
+def _cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[int, int]]:
+    """(end of the last of the first max_length tokens, their number) for each text."""
+    if not texts:
+        return []
     enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length,
                     return_offsets_mapping=True)
-    return [t[:offsets[-1][1]] if offsets else t for t, offsets in zip(texts, enc["offset_mapping"])]
+    return [(offsets[-1][1] if offsets else 0, len(offsets)) for offsets in enc["offset_mapping"]]
 
 
 class ItemsDataset(torch.utils.data.Dataset):

@@ -36,6 +36,7 @@ from ..data import (
     TaskData,
     TaskDefinition,
     check_splits,
+    cut_to_tokens,
     read_table,
     text_value,
 )
@@ -135,8 +136,8 @@ def to_dataset(d: TaskDefinition, rows: Sequence[Example], tokenizer, max_length
     if rows and rows[0].negative is not None:
         sides["negative"] = [e.negative for e in rows]
     items = [{"labels": float(e.label)} for e in rows]
-    for side, texts in sides.items():
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
+    for side, texts in sides.items():  # cut first: a long document's first tokens without reading all of it
+        enc = tokenizer(cut_to_tokens(tokenizer, texts, max_length), truncation=True, max_length=max_length)
         for key, values in enc.items():
             for item, v in zip(items, values):
                 item[f"{side}_{key}"] = v
