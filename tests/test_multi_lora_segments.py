@@ -133,7 +133,7 @@ def test_without_torchscript_the_updates_run_on_the_calling_thread(monkeypatch, 
     with caplog.at_level("WARNING", logger="serving.ops.lora_segments"):
         assert lora_math._forked_runner.__wrapped__() is None
     assert "TorchScript unavailable" in caplog.text
-    monkeypatch.setattr(lora_math, "_forked_runner", lambda fn=None: None)
+    monkeypatch.setattr(lora_math, "_forked_runner", lambda: None)
     x, bounds, a_list, b_list, out = random_case(8, [30, 20], [3, 5])
     want = lora_segments_reference(x, bounds, a_list, b_list, out)
     with shared_out(require_torchscript=False):
@@ -144,7 +144,7 @@ def test_with_autograd_recording_the_updates_stay_on_one_thread(monkeypatch):
     x, bounds, a_list, b_list, out = random_case(9, [30, 20], [3, 5])
     a_list = [a.requires_grad_() for a in a_list]
 
-    def no_fork(fn=None):
+    def no_fork():
         raise AssertionError("shared out while autograd records")
 
     monkeypatch.setattr(lora_math, "_forked_runner", no_fork)

@@ -10,6 +10,7 @@ ones). The measurements: docs/design/cpu-serving.md.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -50,30 +51,24 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
     macs = (x.shape[1] + out.shape[1]) * sum((end - start) * a.shape[0] for start, end, a, _ in work)
     share = (SHARE_OUT and x.device.type == "cpu" and macs >= threads.SMALL_MACS and torch.get_num_threads() > 1
              and not _records_autograd(x, out, work))
-    run = (_forked_runner(_stacked_forked if stack else _forked)) if share else None
+    run = _forked_runner() if share else None
     pieces, bounds = _shares(work, torch.get_num_threads()) if run is not None else (work, [0, len(work)])
     small = run is not None or macs < threads.SMALL_MACS * (1 if stack else len(work))
-    if stack:
-        groups: list = []
-        group_bounds = [0]
-        for lo, hi in zip(bounds, bounds[1:]):
-            groups += _stack(pieces[lo:hi])
-            group_bounds.append(len(groups))
-        columns = [list(column) for column in zip(*groups)]
-        with threads.one_thread(x.device, small=small):
-            if run is None:
-                _stacked_loop(x, *columns, out, 0, len(groups))
-            else:
-                run(x, *columns, out, group_bounds)
-        return out
-    starts, ends, A, B = (list(column) for column in zip(*pieces))
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-    rank_first = [cpu_fp32 and _rank_first(end - start, x.shape[1], a) for start, end, a in zip(starts, ends, A)]
+    if stack:  # each run's pieces grouped into stacked products; a product's foreign blocks zeroed
+        runs = [_stack(pieces[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+        pieces = [group for groups in runs for group in groups]
+        bounds = [0, *itertools.accumulate(len(groups) for groups in runs)]
+        rank_first = [False] * len(pieces)
+    else:
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+        rank_first = [cpu_fp32 and _rank_first(end - start, x.shape[1], a) for start, end, a, _ in pieces]
+        pieces = [(*piece, []) for piece in pieces]
+    starts, ends, A, B, zeros = (list(column) for column in zip(*pieces))
     with threads.one_thread(x.device, small=small):
         if run is None:
-            _segment_loop(x, starts, ends, A, B, rank_first, out, 0, len(pieces))
+            _segment_loop(x, starts, ends, A, B, rank_first, zeros, out, 0, len(pieces))
         else:
-            run(x, starts, ends, A, B, rank_first, out, bounds)
+            run(x, starts, ends, A, B, rank_first, zeros, out, bounds)
     return out
 
 
@@ -81,7 +76,7 @@ def lora_segments(x: torch.Tensor, segments: Segments, A_list: Sequence[torch.Te
 # tasks' A stacked (a row then keeps only its own task's columns) and one update of the output with the B
 # stacked. More multiply-adds than a product per segment, but a few large bf16 products run near the matrix
 # units' rate where many small ones do not (docs/design/cpu-serving.md). At most STACK_COLUMNS stacked
-# ranks per product bound the extra work. In float32 the loop below is faster.
+# ranks per product bound the extra work. In float32 a product pair per piece is faster.
 STACK_16BIT = True
 STACK_COLUMNS = 128
 
@@ -108,30 +103,6 @@ def _stack(pieces: list) -> list[tuple[int, int, torch.Tensor, torch.Tensor, lis
         if piece is not None:
             members.append(piece)
     return groups
-
-
-def _stacked_loop(x: torch.Tensor, los: list[int], his: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
-                  zeros: list[list[int]], out: torch.Tensor, lo: int, hi: int) -> int:
-    """Groups lo..hi-1: out[rows] += mask(x A^T) B^T (compiled by TorchScript inside _stacked_forked)."""
-    for i in range(lo, hi):
-        h = torch.mm(x[los[i]:his[i]], A[i].t())
-        z = zeros[i]
-        for k in range(0, len(z), 4):
-            h[z[k]:z[k + 1], z[k + 2]:z[k + 3]].zero_()
-        out[los[i]:his[i]].addmm_(h, B[i].t())
-    return hi - lo
-
-
-def _stacked_forked(x: torch.Tensor, los: list[int], his: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
-                    zeros: list[list[int]], out: torch.Tensor, bounds: list[int]) -> int:
-    """Run k of the groups on an inter-op thread for k >= 1, run 0 here (TorchScript)."""
-    futures: list[torch.jit.Future[int]] = []
-    for k in range(1, len(bounds) - 1):
-        futures.append(torch.jit.fork(_stacked_loop, x, los, his, A, B, zeros, out, bounds[k], bounds[k + 1]))
-    done = _stacked_loop(x, los, his, A, B, zeros, out, bounds[0], bounds[1])
-    for f in futures:
-        done += torch.jit.wait(f)
-    return done
 
 
 def _records_autograd(x: torch.Tensor, out: torch.Tensor, work: list) -> bool:
@@ -169,35 +140,41 @@ def _shares(work: list[tuple[int, int, torch.Tensor, torch.Tensor]], n: int) -> 
 
 
 def _segment_loop(x: torch.Tensor, starts: list[int], ends: list[int], A: list[torch.Tensor],
-                  B: list[torch.Tensor], rank_first: list[bool], out: torch.Tensor, lo: int, hi: int) -> int:
-    """Pieces lo..hi-1: out[rows] += B (A x^T)^T or B (x A^T) (compiled by TorchScript inside _forked)."""
+                  B: list[torch.Tensor], rank_first: list[bool], zeros: list[list[int]], out: torch.Tensor,
+                  lo: int, hi: int) -> int:
+    """Pieces lo..hi-1: out[rows] += B (A x^T)^T or B (x A^T), with the blocks of zeros[i] (row0, row1, col0,
+    col1 of the product; stacked pieces only) zeroed first (compiled by TorchScript inside _forked)."""
     for i in range(lo, hi):
         xs = x[starts[i]:ends[i]]
         h = torch.mm(A[i], xs.t()).t() if rank_first[i] else torch.mm(xs, A[i].t())
+        z = zeros[i]
+        for k in range(0, len(z), 4):
+            h[z[k]:z[k + 1], z[k + 2]:z[k + 3]].zero_()
         out[starts[i]:ends[i]].addmm_(h, B[i].t())
     return hi - lo
 
 
 def _forked(x: torch.Tensor, starts: list[int], ends: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
-            rank_first: list[bool], out: torch.Tensor, bounds: list[int]) -> int:
+            rank_first: list[bool], zeros: list[list[int]], out: torch.Tensor, bounds: list[int]) -> int:
     """Run k of the pieces on an inter-op thread for k >= 1, run 0 here (TorchScript)."""
     futures: list[torch.jit.Future[int]] = []
     for k in range(1, len(bounds) - 1):
-        futures.append(torch.jit.fork(_segment_loop, x, starts, ends, A, B, rank_first, out, bounds[k], bounds[k + 1]))
-    done = _segment_loop(x, starts, ends, A, B, rank_first, out, bounds[0], bounds[1])
+        futures.append(torch.jit.fork(_segment_loop, x, starts, ends, A, B, rank_first, zeros, out,
+                                      bounds[k], bounds[k + 1]))
+    done = _segment_loop(x, starts, ends, A, B, rank_first, zeros, out, bounds[0], bounds[1])
     for f in futures:
         done += torch.jit.wait(f)
     return done
 
 
 @functools.cache
-def _forked_runner(fn: Callable[..., int] = _forked) -> Callable[..., int] | None:
-    """fn (_forked or _stacked_forked) compiled by TorchScript, whose fork runs on the inter-op threads without
-    the GIL; None where TorchScript is not available (the loop then runs on the calling thread)."""
+def _forked_runner() -> Callable[..., int] | None:
+    """_forked compiled by TorchScript, whose fork runs on the inter-op threads without the GIL; None
+    where TorchScript is not available (the loop then runs on the calling thread)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still shipped
-            return torch.jit.script(fn)  # compiles the loop it forks with it
+            return torch.jit.script(_forked)  # compiles _segment_loop with it
     except Exception as exc:  # noqa: BLE001 - any failure means: no parallel path
         logger.warning("TorchScript unavailable (%s); multi-adapter updates run on one thread", exc)
         return None
